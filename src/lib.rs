@@ -1,0 +1,10 @@
+//! previewd: preview links to ports inside containers, declared as Kubernetes-style objects.
+//!
+//! The library holds everything but argument parsing: the resource model, the embedded
+//! Kubernetes-compatible API over a local YAML store, and the client used by the CLI.
+
+pub mod api;
+pub mod cli;
+pub mod resources;
+pub mod serve;
+pub mod store;

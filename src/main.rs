@@ -1,0 +1,232 @@
+//! The `previewd` command: the server (`serve`) and its kubectl-like client commands.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use previewd::cli::{self, Connection, get::Output};
+use previewd::resources::crd;
+use previewd::serve::{self, ServeConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "previewd",
+    version,
+    about = "Preview links to ports inside containers, declared as Kubernetes-style objects"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Flags shared by the client commands.
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// The previewd API server.
+    #[arg(
+        long,
+        env = "PREVIEWD_SERVER",
+        default_value = "http://127.0.0.1:8001",
+        global = true
+    )]
+    server: String,
+    /// Namespace of the objects.
+    #[arg(
+        short = 'n',
+        long,
+        env = "PREVIEWD_NAMESPACE",
+        default_value = "default",
+        global = true
+    )]
+    namespace: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: the embedded Kubernetes API over the local YAML store.
+    Serve {
+        /// Address of the API listener (Kubernetes API, health checks).
+        #[arg(long, env = "PREVIEWD_API_LISTEN", default_value = "127.0.0.1:8001")]
+        api_listen: SocketAddr,
+        /// Directory of the local YAML store [default: $XDG_STATE_HOME/previewd or ~/.local/state/previewd].
+        #[arg(long, env = "PREVIEWD_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// Log line format (filter with RUST_LOG).
+        #[arg(long, env = "PREVIEWD_LOG_FORMAT", value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Create or update the objects of a YAML manifest (`-` reads standard input).
+    Apply {
+        /// Manifest file, or `-`.
+        #[arg(short = 'f', long = "filename")]
+        file: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show objects of a kind (plural, singular or short name: pl, di).
+    Get {
+        /// Kind.
+        kind: String,
+        /// One object's name.
+        name: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Output,
+        /// List across all namespaces.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete one object.
+    Delete {
+        /// Kind.
+        kind: String,
+        /// Name.
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print the CustomResourceDefinitions (or write them into a directory).
+    Crd {
+        /// Write one file per CRD into this directory instead of printing.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
+}
+
+fn default_state_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir).join("previewd"));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .context("neither XDG_STATE_HOME nor HOME is set: pass --state-dir")?;
+    Ok(PathBuf::from(home).join(".local/state/previewd"))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on SIGINT only");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn read_manifest(file: &str) -> anyhow::Result<String> {
+    if file == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("cannot read standard input")?;
+        return Ok(s);
+    }
+    std::fs::read_to_string(file).with_context(|| format!("cannot read {file}"))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve {
+            api_listen,
+            state_dir,
+            log_format,
+        } => {
+            init_logging(log_format);
+            let state_dir = match state_dir {
+                Some(d) => d,
+                None => default_state_dir()?,
+            };
+            serve::run(
+                ServeConfig {
+                    api_listen,
+                    state_dir,
+                },
+                shutdown_signal(),
+            )
+            .await?;
+        }
+        Command::Apply { file, client } => {
+            let manifest = read_manifest(&file)?;
+            let conn = Connection::new(&client.server, &client.namespace)?;
+            for line in cli::apply::apply(&conn, &manifest).await? {
+                println!("{line}");
+            }
+        }
+        Command::Get {
+            kind,
+            name,
+            output,
+            all_namespaces,
+            client,
+        } => {
+            let conn = Connection::new(&client.server, &client.namespace)?;
+            let text = cli::get::get(&conn, &kind, name.as_deref(), all_namespaces, output).await?;
+            if text.starts_with("No resources found") {
+                eprintln!("{text}");
+            } else {
+                println!("{text}");
+            }
+        }
+        Command::Delete { kind, name, client } => {
+            let conn = Connection::new(&client.server, &client.namespace)?;
+            println!("{}", cli::delete::delete(&conn, &kind, &name).await?);
+        }
+        Command::Crd { write } => match write {
+            None => print!("{}", crd::all_yaml()?),
+            Some(dir) => {
+                for c in crd::all() {
+                    let path = dir.join(crd::file_name(&c));
+                    std::fs::write(&path, crd::to_yaml(&c)?)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    println!("wrote {}", path.display());
+                }
+            }
+        },
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! `DaemonInjection`: "this daemon runs in that container".
+
+// kube's `printcolumn(...)` lists repeat `type_ = "string"`, which clippy mistakes for
+// duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::target::Target;
+
+/// Desired state: which container, and which daemon (the built-in `previewd-agent` when
+/// `daemon` is omitted).
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "previewd.dev",
+    version = "v1alpha1",
+    kind = "DaemonInjection",
+    plural = "daemoninjections",
+    singular = "daemoninjection",
+    shortname = "di",
+    category = "previewd",
+    namespaced,
+    status = "DaemonInjectionStatus",
+    derive = "PartialEq",
+    doc = "A daemon that previewd keeps running inside a container.",
+    printcolumn(
+        name = "Target",
+        type_ = "string",
+        json_path = ".status.target",
+        description = "The container the daemon runs in"
+    ),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Pending, Injecting, Running, Failed or Removing"
+    ),
+    printcolumn(
+        name = "Endpoint",
+        type_ = "string",
+        json_path = ".status.endpoint",
+        description = "How the proxy reaches the daemon"
+    ),
+    printcolumn(
+        name = "Restarts",
+        type_ = "integer",
+        json_path = ".status.restarts",
+        priority = "1",
+        description = "Re-injections after container restarts"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DaemonInjectionSpec {
+    /// The container to inject into.
+    pub target: Target,
+    /// The daemon to run; the built-in previewd-agent when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daemon: Option<DaemonSpec>,
+}
+
+/// A user-named static daemon, injected exactly like the built-in agent.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DaemonSpec {
+    /// Where the binary comes from; the built-in previewd-agent when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<DaemonSource>,
+    /// Arguments passed to the daemon.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Environment variables set for the daemon (secrets belong here, never in args).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// The TCP port the daemon listens on inside the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+    /// Absolute path of the binary in the container; defaults to a file under `/.previewd/`
+    /// on the root filesystem (never `/tmp` or `/dev/shm`, often tmpfs or noexec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install_path: Option<String>,
+    /// How to tell that the daemon is up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<Probe>,
+    /// `uid:gid` to run as; the container's own user when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// Where a daemon binary is read from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum DaemonSource {
+    /// An absolute path on the machine previewd runs on; the file must be a static executable.
+    HostPath(String),
+}
+
+/// One environment variable.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct EnvVar {
+    /// Variable name.
+    pub name: String,
+    /// Variable value.
+    #[serde(default)]
+    pub value: String,
+}
+
+/// A readiness check of the injected daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Probe {
+    /// Ready when `GET path` answers 2xx.
+    Http(HttpProbe),
+    /// Ready when the port accepts a TCP connection.
+    Tcp(TcpProbe),
+}
+
+/// An HTTP GET readiness check.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpProbe {
+    /// Request path, starting with `/`.
+    pub path: String,
+    /// Port to probe; the daemon's `port` when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+}
+
+/// A TCP connect readiness check.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpProbe {
+    /// Port to probe; the daemon's `port` when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+}
+
+/// Where an injection is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum DaemonPhase {
+    /// Accepted; waiting for the target (e.g. a stopped container).
+    Pending,
+    /// Copying or starting the daemon.
+    Injecting,
+    /// The daemon runs and passed its readiness check.
+    Running,
+    /// Injection failed; the Ready condition says why.
+    Failed,
+    /// Being deleted: the daemon is stopped and its files removed.
+    Removing,
+}
+
+/// Observed state, written only by the controller.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DaemonInjectionStatus {
+    /// Coarse state for people; conditions carry the details.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<DaemonPhase>,
+    /// Standard conditions; `Ready` says whether the daemon serves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Human form of the target (`docker/web`), for printer columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// The resolved full container id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// How the proxy reaches the daemon (`ip:port`, or `exec` for the stdio tunnel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Version the running daemon reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daemon_version: Option<String>,
+    /// When the running daemon was injected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub injected_at: Option<Time>,
+    /// How often the daemon was re-injected after the container restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarts: Option<i32>,
+}

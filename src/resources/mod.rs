@@ -1,0 +1,25 @@
+//! The two custom resources previewd serves and reconciles, in group `previewd.dev`.
+//!
+//! The Rust types are the source of truth: the CRDs in `crds/` are generated from them
+//! ([`crd`]), the embedded API validates objects with them ([`validation`]), and the
+//! controllers read and write them through `kube::Api`.
+
+pub mod conditions;
+pub mod crd;
+pub mod daemon_injection;
+pub mod preview_link;
+pub mod target;
+pub mod validation;
+
+pub use daemon_injection::{DaemonInjection, DaemonInjectionSpec, DaemonInjectionStatus};
+pub use preview_link::{PreviewLink, PreviewLinkSpec, PreviewLinkStatus};
+pub use target::Target;
+
+/// The API group of every previewd resource.
+pub const GROUP: &str = "previewd.dev";
+/// The only served (and stored) version of the previewd resources.
+pub const VERSION: &str = "v1alpha1";
+/// `apiVersion` as it appears in objects.
+pub const API_VERSION: &str = "previewd.dev/v1alpha1";
+/// The `kubectl get previewd` category both kinds belong to.
+pub const CATEGORY: &str = "previewd";

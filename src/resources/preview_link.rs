@@ -1,0 +1,181 @@
+//! `PreviewLink`: "this port of that container is reachable at this URL by these people".
+
+// kube's `printcolumn(...)` lists repeat `type_ = "string"`, which clippy mistakes for
+// duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::target::Target;
+
+/// Desired state of a preview link.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "previewd.dev",
+    version = "v1alpha1",
+    kind = "PreviewLink",
+    plural = "previewlinks",
+    singular = "previewlink",
+    shortname = "pl",
+    category = "previewd",
+    namespaced,
+    status = "PreviewLinkStatus",
+    derive = "PartialEq",
+    doc = "A URL that reverse-proxies to a port inside a container.",
+    printcolumn(
+        name = "Target",
+        type_ = "string",
+        json_path = ".status.target",
+        description = "The container the link reaches"
+    ),
+    printcolumn(
+        name = "Port",
+        type_ = "integer",
+        json_path = ".spec.port",
+        description = "Port inside the container"
+    ),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Pending, Ready, Expired or Failed"
+    ),
+    printcolumn(
+        name = "URL",
+        type_ = "string",
+        json_path = ".status.url",
+        description = "Where the link is served"
+    ),
+    printcolumn(
+        name = "Expires",
+        type_ = "string",
+        json_path = ".status.expiresAt",
+        priority = "1",
+        description = "When the link stops working"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PreviewLinkSpec {
+    /// The container whose port is previewed.
+    pub target: Target,
+    /// The TCP port inside the container.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Who may open the link.
+    #[serde(default)]
+    pub access: Access,
+    /// Absolute expiry time; exclusive with `ttl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+    /// Lifetime counted from creation (Go duration, e.g. `90m`); exclusive with `expiresAt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<kube::core::Duration>,
+    /// How the proxy reaches the port.
+    #[serde(default)]
+    pub via: Via,
+    /// `Host` header sent upstream; `localhost:{port}` through the agent when omitted, so
+    /// dev servers' host checks pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_rewrite: Option<String>,
+    /// CORS answers added by the proxy; none when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<CorsPolicy>,
+}
+
+/// Who may use a link.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Access {
+    /// Requests must carry the link's token (header, query or cookie).
+    #[default]
+    Token,
+    /// Anyone with the URL.
+    Public,
+}
+
+/// Which path the proxy takes to the port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Via {
+    /// Through the injected agent, so servers bound to 127.0.0.1 work.
+    #[default]
+    Agent,
+    /// Straight to the container IP; the server must listen on a routable address.
+    Direct,
+}
+
+/// CORS headers the proxy answers with.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CorsPolicy {
+    /// Origins allowed (`*` for any).
+    #[serde(default)]
+    pub allow_origins: Vec<String>,
+    /// Whether credentials may be sent cross-origin.
+    #[serde(default)]
+    pub allow_credentials: bool,
+}
+
+/// Where a link is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum LinkPhase {
+    /// Waiting for its target or its daemon.
+    Pending,
+    /// Serving.
+    Ready,
+    /// Past `expiresAt`; the proxy answers 410.
+    Expired,
+    /// Cannot be served; the Ready condition says why.
+    Failed,
+}
+
+/// A reference to the Secret holding a link's token under key `token`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SecretRef {
+    /// Secret name, in the link's namespace.
+    pub name: String,
+}
+
+/// Observed state, written only by the controller. Holds the token's hash, never the token.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PreviewLinkStatus {
+    /// Coarse state for people; conditions carry the details.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<LinkPhase>,
+    /// The link in the configured URL style.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The path-routed form, which works with any resolver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_url: Option<String>,
+    /// Standard conditions; `Ready` says whether the link serves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Human form of the target (`docker/web`), for printer columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// When the link stops working.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+    /// The resolved upstream the proxy connects to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// SHA-256 (hex) of the link's token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_hash: Option<String>,
+    /// The Secret holding the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_ref: Option<SecretRef>,
+}

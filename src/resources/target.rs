@@ -1,0 +1,82 @@
+//! What a DaemonInjection or PreviewLink points at: one Docker container or one pod container.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The container an object refers to. Exactly one kind of target: the enum makes two (or
+/// none) unrepresentable, and the generated schema says so with a `oneOf`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Target {
+    /// A container of the local Docker engine.
+    Docker(DockerTarget),
+    /// A container of a Kubernetes pod in the object's namespace.
+    Pod(PodTarget),
+}
+
+/// A Docker container, by id (full or unique prefix) or by name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DockerTarget {
+    /// Container id or name, as `docker ps` shows it.
+    pub container: String,
+}
+
+/// A pod in the object's namespace, and optionally which of its containers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodTarget {
+    /// Pod name.
+    pub name: String,
+    /// Container name; the pod's first container when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
+impl Target {
+    /// A short human form (`docker/web`, `pod/api/app`) for status and printer columns.
+    pub fn display_name(&self) -> String {
+        match self {
+            Target::Docker(d) => format!("docker/{}", d.container),
+            Target::Pod(PodTarget {
+                name,
+                container: Some(c),
+            }) => format!("pod/{name}/{c}"),
+            Target::Pod(PodTarget {
+                name,
+                container: None,
+            }) => format!("pod/{name}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serializes_as_a_single_keyed_map() {
+        let t = Target::Docker(DockerTarget {
+            container: "web".into(),
+        });
+        assert_eq!(
+            serde_json::to_value(&t).ok(),
+            Some(serde_json::json!({"docker": {"container": "web"}}))
+        );
+    }
+
+    #[test]
+    fn two_target_kinds_do_not_deserialize() {
+        let two = serde_json::json!({"docker": {"container": "a"}, "pod": {"name": "b"}});
+        assert!(serde_json::from_value::<Target>(two).is_err());
+    }
+
+    #[test]
+    fn display_names_say_the_kind() {
+        let p = Target::Pod(PodTarget {
+            name: "api".into(),
+            container: Some("app".into()),
+        });
+        assert_eq!(p.display_name(), "pod/api/app");
+    }
+}

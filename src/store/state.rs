@@ -1,0 +1,905 @@
+//! The object store: API-server semantics over the state directory.
+//!
+//! All objects live in memory (the state directory is their durable copy), under one mutex
+//! that serializes writes: each write gets the next resourceVersion, is persisted before it
+//! is acknowledged, and is appended to a bounded history that watches resume from. The
+//! methods are synchronous; the HTTP layer runs writes on the blocking pool.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+use super::disk::{Disk, ObjectKey, OpenError, SkippedFile};
+use super::error::StoreError;
+use super::kinds::Kind;
+use super::meta;
+use super::patch::Patch;
+use super::selector::Selectors;
+use crate::resources::validation::{self, FieldError};
+
+/// How many changes are kept for watches to resume from; older resourceVersions get 410.
+const HISTORY_CAPACITY: usize = 10_000;
+/// How many changes a slow watcher may fall behind before its stream is ended (it then
+/// resumes from its last resourceVersion, out of the history).
+const BROADCAST_CAPACITY: usize = 4_096;
+
+/// What a change did to an object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeType {
+    /// Created.
+    Added,
+    /// Updated (including a deletion request that left finalizers to run).
+    Modified,
+    /// Removed.
+    Deleted,
+}
+
+/// One committed write, as watches see it.
+#[derive(Debug)]
+pub struct Change {
+    /// The resourceVersion the write produced.
+    pub revision: u64,
+    /// Which object.
+    pub key: ObjectKey,
+    /// What happened.
+    pub change: ChangeType,
+    /// The object after the change (for deletions: its final state).
+    pub object: Arc<Value>,
+    /// The object before the change, so selector watches can see objects leave their set.
+    pub previous: Option<Arc<Value>>,
+}
+
+/// Where a subresource write goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// The object itself: spec and metadata change, status is kept.
+    Main,
+    /// The `/status` subresource: only status changes.
+    Status,
+}
+
+/// A page of a list.
+#[derive(Debug)]
+pub struct ListPage {
+    /// Matching objects, sorted by namespace and name.
+    pub items: Vec<Arc<Value>>,
+    /// The resourceVersion the list is consistent with; watch from it.
+    pub revision: u64,
+    /// Token for the next page, when `limit` cut the list short.
+    pub continue_token: Option<String>,
+    /// How many more objects match beyond this page.
+    pub remaining: Option<u64>,
+}
+
+/// The beginning of a watch: the events owed so far, and the live feed after them.
+pub struct WatchStart {
+    /// Events to send first (synthetic ADDEDs, or history after the requested version).
+    pub backlog: Vec<Arc<Change>>,
+    /// Changes after the backlog.
+    pub live: broadcast::Receiver<Arc<Change>>,
+    /// The resourceVersion the backlog brings a client up to.
+    pub revision: u64,
+}
+
+/// What to do with fields the schema does not know (the `fieldValidation` parameter).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FieldValidation {
+    /// Drop them silently.
+    Ignore,
+    /// Drop them and report each as a warning (the API server's default).
+    #[default]
+    Warn,
+    /// Refuse the write.
+    Strict,
+}
+
+impl FieldValidation {
+    /// Parses the query parameter; `None` for an unknown value.
+    pub fn parse(value: Option<&str>) -> Option<Self> {
+        match value {
+            None | Some("") | Some("Warn") => Some(FieldValidation::Warn),
+            Some("Ignore") => Some(FieldValidation::Ignore),
+            Some("Strict") => Some(FieldValidation::Strict),
+            Some(_) => None,
+        }
+    }
+}
+
+/// A successful write: the stored object, and warnings for the client (`Warning` headers).
+#[derive(Debug)]
+pub struct Written {
+    /// The object as stored (or as last stored, for a removal).
+    pub object: Value,
+    /// Unknown fields that were dropped, under `FieldValidation::Warn`.
+    pub warnings: Vec<String>,
+}
+
+/// Preconditions a DELETE may carry.
+#[derive(Clone, Debug, Default)]
+pub struct Preconditions {
+    /// The object must have this uid.
+    pub uid: Option<String>,
+    /// The object must have this resourceVersion.
+    pub resource_version: Option<String>,
+}
+
+struct Inner {
+    objects: BTreeMap<ObjectKey, Arc<Value>>,
+    /// Keys whose state file is malformed: never overwritten, reported on access.
+    unreadable: HashMap<ObjectKey, SkippedFile>,
+    revision: u64,
+    history: VecDeque<Arc<Change>>,
+    /// Watches from any resourceVersion ≥ this can be resumed.
+    floor: u64,
+}
+
+/// The embedded API's object store.
+pub struct Store {
+    kinds: Vec<Kind>,
+    disk: Disk,
+    inner: Mutex<Inner>,
+    changes: broadcast::Sender<Arc<Change>>,
+    skipped: Vec<SkippedFile>,
+    closing: tokio::sync::watch::Sender<bool>,
+}
+
+impl Store {
+    /// Opens and locks a state directory and loads it. Malformed files are logged, kept in
+    /// [`Store::skipped`], and left untouched.
+    pub fn open(dir: &Path, kinds: Vec<Kind>) -> Result<Store, OpenError> {
+        let (disk, loaded) = Disk::open(dir)?;
+        let mut revision = loaded.revision;
+        let mut objects = BTreeMap::new();
+        for (key, obj) in loaded.objects {
+            revision = revision.max(meta::resource_version(&obj));
+            objects.insert(key, Arc::new(obj));
+        }
+        for s in &loaded.skipped {
+            tracing::warn!(path = %s.path.display(), reason = %s.reason, "skipping unreadable state file (left untouched)");
+        }
+        let unreadable = loaded
+            .skipped
+            .iter()
+            .filter_map(|s| s.key.clone().map(|k| (k, s.clone())))
+            .collect();
+        let (changes, _) = broadcast::channel(BROADCAST_CAPACITY);
+        Ok(Store {
+            kinds,
+            disk,
+            inner: Mutex::new(Inner {
+                objects,
+                unreadable,
+                revision,
+                history: VecDeque::new(),
+                floor: revision,
+            }),
+            changes,
+            skipped: loaded.skipped,
+            closing: tokio::sync::watch::Sender::new(false),
+        })
+    }
+
+    /// The kinds this store serves.
+    pub fn kinds(&self) -> &[Kind] {
+        &self.kinds
+    }
+
+    /// The state files skipped at start-up.
+    pub fn skipped(&self) -> &[SkippedFile] {
+        &self.skipped
+    }
+
+    /// Ends every open watch (they close cleanly; clients resume elsewhere or later), so a
+    /// shutting-down server is not held open by long-lived streams.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves once [`Store::close`] was called.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.closing.subscribe();
+        async move {
+            // An error means the store is gone, which is as closed as it gets.
+            let _ = rx.wait_for(|c| *c).await;
+        }
+    }
+
+    /// The latest resourceVersion.
+    pub fn revision(&self) -> u64 {
+        self.lock().revision
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave a half-applied write (every write is
+        // applied to memory only after it is durable), so the data is safe to keep using.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn key(kind: &Kind, namespace: &str, name: &str) -> ObjectKey {
+        ObjectKey {
+            resource: kind.resource_name(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
+    fn not_found(kind: &Kind, name: &str) -> StoreError {
+        StoreError::NotFound {
+            resource: kind.resource_name(),
+            name: name.to_owned(),
+        }
+    }
+
+    fn check_readable(&self, inner: &Inner, key: &ObjectKey) -> Result<(), StoreError> {
+        match inner.unreadable.get(key) {
+            Some(s) => Err(StoreError::Unreadable {
+                resource: key.resource.clone(),
+                name: key.name.clone(),
+                path: s.path.display().to_string(),
+                reason: s.reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads one object.
+    pub fn get(&self, kind: &Kind, namespace: &str, name: &str) -> Result<Arc<Value>, StoreError> {
+        let key = Self::key(kind, namespace, name);
+        let inner = self.lock();
+        self.check_readable(&inner, &key)?;
+        inner
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| Self::not_found(kind, name))
+    }
+
+    /// Lists objects of one kind, in one namespace or all (`None`), a page at a time.
+    pub fn list(
+        &self,
+        kind: &Kind,
+        namespace: Option<&str>,
+        selectors: &Selectors,
+        limit: Option<usize>,
+        continue_token: Option<&str>,
+    ) -> Result<ListPage, StoreError> {
+        let resource = kind.resource_name();
+        let cont = continue_token
+            .filter(|t| !t.is_empty())
+            .map(ContinueToken::decode)
+            .transpose()?;
+        let inner = self.lock();
+        let revision = cont.as_ref().map_or(inner.revision, |c| c.revision);
+        let start = ObjectKey {
+            resource: resource.clone(),
+            namespace: cont.as_ref().map_or_else(
+                || namespace.unwrap_or("").to_owned(),
+                |c| c.namespace.clone(),
+            ),
+            name: cont.as_ref().map_or_else(String::new, |c| c.name.clone()),
+        };
+        let mut matching = inner
+            .objects
+            .range(start..)
+            .skip_while(|(k, _)| {
+                cont.as_ref()
+                    .is_some_and(|c| k.namespace == c.namespace && k.name == c.name)
+            })
+            .take_while(|(k, _)| {
+                k.resource == resource && namespace.is_none_or(|ns| k.namespace == ns)
+            })
+            .filter(|(_, v)| selectors.matches(v));
+        let limit = limit.filter(|l| *l > 0);
+        let items: Vec<Arc<Value>> = match limit {
+            Some(l) => matching.by_ref().take(l).map(|(_, v)| v.clone()).collect(),
+            None => matching.by_ref().map(|(_, v)| v.clone()).collect(),
+        };
+        let remaining = matching.count() as u64;
+        let continue_token = match (limit, items.last()) {
+            (Some(_), Some(last)) if remaining > 0 => Some(
+                ContinueToken {
+                    revision,
+                    namespace: meta::namespace(last).to_owned(),
+                    name: meta::name(last).to_owned(),
+                }
+                .encode(),
+            ),
+            _ => None,
+        };
+        Ok(ListPage {
+            items,
+            revision,
+            remaining: continue_token.as_ref().map(|_| remaining),
+            continue_token,
+        })
+    }
+
+    /// Starts a watch of one kind. `from` is the client's resourceVersion: `None` (or 0)
+    /// sends every current object as ADDED first; a version older than the kept history is
+    /// [`StoreError::Gone`].
+    pub fn watch(
+        &self,
+        kind: &Kind,
+        namespace: Option<&str>,
+        from: Option<u64>,
+    ) -> Result<WatchStart, StoreError> {
+        let resource = kind.resource_name();
+        let inner = self.lock();
+        let live = self.changes.subscribe();
+        let backlog = match from.filter(|rv| *rv > 0) {
+            None => inner
+                .objects
+                .iter()
+                .filter(|(k, _)| {
+                    k.resource == resource && namespace.is_none_or(|ns| k.namespace == ns)
+                })
+                .map(|(k, v)| {
+                    Arc::new(Change {
+                        revision: meta::resource_version(v),
+                        key: k.clone(),
+                        change: ChangeType::Added,
+                        object: v.clone(),
+                        previous: None,
+                    })
+                })
+                .collect(),
+            Some(rv) if rv < inner.floor => {
+                return Err(StoreError::Gone {
+                    requested: rv,
+                    oldest: inner.floor,
+                });
+            }
+            Some(rv) => inner
+                .history
+                .iter()
+                .filter(|c| c.revision > rv && c.key.resource == resource)
+                .cloned()
+                .collect(),
+        };
+        Ok(WatchStart {
+            backlog,
+            live,
+            revision: inner.revision,
+        })
+    }
+
+    /// Creates an object (`POST` to a collection). `generateName` is honoured; status is
+    /// dropped for kinds with a status subresource, as the API server does.
+    pub fn create(
+        &self,
+        kind: &Kind,
+        namespace: &str,
+        mut body: Value,
+        fields: FieldValidation,
+    ) -> Result<Written, StoreError> {
+        check_type(kind, &body)?;
+        let body_ns = meta::namespace(&body).to_owned();
+        if !body_ns.is_empty() && body_ns != namespace {
+            return Err(StoreError::BadRequest(format!(
+                "the namespace of the provided object ({body_ns}) does not match the namespace sent on the request ({namespace})"
+            )));
+        }
+        let mut name = meta::name(&body).to_owned();
+        let generate = meta::str_at(&body, "/metadata/generateName").to_owned();
+        if name.is_empty() && !generate.is_empty() {
+            name = format!("{generate}{}", meta::name_suffix());
+        }
+        if name.is_empty() {
+            return Err(invalid(
+                kind,
+                "",
+                vec![FieldError::new(
+                    "metadata.name",
+                    "Required value: name or generateName is required",
+                )],
+            ));
+        }
+        if let Err(e) = validation::dns1123_subdomain("metadata.name", &name) {
+            return Err(invalid(kind, &name, vec![e]));
+        }
+        set_type(kind, &mut body);
+        if kind.has_status
+            && let Some(m) = body.as_object_mut()
+        {
+            m.remove("status");
+        }
+        meta::set_meta(&mut body, "name", Some(json!(name)));
+        meta::set_meta(
+            &mut body,
+            "namespace",
+            (!namespace.is_empty()).then(|| json!(namespace)),
+        );
+        meta::set_meta(
+            &mut body,
+            "uid",
+            Some(json!(uuid::Uuid::new_v4().to_string())),
+        );
+        meta::set_meta(
+            &mut body,
+            "creationTimestamp",
+            Some(json!(meta::now_rfc3339())),
+        );
+        meta::set_meta(&mut body, "generation", kind.has_status.then(|| json!(1)));
+        for server_owned in [
+            "resourceVersion",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "managedFields",
+            "selfLink",
+        ] {
+            meta::set_meta(&mut body, server_owned, None);
+        }
+        let warnings = run_validation(kind, &name, &mut body, fields)?;
+        let key = Self::key(kind, namespace, &name);
+        let mut inner = self.lock();
+        self.check_readable(&inner, &key)?;
+        if inner.objects.contains_key(&key) {
+            return Err(StoreError::AlreadyExists {
+                resource: kind.resource_name(),
+                name,
+            });
+        }
+        let object = self.commit(&mut inner, key, Some(body), ChangeType::Added, None)?;
+        Ok(Written { object, warnings })
+    }
+
+    /// Replaces an object (`PUT`), with optimistic concurrency on `metadata.resourceVersion`.
+    pub fn replace(
+        &self,
+        kind: &Kind,
+        namespace: &str,
+        name: &str,
+        target: Target,
+        body: Value,
+        fields: FieldValidation,
+    ) -> Result<Written, StoreError> {
+        check_type(kind, &body)?;
+        if meta::name(&body) != name {
+            return Err(StoreError::BadRequest(format!(
+                "the name of the object ({}) does not match the name on the URL ({name})",
+                meta::name(&body)
+            )));
+        }
+        let requested_rv = meta::str_at(&body, "/metadata/resourceVersion").to_owned();
+        if requested_rv.is_empty() {
+            return Err(invalid(
+                kind,
+                name,
+                vec![FieldError::new(
+                    "metadata.resourceVersion",
+                    "Invalid value: must be specified for an update",
+                )],
+            ));
+        }
+        let key = Self::key(kind, namespace, name);
+        let mut inner = self.lock();
+        self.check_readable(&inner, &key)?;
+        let current = inner
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| Self::not_found(kind, name))?;
+        if requested_rv != meta::str_at(&current, "/metadata/resourceVersion") {
+            return Err(modified_conflict(kind, name));
+        }
+        let next = compose(kind, &current, body, target);
+        self.update_locked(&mut inner, kind, key, current, next, fields)
+    }
+
+    /// Patches an object. An apply patch creates the object when it does not exist.
+    pub fn patch(
+        &self,
+        kind: &Kind,
+        namespace: &str,
+        name: &str,
+        target: Target,
+        patch: &Patch,
+        fields: FieldValidation,
+    ) -> Result<Written, StoreError> {
+        let key = Self::key(kind, namespace, name);
+        let current = {
+            let inner = self.lock();
+            self.check_readable(&inner, &key)?;
+            inner.objects.get(&key).cloned()
+        };
+        let Some(current) = current else {
+            if !patch.creates_missing() || target == Target::Status {
+                return Err(Self::not_found(kind, name));
+            }
+            let mut doc = json!({"metadata": {"name": name}});
+            patch.apply_to(&mut doc)?;
+            if meta::name(&doc) != name {
+                return Err(StoreError::BadRequest(format!(
+                    "the name of the object ({}) does not match the name on the URL ({name})",
+                    meta::name(&doc)
+                )));
+            }
+            return self.create(kind, namespace, doc, fields);
+        };
+        let mut doc = (*current).clone();
+        patch.apply_to(&mut doc)?;
+        let mut inner = self.lock();
+        // Another writer may have won between the read above and this lock: patch again.
+        let latest = inner
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| Self::not_found(kind, name))?;
+        if !Arc::ptr_eq(&latest, &current) {
+            doc = (*latest).clone();
+            patch.apply_to(&mut doc)?;
+        }
+        if meta::str_at(&doc, "/metadata/resourceVersion")
+            != meta::str_at(&latest, "/metadata/resourceVersion")
+        {
+            return Err(modified_conflict(kind, name));
+        }
+        let next = compose(kind, &latest, doc, target);
+        self.update_locked(&mut inner, kind, key, latest, next, fields)
+    }
+
+    /// Deletes an object: with finalizers it only gets a `deletionTimestamp` (and goes once
+    /// they are removed); without, it is removed at once. Returns the object's last state.
+    pub fn delete(
+        &self,
+        kind: &Kind,
+        namespace: &str,
+        name: &str,
+        pre: &Preconditions,
+    ) -> Result<Written, StoreError> {
+        let key = Self::key(kind, namespace, name);
+        let mut inner = self.lock();
+        self.check_readable(&inner, &key)?;
+        let current = inner
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| Self::not_found(kind, name))?;
+        if pre
+            .uid
+            .as_deref()
+            .is_some_and(|u| u != meta::str_at(&current, "/metadata/uid"))
+        {
+            return Err(StoreError::Conflict {
+                resource: kind.resource_name(),
+                name: name.to_owned(),
+                reason: "Precondition failed: UID in precondition does not match the object".into(),
+            });
+        }
+        if pre
+            .resource_version
+            .as_deref()
+            .is_some_and(|rv| rv != meta::str_at(&current, "/metadata/resourceVersion"))
+        {
+            return Err(modified_conflict(kind, name));
+        }
+        if meta::has_finalizers(&current) {
+            if meta::is_terminating(&current) {
+                return Ok(Written {
+                    object: (*current).clone(),
+                    warnings: Vec::new(),
+                });
+            }
+            let mut next = (*current).clone();
+            meta::set_meta(
+                &mut next,
+                "deletionTimestamp",
+                Some(json!(meta::now_rfc3339())),
+            );
+            meta::set_meta(&mut next, "deletionGracePeriodSeconds", Some(json!(0)));
+            let object = self.commit(
+                &mut inner,
+                key,
+                Some(next),
+                ChangeType::Modified,
+                Some(current),
+            )?;
+            return Ok(Written {
+                object,
+                warnings: Vec::new(),
+            });
+        }
+        let object = self.commit(&mut inner, key, None, ChangeType::Deleted, Some(current))?;
+        Ok(Written {
+            object,
+            warnings: Vec::new(),
+        })
+    }
+
+    fn update_locked(
+        &self,
+        inner: &mut Inner,
+        kind: &Kind,
+        key: ObjectKey,
+        current: Arc<Value>,
+        mut next: Value,
+        fields: FieldValidation,
+    ) -> Result<Written, StoreError> {
+        let warnings = run_validation(kind, &key.name, &mut next, fields)?;
+        if meta::is_terminating(&current) {
+            let added = finalizer_names(&next)
+                .into_iter()
+                .filter(|f| !finalizer_names(&current).contains(f))
+                .count();
+            if added > 0 {
+                return Err(invalid(
+                    kind,
+                    &key.name,
+                    vec![FieldError::new(
+                        "metadata.finalizers",
+                        "Forbidden: no new finalizers can be added if the object is being deleted",
+                    )],
+                ));
+            }
+        }
+        if kind.has_status && meta::spec_part(&next) != meta::spec_part(&current) {
+            let generation = current
+                .pointer("/metadata/generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(0)
+                + 1;
+            meta::set_meta(&mut next, "generation", Some(json!(generation)));
+        }
+        let object = if next == *current {
+            next
+        } else if meta::is_terminating(&next) && !meta::has_finalizers(&next) {
+            self.commit(inner, key, None, ChangeType::Deleted, Some(Arc::new(next)))?
+        } else {
+            self.commit(inner, key, Some(next), ChangeType::Modified, Some(current))?
+        };
+        Ok(Written { object, warnings })
+    }
+
+    /// Persists a change, then applies it to memory, the history and live watches.
+    /// `next` is `None` for a removal; `previous` is then the object's final state.
+    fn commit(
+        &self,
+        inner: &mut Inner,
+        key: ObjectKey,
+        next: Option<Value>,
+        change: ChangeType,
+        previous: Option<Arc<Value>>,
+    ) -> Result<Value, StoreError> {
+        let revision = inner.revision + 1;
+        let rv = Some(json!(revision.to_string()));
+        let object = match next {
+            Some(mut obj) => {
+                meta::set_meta(&mut obj, "resourceVersion", rv);
+                let yaml = serde_yaml::to_string(&obj).map_err(StoreError::Encode)?;
+                self.disk
+                    .write(&key, yaml.as_bytes())
+                    .map_err(StoreError::Storage)?;
+                let obj = Arc::new(obj);
+                inner.objects.insert(key.clone(), obj.clone());
+                obj
+            }
+            None => {
+                let mut last = previous.as_deref().cloned().unwrap_or(Value::Null);
+                meta::set_meta(&mut last, "resourceVersion", rv);
+                // Record the counter first: the deleted object may have held the highest version.
+                self.disk
+                    .write_revision(revision)
+                    .map_err(StoreError::Storage)?;
+                self.disk.remove(&key).map_err(StoreError::Storage)?;
+                inner.objects.remove(&key);
+                Arc::new(last)
+            }
+        };
+        inner.revision = revision;
+        let record = Arc::new(Change {
+            revision,
+            key,
+            change,
+            object: object.clone(),
+            previous,
+        });
+        inner.history.push_back(record.clone());
+        while inner.history.len() > HISTORY_CAPACITY {
+            if let Some(old) = inner.history.pop_front() {
+                inner.floor = old.revision;
+            }
+        }
+        // No receivers is fine: nobody is watching.
+        let _ = self.changes.send(record);
+        Ok((*object).clone())
+    }
+}
+
+fn finalizer_names(obj: &Value) -> Vec<String> {
+    obj.pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .map(|f| {
+            f.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn invalid(kind: &Kind, name: &str, causes: Vec<FieldError>) -> StoreError {
+    StoreError::Invalid {
+        kind: kind.kind.to_owned(),
+        group: kind.group.to_owned(),
+        name: name.to_owned(),
+        causes,
+    }
+}
+
+fn modified_conflict(kind: &Kind, name: &str) -> StoreError {
+    StoreError::Conflict {
+        resource: kind.resource_name(),
+        name: name.to_owned(),
+        reason: "the object has been modified; please apply your changes to the latest version and try again".into(),
+    }
+}
+
+/// Normalizes and validates `obj`; returns the unknown fields that were dropped, or refuses
+/// them under [`FieldValidation::Strict`].
+fn run_validation(
+    kind: &Kind,
+    name: &str,
+    obj: &mut Value,
+    fields: FieldValidation,
+) -> Result<Vec<String>, StoreError> {
+    let Some(validate) = kind.validate else {
+        return Ok(Vec::new());
+    };
+    let before = obj.clone();
+    let errs = validate(obj);
+    if !errs.is_empty() {
+        return Err(invalid(kind, name, errs));
+    }
+    let mut unknown = Vec::new();
+    dropped_fields(&before, obj, "", &mut unknown);
+    let warnings: Vec<String> = unknown
+        .iter()
+        .map(|f| format!("unknown field \"{f}\""))
+        .collect();
+    match fields {
+        FieldValidation::Strict if !warnings.is_empty() => Err(StoreError::BadRequest(format!(
+            "{kind} in version \"{version}\" cannot be handled as a {kind}: strict decoding error: {}",
+            warnings.join(", "),
+            kind = kind.kind,
+            version = kind.version
+        ))),
+        FieldValidation::Ignore => Ok(Vec::new()),
+        _ => Ok(warnings),
+    }
+}
+
+/// Collects the paths present in `before` but pruned from `after` (outside `metadata`).
+fn dropped_fields(before: &Value, after: &Value, prefix: &str, out: &mut Vec<String>) {
+    match (before, after) {
+        (Value::Object(b), Value::Object(a)) => {
+            for (k, bv) in b {
+                if prefix.is_empty() && k == "metadata" {
+                    continue;
+                }
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match a.get(k) {
+                    None if !bv.is_null() => out.push(path),
+                    Some(av) => dropped_fields(bv, av, &path, out),
+                    None => {}
+                }
+            }
+        }
+        (Value::Array(b), Value::Array(a)) if a.len() == b.len() => {
+            for (i, (bv, av)) in b.iter().zip(a).enumerate() {
+                dropped_fields(bv, av, &format!("{prefix}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Refuses a body whose `apiVersion`/`kind` name another type; both may be omitted.
+fn check_type(kind: &Kind, body: &Value) -> Result<(), StoreError> {
+    if !body.is_object() {
+        return Err(StoreError::BadRequest(
+            "the request body must be a JSON or YAML object".into(),
+        ));
+    }
+    let api_version = meta::str_at(body, "/apiVersion");
+    let k = meta::str_at(body, "/kind");
+    if (!api_version.is_empty() && api_version != kind.api_version())
+        || (!k.is_empty() && k != kind.kind)
+    {
+        return Err(StoreError::BadRequest(format!(
+            "the body is a {k} of {api_version}, but the URL is for {} of {}",
+            kind.kind,
+            kind.api_version()
+        )));
+    }
+    Ok(())
+}
+
+fn set_type(kind: &Kind, obj: &mut Value) {
+    if let Some(m) = obj.as_object_mut() {
+        m.insert("apiVersion".into(), json!(kind.api_version()));
+        m.insert("kind".into(), json!(kind.kind));
+    }
+}
+
+/// The object a write produces: for the main resource, the body with server-owned metadata
+/// (and status, when a subresource owns it) kept from `current`; for `/status`, `current`
+/// with only the body's status.
+fn compose(kind: &Kind, current: &Value, body: Value, target: Target) -> Value {
+    match target {
+        Target::Status => {
+            let mut next = current.clone();
+            if let Some(m) = next.as_object_mut() {
+                match body.get("status") {
+                    Some(s) if !s.is_null() => m.insert("status".into(), s.clone()),
+                    _ => m.remove("status"),
+                };
+            }
+            next
+        }
+        Target::Main => {
+            let mut next = body;
+            set_type(kind, &mut next);
+            for field in [
+                "name",
+                "namespace",
+                "uid",
+                "creationTimestamp",
+                "generation",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "resourceVersion",
+            ] {
+                meta::set_meta(
+                    &mut next,
+                    field,
+                    current.pointer(&format!("/metadata/{field}")).cloned(),
+                );
+            }
+            if kind.has_status
+                && let Some(m) = next.as_object_mut()
+            {
+                match current.get("status") {
+                    Some(s) => m.insert("status".into(), s.clone()),
+                    None => m.remove("status"),
+                };
+            }
+            next
+        }
+    }
+}
+
+/// Where the next page of a list starts, opaque to clients.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ContinueToken {
+    #[serde(rename = "rv")]
+    revision: u64,
+    #[serde(rename = "ns")]
+    namespace: String,
+    #[serde(rename = "n")]
+    name: String,
+}
+
+impl ContinueToken {
+    fn encode(&self) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    fn decode(token: &str) -> Result<Self, StoreError> {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| StoreError::BadRequest(format!("invalid continue token {token:?}")))
+    }
+}
