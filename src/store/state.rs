@@ -903,3 +903,369 @@ impl ContinueToken {
             .ok_or_else(|| StoreError::BadRequest(format!("invalid continue token {token:?}")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::kinds;
+    use serde_json::json;
+
+    fn kind(plural: &str) -> Kind {
+        kinds::all()
+            .into_iter()
+            .find(|k| k.plural == plural)
+            .unwrap_or_else(|| panic!("no kind {plural}"))
+    }
+
+    fn link(name: &str, port: i64) -> Value {
+        json!({
+            "apiVersion": "previewd.dev/v1alpha1", "kind": "PreviewLink",
+            "metadata": {"name": name},
+            "spec": {"target": {"docker": {"container": "web"}}, "port": port}
+        })
+    }
+
+    fn open(dir: &Path) -> Store {
+        Store::open(dir, kinds::all()).unwrap_or_else(|e| panic!("open: {e}"))
+    }
+
+    fn ok<T>(r: Result<T, StoreError>) -> T {
+        r.unwrap_or_else(|e| panic!("unexpected error: {e}"))
+    }
+
+    #[test]
+    fn create_sets_server_fields_and_generate_name() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = open(dir.path());
+        let pl = kind("previewlinks");
+        let mut body = link("", 80);
+        body["metadata"] = json!({"generateName": "web-"});
+        body["status"] = json!({"phase": "Ready"});
+        let created = ok(store.create(&pl, "default", body, FieldValidation::Strict)).object;
+        let name = meta::name(&created);
+        assert!(name.starts_with("web-") && name.len() == 9, "{name}");
+        assert_eq!(created["metadata"]["generation"], 1);
+        assert_eq!(created["metadata"]["resourceVersion"], "1");
+        assert!(
+            created["metadata"]["uid"]
+                .as_str()
+                .is_some_and(|u| u.len() == 36)
+        );
+        assert!(
+            created.get("status").is_none(),
+            "status is dropped on create"
+        );
+        assert!(matches!(
+            store.create(&pl, "default", link(name, 80), FieldValidation::Strict),
+            Err(StoreError::AlreadyExists { .. })
+        ));
+    }
+
+    #[test]
+    fn generation_tracks_spec_and_status_goes_through_its_subresource() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = open(dir.path());
+        let pl = kind("previewlinks");
+        ok(store.create(&pl, "default", link("a", 80), FieldValidation::Strict));
+        let status = Patch::Merge(json!({"status": {"phase": "Ready"}, "spec": {"port": 99}}));
+        let after_status = ok(store.patch(
+            &pl,
+            "default",
+            "a",
+            Target::Status,
+            &status,
+            FieldValidation::Strict,
+        ))
+        .object;
+        assert_eq!(after_status["status"]["phase"], "Ready");
+        assert_eq!(
+            after_status["spec"]["port"], 80,
+            "a status write does not touch spec"
+        );
+        assert_eq!(after_status["metadata"]["generation"], 1);
+        let spec = Patch::Merge(json!({"spec": {"port": 81}, "status": {"phase": "Failed"}}));
+        let after_spec = ok(store.patch(
+            &pl,
+            "default",
+            "a",
+            Target::Main,
+            &spec,
+            FieldValidation::Strict,
+        ))
+        .object;
+        assert_eq!(after_spec["metadata"]["generation"], 2);
+        assert_eq!(
+            after_spec["status"]["phase"], "Ready",
+            "a spec write does not touch status"
+        );
+        let label = Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}}));
+        let after_label = ok(store.patch(
+            &pl,
+            "default",
+            "a",
+            Target::Main,
+            &label,
+            FieldValidation::Strict,
+        ))
+        .object;
+        assert_eq!(
+            after_label["metadata"]["generation"], 2,
+            "metadata changes do not bump generation"
+        );
+    }
+
+    #[test]
+    fn no_op_writes_keep_the_resource_version_and_emit_nothing() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = open(dir.path());
+        let pl = kind("previewlinks");
+        let created =
+            ok(store.create(&pl, "default", link("a", 80), FieldValidation::Strict)).object;
+        let mut w = ok(store.watch(&pl, None, Some(store.revision())));
+        let same = Patch::Merge(json!({"spec": {"port": 80}}));
+        let after = ok(store.patch(
+            &pl,
+            "default",
+            "a",
+            Target::Main,
+            &same,
+            FieldValidation::Strict,
+        ))
+        .object;
+        assert_eq!(
+            after["metadata"]["resourceVersion"],
+            created["metadata"]["resourceVersion"]
+        );
+        let replaced = ok(store.replace(
+            &pl,
+            "default",
+            "a",
+            Target::Main,
+            created.clone(),
+            FieldValidation::Strict,
+        ))
+        .object;
+        assert_eq!(replaced, created);
+        assert!(w.live.try_recv().is_err(), "no watch event for a no-op");
+        assert_eq!(store.revision(), 1);
+    }
+
+    #[test]
+    fn stale_resource_versions_conflict() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = open(dir.path());
+        let pl = kind("previewlinks");
+        let v1 = ok(store.create(&pl, "default", link("a", 80), FieldValidation::Strict)).object;
+        let mut v2 = v1.clone();
+        v2["spec"]["port"] = json!(81);
+        ok(store.replace(
+            &pl,
+            "default",
+            "a",
+            Target::Main,
+            v2,
+            FieldValidation::Strict,
+        ));
+        let mut stale = v1.clone();
+        stale["spec"]["port"] = json!(82);
+        assert!(matches!(
+            store.replace(
+                &pl,
+                "default",
+                "a",
+                Target::Main,
+                stale,
+                FieldValidation::Strict
+            ),
+            Err(StoreError::Conflict { .. })
+        ));
+        let stale_patch =
+            Patch::Merge(json!({"metadata": {"resourceVersion": "1"}, "spec": {"port": 83}}));
+        assert!(matches!(
+            store.patch(
+                &pl,
+                "default",
+                "a",
+                Target::Main,
+                &stale_patch,
+                FieldValidation::Strict
+            ),
+            Err(StoreError::Conflict { .. })
+        ));
+    }
+
+    #[test]
+    fn deletion_waits_for_finalizers() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = open(dir.path());
+        let pl = kind("previewlinks");
+        let mut body = link("a", 80);
+        body["metadata"]["finalizers"] = json!(["previewd.dev/cleanup"]);
+        ok(store.create(&pl, "default", body, FieldValidation::Strict));
+        let terminating = ok(store.delete(&pl, "default", "a", &Preconditions::default())).object;
+        assert!(meta::is_terminating(&terminating));
+        assert!(
+            store.get(&pl, "default", "a").is_ok(),
+            "still there while a finalizer remains"
+        );
+        let add =
+            Patch::Merge(json!({"metadata": {"finalizers": ["previewd.dev/cleanup", "other"]}}));
+        assert!(matches!(
+            store.patch(
+                &pl,
+                "default",
+                "a",
+                Target::Main,
+                &add,
+                FieldValidation::Strict
+            ),
+            Err(StoreError::Invalid { .. })
+        ));
+        let remove = Patch::Json(
+            serde_json::from_value(json!([{"op": "remove", "path": "/metadata/finalizers/0"}]))
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+        ok(store.patch(
+            &pl,
+            "default",
+            "a",
+            Target::Main,
+            &remove,
+            FieldValidation::Strict,
+        ));
+        assert!(matches!(
+            store.get(&pl, "default", "a"),
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn watches_resume_from_history_and_too_old_versions_are_gone() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let pl = kind("previewlinks");
+        {
+            let store = open(dir.path());
+            for (i, n) in ["a", "b", "c"].iter().enumerate() {
+                ok(store.create(
+                    &pl,
+                    "default",
+                    link(n, 80 + i as i64),
+                    FieldValidation::Strict,
+                ));
+            }
+            let w = ok(store.watch(&pl, None, Some(1)));
+            let revs: Vec<u64> = w.backlog.iter().map(|c| c.revision).collect();
+            assert_eq!(revs, [2, 3]);
+            let fresh = ok(store.watch(&pl, Some("default"), None));
+            assert_eq!(
+                fresh.backlog.len(),
+                3,
+                "a watch without a version starts with every object"
+            );
+            ok(store.delete(&pl, "default", "c", &Preconditions::default()));
+        }
+        let store = open(dir.path());
+        assert_eq!(
+            store.revision(),
+            4,
+            "the deleted object's version is not reused after a restart"
+        );
+        assert!(matches!(
+            store.watch(&pl, None, Some(2)),
+            Err(StoreError::Gone { .. })
+        ));
+        assert!(
+            store.watch(&pl, None, Some(4)).is_ok(),
+            "watching from the current version resumes"
+        );
+        let created =
+            ok(store.create(&pl, "default", link("d", 80), FieldValidation::Strict)).object;
+        assert_eq!(created["metadata"]["resourceVersion"], "5");
+        assert_eq!(
+            ok(store.get(&pl, "default", "a"))["metadata"]["resourceVersion"],
+            "1",
+            "versions survive restarts"
+        );
+    }
+
+    #[test]
+    fn lists_page_with_continue_tokens_and_filter_by_namespace() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = open(dir.path());
+        let pl = kind("previewlinks");
+        for n in ["a", "b", "c", "d", "e"] {
+            ok(store.create(&pl, "default", link(n, 80), FieldValidation::Strict));
+        }
+        ok(store.create(&pl, "other", link("z", 80), FieldValidation::Strict));
+        let all = Selectors::default();
+        let p1 = ok(store.list(&pl, Some("default"), &all, Some(2), None));
+        assert_eq!(p1.items.len(), 2);
+        assert_eq!(p1.remaining, Some(3));
+        let p2 = ok(store.list(
+            &pl,
+            Some("default"),
+            &all,
+            Some(2),
+            p1.continue_token.as_deref(),
+        ));
+        let p3 = ok(store.list(
+            &pl,
+            Some("default"),
+            &all,
+            Some(2),
+            p2.continue_token.as_deref(),
+        ));
+        let names: Vec<&str> = p1
+            .items
+            .iter()
+            .chain(&p2.items)
+            .chain(&p3.items)
+            .map(|o| meta::name(o))
+            .collect();
+        assert_eq!(names, ["a", "b", "c", "d", "e"]);
+        assert!(p3.continue_token.is_none());
+        assert_eq!(ok(store.list(&pl, None, &all, None, None)).items.len(), 6);
+        assert!(matches!(
+            store.list(&pl, None, &all, Some(1), Some("garbage")),
+            Err(StoreError::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn unknown_fields_warn_or_refuse() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = open(dir.path());
+        let pl = kind("previewlinks");
+        let mut body = link("a", 80);
+        body["spec"]["bogus"] = json!(1);
+        assert!(
+            matches!(store.create(&pl, "default", body.clone(), FieldValidation::Strict), Err(StoreError::BadRequest(m)) if m.contains("unknown field \"spec.bogus\""))
+        );
+        let written = ok(store.create(&pl, "default", body, FieldValidation::Warn));
+        assert_eq!(written.warnings, ["unknown field \"spec.bogus\""]);
+        assert!(written.object["spec"].get("bogus").is_none());
+    }
+
+    #[test]
+    fn malformed_files_block_their_name_and_are_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("objects/previewlinks.previewd.dev/default");
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(path.join("broken.yaml"), "spec: [").unwrap_or_else(|e| panic!("{e}"));
+        let store = open(dir.path());
+        let pl = kind("previewlinks");
+        assert_eq!(store.skipped().len(), 1);
+        assert!(matches!(
+            store.create(&pl, "default", link("broken", 80), FieldValidation::Strict),
+            Err(StoreError::Unreadable { .. })
+        ));
+        assert!(matches!(
+            store.get(&pl, "default", "broken"),
+            Err(StoreError::Unreadable { .. })
+        ));
+        assert_eq!(
+            std::fs::read_to_string(path.join("broken.yaml")).unwrap_or_default(),
+            "spec: ["
+        );
+    }
+}

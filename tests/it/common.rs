@@ -1,0 +1,183 @@
+//! Shared test helpers: running the real `previewd` binary, and skipping loudly when a tool
+//! the test needs is absent (unless CI demands it).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::Request;
+use serde_json::Value;
+
+/// The `previewd` binary under test.
+pub fn previewd_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_previewd")
+}
+
+/// Finds `tool` on PATH. When it is missing the test is skipped with a loud message, unless
+/// `require_var=1` is set (CI sets it), which makes that a failure.
+pub fn require_tool(tool: &str, require_var: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(tool))
+                .find(|c| c.is_file())
+        })
+        .unwrap_or(None);
+    if found.is_none() {
+        if std::env::var(require_var).as_deref() == Ok("1") {
+            panic!("{tool} is required ({require_var}=1) but not on PATH");
+        }
+        eprintln!(
+            "\n!!!!! SKIPPED: {tool} is not installed; set {require_var}=1 to make this a failure !!!!!\n"
+        );
+    }
+    found
+}
+
+/// A `previewd serve` child process on an ephemeral port.
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Every log line (JSON) the server printed so far.
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Starts a server over `state_dir` and waits until it listens.
+    pub fn start(state_dir: &Path) -> Server {
+        match Server::try_start(state_dir) {
+            Ok(s) => s,
+            Err(e) => panic!("previewd serve did not start: {e}"),
+        }
+    }
+
+    /// Starts a server, or returns what it printed when it exits instead of listening.
+    pub fn try_start(state_dir: &Path) -> Result<Server, String> {
+        let mut child = Command::new(previewd_bin())
+            .args([
+                "serve",
+                "--api-listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--state-dir",
+            ])
+            .arg(state_dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawn: {e}"))?;
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && let Some(addr) = v.pointer("/fields/addr").and_then(Value::as_str)
+                {
+                    let _ = tx.send(addr.to_owned());
+                }
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => Ok(Server {
+                child,
+                url: format!("http://{addr}"),
+                logs,
+            }),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(100));
+                Err(logs.lock().unwrap_or_else(|p| p.into_inner()).join("\n"))
+            }
+        }
+    }
+
+    /// A kube client talking to this server over HTTP.
+    pub fn client(&self) -> kube::Client {
+        let uri = self
+            .url
+            .parse::<http::Uri>()
+            .unwrap_or_else(|e| panic!("bad url {}: {e}", self.url));
+        kube::Client::try_from(kube::Config::new(uri)).unwrap_or_else(|e| panic!("client: {e}"))
+    }
+
+    /// Kills the server with SIGKILL (no chance to clean up) and waits for it.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits up to `limit` for a clean exit; returns whether it exited 0.
+    pub fn terminate(mut self, limit: Duration) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// All log lines so far.
+    pub fn log_text(&self) -> String {
+        self.logs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .join("\n")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends a raw request through a kube client and returns status code and body as JSON
+/// (`Value::Null` when the body is not JSON).
+pub async fn raw(client: &kube::Client, req: Request<Vec<u8>>) -> (u16, Value) {
+    let (parts, body) = req.into_parts();
+    let req = Request::from_parts(parts, kube::client::Body::from(body));
+    let resp = client
+        .send(req)
+        .await
+        .unwrap_or_else(|e| panic!("request failed: {e}"));
+    let code = resp.status().as_u16();
+    let bytes = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
