@@ -273,6 +273,23 @@ async fn reflector_and_selectors_follow_the_store() {
     )
     .await;
     feed.abort();
+
+    // Streaming lists (sendInitialEvents + the initial-events-end bookmark) work too.
+    let (reader, writer) = reflector::store();
+    let feed = tokio::spawn(
+        reflector(
+            writer,
+            watcher(api.clone(), watcher::Config::default().streaming_lists()),
+        )
+        .applied_objects()
+        .for_each(|_| async {}),
+    );
+    tokio::time::timeout(Duration::from_secs(5), reader.wait_until_ready())
+        .await
+        .unwrap_or_else(|_| panic!("streaming list never became ready"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(reader.state().len(), 2);
+    feed.abort();
 }
 
 #[tokio::test]
