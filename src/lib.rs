@@ -3,6 +3,7 @@
 //! The library holds everything but argument parsing: the resource model, the embedded
 //! Kubernetes-compatible API over a local YAML store, and the client used by the CLI.
 
+pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod resources;

@@ -1,0 +1,365 @@
+//! The `previewd-agent` command line, parsed by hand (no clap: the binary is uploaded into
+//! every container, so every kilobyte counts) and run on a single-threaded runtime.
+//!
+//! Addresses are numeric only: the agent must work in containers with no libc, no NSS and no
+//! resolver configuration.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use crate::agent::process::{Pidfile, Signals};
+use crate::agent::secret::Secret;
+use crate::agent::{server, stop, supervise};
+
+/// The usage text printed for `--help` and after a usage error.
+pub const USAGE: &str = "usage:
+  previewd-agent --version
+  previewd-agent serve --listen <ip:port> [--pidfile <path>]
+  previewd-agent stdio
+  previewd-agent stop --pidfile <path> [--remove-dir <dir>]
+  previewd-agent supervise --pidfile <path> -- <cmd> [args...]
+The secret comes from the PREVIEWD_AGENT_SECRET environment variable (at least 16 characters).";
+
+/// Exit code for usage and configuration errors, as the contract with previewd says.
+const EXIT_USAGE: u8 = 2;
+
+/// One invocation.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    /// `--version`.
+    Version,
+    /// `--help`.
+    Help,
+    /// `serve`: the TCP daemon.
+    Serve {
+        /// Address to bind (port 0 picks one; the actual one is printed).
+        listen: SocketAddr,
+        /// Where to write the pid for `stop`.
+        pidfile: Option<PathBuf>,
+    },
+    /// `stdio`: one request over stdin/stdout.
+    Stdio,
+    /// `stop`: end a daemon by pidfile.
+    Stop {
+        /// The daemon's pidfile.
+        pidfile: PathBuf,
+        /// The agent's own directory, removed afterwards.
+        remove_dir: Option<PathBuf>,
+    },
+    /// `supervise`: run a user daemon as a child.
+    Supervise {
+        /// Where to write the supervisor's pid.
+        pidfile: PathBuf,
+        /// The command to run.
+        program: OsString,
+        /// Its arguments.
+        args: Vec<OsString>,
+    },
+}
+
+/// Parses the arguments after the program name.
+pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
+    let mut args = args.into_iter();
+    let sub = args.next().ok_or("missing command")?;
+    let sub = sub.to_str().ok_or("the command is not UTF-8")?;
+    match sub {
+        "--version" | "-V" | "version" => no_more(args, Command::Version),
+        "--help" | "-h" | "help" => no_more(args, Command::Help),
+        "serve" => {
+            let mut opts = Options::parse(args, &["--listen", "--pidfile"])?;
+            let listen = opts
+                .take("--listen")
+                .ok_or("serve needs --listen <ip:port>")?;
+            let listen = listen
+                .to_str()
+                .and_then(|l| l.parse().ok())
+                .ok_or_else(|| format!("--listen {listen:?} is not a numeric ip:port"))?;
+            Ok(Command::Serve {
+                listen,
+                pidfile: opts.take("--pidfile").map(PathBuf::from),
+            })
+        }
+        "stdio" => no_more(args, Command::Stdio),
+        "stop" => {
+            let mut opts = Options::parse(args, &["--pidfile", "--remove-dir"])?;
+            Ok(Command::Stop {
+                pidfile: opts
+                    .take("--pidfile")
+                    .map(PathBuf::from)
+                    .ok_or("stop needs --pidfile <path>")?,
+                remove_dir: opts.take("--remove-dir").map(PathBuf::from),
+            })
+        }
+        "supervise" => {
+            let mut args = args.collect::<Vec<_>>();
+            let split = args
+                .iter()
+                .position(|a| a == "--")
+                .ok_or("supervise needs -- <cmd> [args...]")?;
+            let mut command = args.split_off(split + 1).into_iter();
+            args.truncate(split);
+            let mut opts = Options::parse(args, &["--pidfile"])?;
+            Ok(Command::Supervise {
+                pidfile: opts
+                    .take("--pidfile")
+                    .map(PathBuf::from)
+                    .ok_or("supervise needs --pidfile <path>")?,
+                program: command.next().ok_or("supervise needs a command after --")?,
+                args: command.collect(),
+            })
+        }
+        other => Err(format!("unknown command {other:?}")),
+    }
+}
+
+fn no_more(mut args: impl Iterator<Item = OsString>, command: Command) -> Result<Command, String> {
+    match args.next() {
+        None => Ok(command),
+        Some(extra) => Err(format!("unexpected argument {extra:?}")),
+    }
+}
+
+/// `--name value` pairs, each allowed once.
+struct Options(Vec<(&'static str, OsString)>);
+
+impl Options {
+    fn parse(
+        args: impl IntoIterator<Item = OsString>,
+        allowed: &[&'static str],
+    ) -> Result<Options, String> {
+        let mut found: Vec<(&'static str, OsString)> = Vec::new();
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            let name = allowed
+                .iter()
+                .find(|a| arg == **a)
+                .ok_or_else(|| format!("unexpected argument {arg:?}"))?;
+            if found.iter().any(|(n, _)| n == name) {
+                return Err(format!("{name} given twice"));
+            }
+            let value = args.next().ok_or_else(|| format!("{name} needs a value"))?;
+            found.push((name, value));
+        }
+        Ok(Options(found))
+    }
+
+    fn take(&mut self, name: &str) -> Option<OsString> {
+        let i = self.0.iter().position(|(n, _)| *n == name)?;
+        Some(self.0.swap_remove(i).1)
+    }
+}
+
+/// Runs the agent with `args` (without the program name) and returns its exit code.
+pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    let command = match parse(args) {
+        Ok(command) => command,
+        Err(e) => {
+            eprintln!("previewd-agent: {e}\n{USAGE}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match command {
+        Command::Version => {
+            println!("previewd-agent {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Help => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Command::Serve { listen, pidfile } => {
+            let Some(secret) = secret() else {
+                return ExitCode::from(EXIT_USAGE);
+            };
+            on_runtime(serve(listen, pidfile, secret))
+        }
+        Command::Stdio => {
+            let Some(secret) = secret() else {
+                return ExitCode::from(EXIT_USAGE);
+            };
+            on_runtime(async move {
+                match server::stdio(&secret).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => fail(format_args!("stdio session failed: {e}")),
+                }
+            })
+        }
+        Command::Stop {
+            pidfile,
+            remove_dir,
+        } => match stop::stop(&pidfile, remove_dir.as_deref()) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        },
+        Command::Supervise {
+            pidfile,
+            program,
+            args,
+        } => on_runtime(async move {
+            match supervise::supervise(&pidfile, &program, &args).await {
+                Ok(status) => ExitCode::from(supervise::exit_code(status)),
+                // 127, like a shell that cannot run the command.
+                Err(e @ supervise::SuperviseError::Spawn { .. }) => {
+                    eprintln!("previewd-agent: {e}");
+                    ExitCode::from(127)
+                }
+                Err(e) => fail(e),
+            }
+        }),
+    }
+}
+
+/// The secret, or `None` after explaining on stderr why the agent won't start.
+fn secret() -> Option<Secret> {
+    match Secret::from_env() {
+        Ok(secret) => Some(secret),
+        Err(e) => {
+            eprintln!("previewd-agent: {e}");
+            None
+        }
+    }
+}
+
+/// `serve`: bind, write the pidfile, announce the address, serve until a signal or a
+/// shutdown request, remove the pidfile.
+async fn serve(listen: SocketAddr, pidfile: Option<PathBuf>, secret: Secret) -> ExitCode {
+    // Before announcing anything, so a SIGTERM right after start is a clean stop.
+    let mut signals = match Signals::register() {
+        Ok(signals) => signals,
+        Err(e) => return fail(format_args!("installing signal handlers failed: {e}")),
+    };
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(listener) => listener,
+        Err(e) => return fail(format_args!("binding {listen} failed: {e}")),
+    };
+    let local = match listener.local_addr() {
+        Ok(local) => local,
+        Err(e) => return fail(format_args!("reading the bound address failed: {e}")),
+    };
+    let pidfile = match pidfile.map(|p| Pidfile::write(&p, std::process::id()).map_err(|e| (p, e)))
+    {
+        None => None,
+        Some(Ok(pidfile)) => Some(pidfile),
+        Some(Err((path, e))) => {
+            return fail(format_args!(
+                "writing the pidfile {} failed: {e}",
+                path.display()
+            ));
+        }
+    };
+    eprintln!("listening on {local}");
+    let stop = async move {
+        signals.recv().await;
+    };
+    let result = server::serve(listener, Arc::new(secret), stop).await;
+    if let Some(pidfile) = pidfile {
+        pidfile.remove();
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format_args!("serving failed: {e}")),
+    }
+}
+
+/// Runs `main` on a current-thread runtime: the agent does little at a time, and one thread
+/// keeps its footprint (it counts against the container's limits) small. The runtime is shut
+/// down without waiting for blocked stdin reads, which can't be cancelled.
+fn on_runtime(main: impl Future<Output = ExitCode>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(format_args!("starting the runtime failed: {e}")),
+    };
+    let code = runtime.block_on(main);
+    runtime.shutdown_background();
+    code
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("previewd-agent: {e}");
+    ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<OsString> {
+        list.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn commands_parse() {
+        assert_eq!(parse(args(&["--version"])), Ok(Command::Version));
+        assert_eq!(
+            parse(args(&["serve", "--pidfile", "/p", "--listen", "[::1]:0"])),
+            Ok(Command::Serve {
+                listen: "[::1]:0".parse().unwrap(),
+                pidfile: Some("/p".into()),
+            })
+        );
+        assert_eq!(parse(args(&["stdio"])), Ok(Command::Stdio));
+        assert_eq!(
+            parse(args(&[
+                "stop",
+                "--pidfile",
+                "/p",
+                "--remove-dir",
+                "/.previewd"
+            ])),
+            Ok(Command::Stop {
+                pidfile: "/p".into(),
+                remove_dir: Some("/.previewd".into()),
+            })
+        );
+        assert_eq!(
+            parse(args(&[
+                "supervise",
+                "--pidfile",
+                "/p",
+                "--",
+                "node",
+                "--",
+                "x"
+            ])),
+            Ok(Command::Supervise {
+                pidfile: "/p".into(),
+                program: "node".into(),
+                args: args(&["--", "x"]),
+            })
+        );
+    }
+
+    #[test]
+    fn bad_command_lines_are_refused() {
+        for bad in [
+            &[][..],
+            &["bogus"],
+            &["--version", "x"],
+            &["serve"],
+            &["serve", "--listen"],
+            &["serve", "--listen", "localhost:80"],
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:80",
+                "--listen",
+                "127.0.0.1:81",
+            ],
+            &["serve", "--listen", "127.0.0.1:80", "--verbose"],
+            &["stdio", "extra"],
+            &["stop"],
+            &["stop", "--pidfile", "/p", "--remove-dir"],
+            &["supervise", "--pidfile", "/p"],
+            &["supervise", "--pidfile", "/p", "--"],
+            &["supervise", "--", "node"],
+        ] {
+            assert!(parse(args(bad)).is_err(), "{bad:?}");
+        }
+    }
+}

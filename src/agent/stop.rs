@@ -1,0 +1,245 @@
+//! `previewd-agent stop`: ends a daemon named by a pidfile and optionally removes the agent's
+//! own directory, for containers without a shell or `kill` (Docker has no exec-kill API).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::agent::process::{self, PidfileError};
+
+/// How long the daemon gets to exit after SIGTERM before it is killed.
+pub const TERM_GRACE: Duration = Duration::from_secs(5);
+/// How long a SIGKILLed process may take to disappear before `stop` reports failure.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+const POLL: Duration = Duration::from_millis(20);
+
+/// How the daemon ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// There was no pidfile, or its process was already gone.
+    NotRunning,
+    /// The pidfile names a process that is not an agent (the pid was reused, e.g. after a
+    /// container restart, which keeps files but restarts pid numbering); it was left alone.
+    Stale,
+    /// It exited after SIGTERM.
+    Terminated,
+    /// It ignored SIGTERM and was killed.
+    Killed,
+}
+
+/// Why `stop` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StopError {
+    /// The pidfile is unreadable or holds no usable pid.
+    #[error(transparent)]
+    Pidfile(#[from] PidfileError),
+    /// Signalling the process failed (typically EPERM: another user's process).
+    #[error("signalling pid {pid} failed: {source}")]
+    Signal {
+        /// The pid.
+        pid: i32,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The process survived SIGKILL.
+    #[error("pid {pid} is still running after SIGKILL")]
+    StillRunning {
+        /// The pid.
+        pid: i32,
+    },
+    /// `--remove-dir` named a directory other than the one holding this executable.
+    #[error(
+        "refusing to remove {dir}: only the directory holding this executable ({exe_dir}) may be removed"
+    )]
+    RemoveDirRefused {
+        /// What was asked.
+        dir: PathBuf,
+        /// The only directory that may be removed.
+        exe_dir: PathBuf,
+    },
+    /// Removing a file or directory failed.
+    #[error("removing {path} failed: {source}")]
+    Remove {
+        /// What could not be removed.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// This executable's own path is unknown, so `--remove-dir` can't be checked.
+    #[error("finding this executable failed: {0}")]
+    CurrentExe(#[source] io::Error),
+}
+
+/// Stops the process in `pidfile` (SIGTERM, up to [`TERM_GRACE`], then SIGKILL), removes
+/// the pidfile, then, if asked, the agent's directory. `remove_dir` is checked first, so a
+/// wrong one changes nothing.
+pub fn stop(pidfile: &Path, remove_dir: Option<&Path>) -> Result<Stopped, StopError> {
+    let exe = std::env::current_exe().map_err(StopError::CurrentExe)?;
+    let remove_dir = remove_dir
+        .map(|dir| checked_remove_dir(dir, &exe))
+        .transpose()?;
+    let stopped = match process::read_pid(pidfile)? {
+        None => Stopped::NotRunning,
+        Some(pid) if !runs_agent(pid, &exe) => Stopped::Stale,
+        Some(pid) => terminate(pid)?,
+    };
+    match std::fs::remove_file(pidfile) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(StopError::Remove {
+                path: pidfile.to_owned(),
+                source,
+            });
+        }
+    }
+    if let Some(dir) = remove_dir {
+        std::fs::remove_dir_all(&dir).map_err(|source| StopError::Remove { path: dir, source })?;
+    }
+    Ok(stopped)
+}
+
+/// SIGTERM, wait, SIGKILL, wait.
+fn terminate(pid: i32) -> Result<Stopped, StopError> {
+    let signal = |sig| match process::send_signal(pid, sig) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(false),
+        Err(source) => Err(StopError::Signal { pid, source }),
+    };
+    if !signal(libc::SIGTERM)? || wait_gone(pid, TERM_GRACE) {
+        return Ok(Stopped::Terminated);
+    }
+    if !signal(libc::SIGKILL)? || wait_gone(pid, KILL_GRACE) {
+        return Ok(Stopped::Killed);
+    }
+    Err(StopError::StillRunning { pid })
+}
+
+fn wait_gone(pid: i32, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if !process::is_alive(pid) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Whether `pid` runs an executable with this one's file name (and isn't this process).
+/// When `/proc/<pid>/exe` can't be read the answer is yes: signalling then either works or
+/// fails loudly with EPERM.
+fn runs_agent(pid: i32, exe: &Path) -> bool {
+    if u32::try_from(pid).ok() == Some(std::process::id()) {
+        return false;
+    }
+    match std::fs::read_link(format!("/proc/{pid}/exe")) {
+        Ok(target) => same_file_name(&target, exe),
+        Err(_) => true,
+    }
+}
+
+/// Compares file names, ignoring the " (deleted)" the kernel appends when an upgrade
+/// replaced the executable of a running daemon.
+fn same_file_name(running: &Path, exe: &Path) -> bool {
+    let running = running.to_string_lossy();
+    let running = running.strip_suffix(" (deleted)").unwrap_or(&running);
+    Path::new(running).file_name() == exe.file_name()
+}
+
+/// `dir` if it is exactly the directory holding `exe` (both canonicalized), so `stop` can
+/// never be pointed at anything else.
+fn checked_remove_dir(dir: &Path, exe: &Path) -> Result<PathBuf, StopError> {
+    let refused = || StopError::RemoveDirRefused {
+        dir: dir.to_owned(),
+        exe_dir: exe.parent().unwrap_or(exe).to_owned(),
+    };
+    let exe_dir = exe
+        .canonicalize()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_owned))
+        .ok_or_else(refused)?;
+    let wanted = dir.canonicalize().map_err(|_| refused())?;
+    if wanted != exe_dir || exe_dir.parent().is_none() {
+        return Err(refused());
+    }
+    Ok(wanted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_executables_own_directory_may_be_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("previewd-agent");
+        std::fs::write(&exe, b"").unwrap();
+        let other = tempfile::tempdir().unwrap();
+
+        let canonical = dir.path().canonicalize().unwrap();
+        assert_eq!(checked_remove_dir(dir.path(), &exe).unwrap(), canonical);
+        assert_eq!(
+            checked_remove_dir(&dir.path().join("."), &exe).unwrap(),
+            canonical
+        );
+        for wrong in [
+            other.path().to_owned(),
+            dir.path().join(".."),
+            PathBuf::from("/"),
+            dir.path().join("missing"),
+        ] {
+            assert!(
+                matches!(
+                    checked_remove_dir(&wrong, &exe),
+                    Err(StopError::RemoveDirRefused { .. })
+                ),
+                "{wrong:?}"
+            );
+        }
+        // An executable in / would make / its directory: never.
+        assert!(checked_remove_dir(Path::new("/"), Path::new("/previewd-agent")).is_err());
+    }
+
+    #[test]
+    fn file_names_compare_across_upgrades() {
+        let exe = Path::new("/.previewd/previewd-agent");
+        assert!(same_file_name(Path::new("/.previewd/previewd-agent"), exe));
+        assert!(same_file_name(
+            Path::new("/.previewd-0.2/previewd-agent (deleted)"),
+            exe
+        ));
+        assert!(!same_file_name(Path::new("/usr/bin/node"), exe));
+    }
+
+    #[test]
+    fn stop_without_a_pidfile_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let stopped = stop(&dir.path().join("none.pid"), None).unwrap();
+        assert_eq!(stopped, Stopped::NotRunning);
+    }
+
+    #[test]
+    fn a_reused_pid_is_not_signalled() {
+        // This test process is not a previewd-agent; a pidfile naming it is stale.
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("agent.pid");
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30"])
+            .spawn()
+            .unwrap();
+        std::fs::write(&pidfile, child.id().to_string()).unwrap();
+        assert_eq!(stop(&pidfile, None).unwrap(), Stopped::Stale);
+        assert!(!pidfile.exists());
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the child was signalled"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
