@@ -1,5 +1,6 @@
 //! previewd's integration tests: one test binary, one module per area.
 
+mod agent;
 mod cli;
 mod common;
 mod durability;
