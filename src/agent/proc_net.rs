@@ -18,15 +18,14 @@ pub const PROC_NET_TCP6: &str = "/proc/net/tcp6";
 const STATE_LISTEN: &str = "0A";
 
 /// Reads both tables and returns the listeners, deduplicated and sorted by (port, address).
-/// A missing table (IPv6 disabled) counts as empty; any other read error is returned.
+/// A missing `tcp6` (IPv6 disabled) counts as empty; a missing `tcp` means /proc is not
+/// mounted, which is an error rather than an empty list that would look like "no ports".
 pub async fn listening_ports() -> io::Result<Vec<ListeningPort>> {
-    let mut ports = Vec::new();
-    for path in [PROC_NET_TCP, PROC_NET_TCP6] {
-        match tokio::fs::read_to_string(path).await {
-            Ok(table) => ports.extend(parse_table(&table)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
+    let mut ports: Vec<_> = parse_table(&tokio::fs::read_to_string(PROC_NET_TCP).await?).collect();
+    match tokio::fs::read_to_string(PROC_NET_TCP6).await {
+        Ok(table) => ports.extend(parse_table(&table)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
     Ok(normalize(ports))
 }
