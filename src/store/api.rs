@@ -475,6 +475,8 @@ fn list(
 /// How one watch stream encodes and filters events.
 struct WatchFilter {
     kind: Kind,
+    /// `plural.group` of `kind`.
+    resource: String,
     namespace: Option<String>,
     selectors: Selectors,
     as_table: bool,
@@ -486,10 +488,12 @@ impl WatchFilter {
     /// The event a change means for this watch, if any: objects entering or leaving the
     /// selected set are ADDED or DELETED, as on a real API server.
     fn event(&mut self, c: &Change) -> Option<Bytes> {
-        if self
-            .namespace
-            .as_ref()
-            .is_some_and(|ns| *ns != c.key.namespace)
+        // The live feed carries every kind's changes.
+        if c.key.resource != self.resource
+            || self
+                .namespace
+                .as_ref()
+                .is_some_and(|ns| *ns != c.key.namespace)
         {
             return None;
         }
@@ -573,6 +577,7 @@ fn watch(
         .map(Duration::from_secs);
     let include = IncludeObject::parse(q.get("includeObject").map(String::as_str));
     let mut filter = WatchFilter {
+        resource: kind.resource_name(),
         kind: kind.clone(),
         namespace: namespace.clone(),
         selectors,
@@ -651,4 +656,38 @@ fn watch_response(body: Body) -> Response {
         .header(header::CACHE_CONTROL, "no-cache, private")
         .body(body)
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::DaemonInjection;
+    use crate::store::kinds;
+
+    #[test]
+    fn bookmarks_parse_as_kube_watch_events() {
+        let kind = kinds::all()
+            .into_iter()
+            .find(|k| k.plural == "daemoninjections");
+        let Some(kind) = kind else {
+            panic!("kind missing")
+        };
+        let filter = WatchFilter {
+            resource: kind.resource_name(),
+            kind,
+            namespace: None,
+            selectors: Selectors::default(),
+            as_table: false,
+            include: IncludeObject::Metadata,
+            headers_sent: false,
+        };
+        let line = filter.bookmark(7, true);
+        let parsed: Result<kube::core::WatchEvent<DaemonInjection>, _> =
+            serde_json::from_slice(&line);
+        match parsed {
+            Ok(kube::core::WatchEvent::Bookmark(b)) => assert_eq!(b.metadata.resource_version, "7"),
+            Ok(other) => panic!("not a bookmark: {other:?}"),
+            Err(e) => panic!("{e}: {}", String::from_utf8_lossy(&line)),
+        }
+    }
 }

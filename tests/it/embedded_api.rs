@@ -24,7 +24,10 @@ use crate::common::{eventually, raw};
 fn in_process(dir: &std::path::Path) -> Client {
     let store =
         Arc::new(Store::open(dir, kinds::all()).unwrap_or_else(|e| panic!("open store: {e}")));
-    Client::new(previewd::api::router(store), "default")
+    Client::new(
+        previewd::api::router(store, previewd::metrics::Metrics::new()),
+        "default",
+    )
 }
 
 fn link(name: &str, port: i32) -> PreviewLink {
@@ -168,6 +171,16 @@ async fn watch_sees_exactly_the_changes_made() {
         .unwrap_or_else(|e| panic!("watch: {e}"))
         .boxed();
 
+    // Writes to other kinds must not reach this watch (a typed client would choke on them).
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::default_namespaced(api.clone().into_client());
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "unrelated"}})).unwrap_or_default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     api.create(&PostParams::default(), &link("a", 80))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
