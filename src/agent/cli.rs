@@ -19,7 +19,7 @@ pub const USAGE: &str = "usage:
   previewd-agent --version
   previewd-agent serve --listen <ip:port> [--pidfile <path>]
   previewd-agent stdio
-  previewd-agent stop --pidfile <path> [--remove-dir <dir>]
+  previewd-agent stop [--pidfile <path>] [--remove-dir <dir>]
   previewd-agent supervise --pidfile <path> -- <cmd> [args...]
 The secret comes from the PREVIEWD_AGENT_SECRET environment variable (at least 16 characters).";
 
@@ -42,10 +42,10 @@ pub enum Command {
     },
     /// `stdio`: one request over stdin/stdout.
     Stdio,
-    /// `stop`: end a daemon by pidfile.
+    /// `stop`: end a daemon by pidfile, or every process running this same executable.
     Stop {
-        /// The daemon's pidfile.
-        pidfile: PathBuf,
+        /// The daemon's pidfile; without one, every other process of this executable.
+        pidfile: Option<PathBuf>,
         /// The agent's own directory, removed afterwards.
         remove_dir: Option<PathBuf>,
     },
@@ -86,10 +86,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         "stop" => {
             let mut opts = Options::parse(args, &["--pidfile", "--remove-dir"])?;
             Ok(Command::Stop {
-                pidfile: opts
-                    .take("--pidfile")
-                    .map(PathBuf::from)
-                    .ok_or("stop needs --pidfile <path>")?,
+                pidfile: opts.take("--pidfile").map(PathBuf::from),
                 remove_dir: opts.take("--remove-dir").map(PathBuf::from),
             })
         }
@@ -190,7 +187,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         Command::Stop {
             pidfile,
             remove_dir,
-        } => match stop::stop(&pidfile, remove_dir.as_deref()) {
+        } => match stop::stop(pidfile.as_deref(), remove_dir.as_deref()) {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         },
@@ -313,8 +310,15 @@ mod tests {
                 "/.previewd"
             ])),
             Ok(Command::Stop {
-                pidfile: "/p".into(),
+                pidfile: Some("/p".into()),
                 remove_dir: Some("/.previewd".into()),
+            })
+        );
+        assert_eq!(
+            parse(args(&["stop"])),
+            Ok(Command::Stop {
+                pidfile: None,
+                remove_dir: None,
             })
         );
         assert_eq!(
@@ -353,7 +357,6 @@ mod tests {
             ],
             &["serve", "--listen", "127.0.0.1:80", "--verbose"],
             &["stdio", "extra"],
-            &["stop"],
             &["stop", "--pidfile", "/p", "--remove-dir"],
             &["supervise", "--pidfile", "/p"],
             &["supervise", "--pidfile", "/p", "--"],

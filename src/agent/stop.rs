@@ -1,11 +1,17 @@
-//! `previewd-agent stop`: ends a daemon named by a pidfile and optionally removes the agent's
-//! own directory, for containers without a shell or `kill` (Docker has no exec-kill API).
+//! `previewd-agent stop`: ends a daemon named by a pidfile (or, without one, every other
+//! process running this same executable) and optionally removes the agent's own directory,
+//! for containers without a shell or `kill` (Docker has no exec-kill API).
+//!
+//! The pidfile-less form is what previewd uses: it needs no writable file next to the agent
+//! (a non-root agent may not write into its root-owned directory), and it finds agents left
+//! running by an earlier previewd, so a new one never runs beside them.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::agent::process::{self, PidfileError};
+use crate::agent::protocol::INSTALL_DIR;
 
 /// How long the daemon gets to exit after SIGTERM before it is killed.
 pub const TERM_GRACE: Duration = Duration::from_secs(5);
@@ -72,33 +78,78 @@ pub enum StopError {
     CurrentExe(#[source] io::Error),
 }
 
-/// Stops the process in `pidfile` (SIGTERM, up to [`TERM_GRACE`], then SIGKILL), removes
-/// the pidfile, then, if asked, the agent's directory. `remove_dir` is checked first, so a
-/// wrong one changes nothing.
-pub fn stop(pidfile: &Path, remove_dir: Option<&Path>) -> Result<Stopped, StopError> {
+/// Stops the process in `pidfile` (SIGTERM, up to [`TERM_GRACE`], then SIGKILL) and removes
+/// the pidfile; without a pidfile, stops every other process running this executable. Then,
+/// if asked, removes the agent's directory, and its parent when that is the now-empty
+/// install root. `remove_dir` is checked first, so a wrong one changes nothing.
+pub fn stop(pidfile: Option<&Path>, remove_dir: Option<&Path>) -> Result<Stopped, StopError> {
     let exe = std::env::current_exe().map_err(StopError::CurrentExe)?;
     let remove_dir = remove_dir
         .map(|dir| checked_remove_dir(dir, &exe))
         .transpose()?;
+    let stopped = match pidfile {
+        Some(pidfile) => stop_by_pidfile(pidfile, &exe)?,
+        None => stop_same_executable(&exe)?,
+    };
+    if let Some(dir) = remove_dir {
+        std::fs::remove_dir_all(&dir).map_err(|source| StopError::Remove {
+            path: dir.clone(),
+            source,
+        })?;
+        if let Some(parent) = dir.parent().filter(|p| *p == Path::new(INSTALL_DIR)) {
+            // Fails (and that is fine) while other injections still live there.
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+    Ok(stopped)
+}
+
+fn stop_by_pidfile(pidfile: &Path, exe: &Path) -> Result<Stopped, StopError> {
     let stopped = match process::read_pid(pidfile)? {
         None => Stopped::NotRunning,
-        Some(pid) if !runs_agent(pid, &exe) => Stopped::Stale,
+        Some(pid) if !runs_agent(pid, exe) => Stopped::Stale,
         Some(pid) => terminate(pid)?,
     };
     match std::fs::remove_file(pidfile) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(StopError::Remove {
-                path: pidfile.to_owned(),
-                source,
-            });
+        Ok(()) => Ok(stopped),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(stopped),
+        Err(source) => Err(StopError::Remove {
+            path: pidfile.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Stops every process (but this one) whose executable is this very file.
+fn stop_same_executable(exe: &Path) -> Result<Stopped, StopError> {
+    let mut outcome = Stopped::NotRunning;
+    for pid in same_executable_pids(exe) {
+        match terminate(pid)? {
+            Stopped::Killed => outcome = Stopped::Killed,
+            Stopped::Terminated if outcome == Stopped::NotRunning => outcome = Stopped::Terminated,
+            _ => {}
         }
     }
-    if let Some(dir) = remove_dir {
-        std::fs::remove_dir_all(&dir).map_err(|source| StopError::Remove { path: dir, source })?;
-    }
-    Ok(stopped)
+    Ok(outcome)
+}
+
+/// Pids (but this process's) whose `/proc/<pid>/exe` is `exe`, including a replaced
+/// (" (deleted)") copy of it.
+fn same_executable_pids(exe: &Path) -> Vec<i32> {
+    let own = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| u32::try_from(*pid).ok() != Some(own))
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|target| {
+                let target = target.to_string_lossy();
+                Path::new(target.strip_suffix(" (deleted)").unwrap_or(&target)) == exe
+            })
+        })
+        .collect()
 }
 
 /// SIGTERM, wait, SIGKILL, wait.
@@ -219,7 +270,7 @@ mod tests {
     #[test]
     fn stop_without_a_pidfile_succeeds() {
         let dir = tempfile::tempdir().unwrap();
-        let stopped = stop(&dir.path().join("none.pid"), None).unwrap();
+        let stopped = stop(Some(&dir.path().join("none.pid")), None).unwrap();
         assert_eq!(stopped, Stopped::NotRunning);
     }
 
@@ -233,7 +284,7 @@ mod tests {
             .spawn()
             .unwrap();
         std::fs::write(&pidfile, child.id().to_string()).unwrap();
-        assert_eq!(stop(&pidfile, None).unwrap(), Stopped::Stale);
+        assert_eq!(stop(Some(&pidfile), None).unwrap(), Stopped::Stale);
         assert!(!pidfile.exists());
         assert!(
             child.try_wait().unwrap().is_none(),
