@@ -6,6 +6,9 @@
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod controller;
+pub mod metrics;
 pub mod resources;
+pub mod runtime;
 pub mod serve;
 pub mod store;

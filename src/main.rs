@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use previewd::cli::{self, Connection, get::Output};
+use previewd::controller::{AgentBinary, ControllerConfig};
 use previewd::resources::crd;
 use previewd::serve::{self, ServeConfig};
 
@@ -63,6 +64,12 @@ enum Command {
         /// Log line format (filter with RUST_LOG).
         #[arg(long, env = "PREVIEWD_LOG_FORMAT", value_enum, default_value = "text")]
         log_format: LogFormat,
+        /// The previewd-agent binary injected into containers [default: beside this executable].
+        #[arg(long, env = "PREVIEWD_AGENT_BINARY")]
+        agent_binary: Option<PathBuf>,
+        /// Port the injected agent listens on inside each container.
+        #[arg(long, env = "PREVIEWD_AGENT_PORT", default_value_t = 19876)]
+        agent_port: u16,
     },
     /// Create or update the objects of a YAML manifest (`-` reads standard input).
     Apply {
@@ -164,20 +171,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             api_listen,
             state_dir,
             log_format,
+            agent_binary,
+            agent_port,
         } => {
             init_logging(log_format);
             let state_dir = match state_dir {
                 Some(d) => d,
                 None => default_state_dir()?,
             };
-            serve::run(
-                ServeConfig {
-                    api_listen,
-                    state_dir,
-                },
-                shutdown_signal(),
-            )
-            .await?;
+            let controller = ControllerConfig {
+                agent_binary: agent_binary.unwrap_or_else(AgentBinary::default_path),
+                agent_port,
+            };
+            let config = ServeConfig {
+                api_listen,
+                state_dir,
+                controller,
+            };
+            serve::run(config, shutdown_signal()).await?;
         }
         Command::Apply { file, client } => {
             let manifest = read_manifest(&file)?;

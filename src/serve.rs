@@ -1,19 +1,24 @@
-//! `previewd serve`: open the state directory and serve the API until told to stop.
+//! `previewd serve`: open the state directory, serve the API, and run the controllers
+//! against it in-process, until told to stop.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::controller::{self, ControllerConfig};
+use crate::metrics::Metrics;
 use crate::store::disk::OpenError;
 use crate::store::{Store, kinds};
 
 /// What `serve` needs to run.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
-    /// Address of the API listener (Kubernetes API, health).
+    /// Address of the API listener (Kubernetes API, health, metrics).
     pub api_listen: SocketAddr,
     /// The local YAML store's directory.
     pub state_dir: PathBuf,
+    /// How the controllers inject daemons.
+    pub controller: ControllerConfig,
 }
 
 /// Why the server could not start or stopped with an error.
@@ -36,7 +41,8 @@ pub enum ServeError {
     Serve(#[source] std::io::Error),
 }
 
-/// Serves until `shutdown` resolves, then ends open watches and stops accepting requests.
+/// Serves until `shutdown` resolves, then stops the controllers, ends open watches and stops
+/// accepting requests.
 pub async fn run(
     config: ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -48,6 +54,7 @@ pub async fn run(
         skipped_files = store.skipped().len(),
         "state directory loaded"
     );
+    let metrics = Metrics::new();
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -56,14 +63,34 @@ pub async fn run(
         })?;
     let addr = listener.local_addr().map_err(ServeError::Serve)?;
     tracing::info!(%addr, "API listening (kubectl --server http://{addr})");
-    let app = crate::api::router(store.clone());
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    // The controllers talk to the same router in-process: no socket, one implementation.
+    let client = kube::Client::new(
+        crate::api::router(store.clone(), metrics.clone()),
+        "default",
+    );
+    let controllers = tokio::spawn(controller::run(
+        client,
+        config.controller,
+        metrics.clone(),
+        stopped(stop_rx.clone()),
+    ));
+
+    let app = crate::api::router(store.clone(), metrics);
     let closing = store.clone();
-    axum::serve(listener, app)
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down");
+            let _ = stop_tx.send(true);
             closing.close();
         })
         .await
-        .map_err(ServeError::Serve)
+        .map_err(ServeError::Serve);
+    let _ = controllers.await;
+    served
 }

@@ -48,14 +48,19 @@ pub struct Server {
 impl Server {
     /// Starts a server over `state_dir` and waits until it listens.
     pub fn start(state_dir: &Path) -> Server {
-        match Server::try_start(state_dir) {
+        Server::start_with(state_dir, &[])
+    }
+
+    /// Starts a server with extra environment variables.
+    pub fn start_with(state_dir: &Path, env: &[(&str, &str)]) -> Server {
+        match Server::try_start(state_dir, env) {
             Ok(s) => s,
             Err(e) => panic!("previewd serve did not start: {e}"),
         }
     }
 
     /// Starts a server, or returns what it printed when it exits instead of listening.
-    pub fn try_start(state_dir: &Path) -> Result<Server, String> {
+    pub fn try_start(state_dir: &Path, env: &[(&str, &str)]) -> Result<Server, String> {
         let mut child = Command::new(previewd_bin())
             .args([
                 "serve",
@@ -67,6 +72,7 @@ impl Server {
             ])
             .arg(state_dir)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -142,6 +148,14 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // A failing test shows what the server said.
+        if std::thread::panicking() {
+            eprintln!(
+                "--- previewd serve log ({}) ---\n{}\n--- end of log ---",
+                self.url,
+                self.log_text()
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -170,7 +170,7 @@ async fn malformed_files_are_reported_skipped_and_untouched() {
 fn a_second_server_on_the_same_directory_refuses() {
     let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let _first = Server::start(state.path());
-    match Server::try_start(state.path()) {
+    match Server::try_start(state.path(), &[]) {
         Ok(_) => panic!("a second server started on a locked state directory"),
         Err(output) => assert!(
             output.contains("is in use by another previewd"),

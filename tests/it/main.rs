@@ -3,6 +3,8 @@
 mod agent;
 mod cli;
 mod common;
+mod containers;
+mod docker;
 mod durability;
 mod embedded_api;
 mod kubectl;

@@ -1,0 +1,786 @@
+//! The DaemonInjection reconciler: keeps a daemon running in the target container.
+//!
+//! Steps, Stackable-style: dereference the target (the runtime resolves it) → decide (an
+//! [`Outcome`], from what was observed) → apply (upload, verify, start, health-check) →
+//! update status ([`status_for`], pure, written only when it changed). A finalizer stops the
+//! daemon and removes its files before the object goes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::instrument;
+
+use super::{Context, Error};
+use crate::agent::client as agent;
+use crate::agent::protocol::SECRET_ENV;
+use crate::resources::conditions::{self, READY};
+use crate::resources::daemon_injection::{DaemonPhase, DaemonSpec};
+use crate::resources::{DaemonInjection, DaemonInjectionStatus, Target};
+use crate::runtime::{ContainerInfo, ContainerRuntime, ExecSpec, FileUpload, RuntimeError};
+
+/// Finalizer that guarantees cleanup in the container before the object goes.
+pub const FINALIZER: &str = "previewd.dev/daemon-cleanup";
+const CONTROLLER: &str = "daemoninjection";
+/// Root of everything previewd puts into containers: on the root filesystem, never a tmpfs.
+pub const AGENT_ROOT: &str = "/.previewd";
+/// The agent prints this (then its address) once it listens.
+const READY_PREFIX: &str = "listening on ";
+/// Key of the agent secret in its Secret object.
+const SECRET_KEY: &str = "secret";
+/// How often a Running injection is health-checked when nothing else happens.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Where one injection's files live inside the container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// The injection's own directory.
+    pub dir: String,
+}
+
+impl Layout {
+    /// `/.previewd/{namespace}.{name}`: one directory per injection, so several can share a
+    /// container and each can be removed alone.
+    pub fn for_object(namespace: &str, name: &str) -> Self {
+        Layout {
+            dir: format!("{AGENT_ROOT}/{namespace}.{name}"),
+        }
+    }
+
+    /// The agent binary.
+    pub fn agent(&self) -> String {
+        format!("{}/previewd-agent", self.dir)
+    }
+}
+
+/// What one reconcile found and did, before it is written to status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The daemon serves.
+    Running {
+        /// Full container id.
+        container_id: String,
+        /// Where the proxy reaches the agent (`ip:port`, or `exec`).
+        endpoint: String,
+        /// The agent's reported version.
+        version: String,
+        /// Whether it was (re-)injected now rather than found running.
+        injected: bool,
+    },
+    /// Waiting for the container (e.g. stopped): not an error.
+    Waiting {
+        /// Condition reason.
+        reason: &'static str,
+        /// For people.
+        message: String,
+    },
+    /// Injection failed; retried with backoff.
+    Failed {
+        /// Condition reason.
+        reason: &'static str,
+        /// For people.
+        message: String,
+    },
+}
+
+impl Outcome {
+    fn failed(reason: &'static str, message: impl Into<String>) -> Self {
+        Outcome::Failed {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    fn from_runtime(e: RuntimeError) -> Self {
+        let message = e.to_string();
+        match e {
+            RuntimeError::ContainerNotFound(_) => Outcome::failed("ContainerNotFound", message),
+            RuntimeError::ContainerNotRunning { .. } => Outcome::Waiting {
+                reason: "ContainerNotRunning",
+                message,
+            },
+            RuntimeError::ReadOnlyRootfs(_) => Outcome::failed("ReadOnlyRootfs", message),
+            RuntimeError::Unavailable(_) => Outcome::failed("DockerUnavailable", message),
+            RuntimeError::Engine { .. } | RuntimeError::Timeout(_) => {
+                Outcome::failed("ExecFailed", message)
+            }
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Outcome::Running { .. } => "DaemonRunning",
+            Outcome::Waiting { reason, .. } | Outcome::Failed { reason, .. } => reason,
+        }
+    }
+}
+
+/// The status an outcome means, given the previous status. Pure: no clock but `now`.
+pub fn status_for(obj: &DaemonInjection, outcome: &Outcome, now: Time) -> DaemonInjectionStatus {
+    let mut st = obj.status.clone().unwrap_or_default();
+    let generation = obj.metadata.generation;
+    st.observed_generation = generation;
+    st.target = Some(obj.spec.target.display_name());
+    let (phase, ready, message) = match outcome {
+        Outcome::Running {
+            container_id,
+            endpoint,
+            version,
+            injected,
+        } => {
+            if *injected {
+                if st.injected_at.is_some() {
+                    st.restarts = Some(st.restarts.unwrap_or(0) + 1);
+                }
+                st.injected_at = Some(now.clone());
+            }
+            st.container_id = Some(container_id.clone());
+            st.endpoint = Some(endpoint.clone());
+            st.daemon_version = Some(version.clone());
+            (
+                DaemonPhase::Running,
+                true,
+                format!("previewd-agent {version} serves at {endpoint}"),
+            )
+        }
+        Outcome::Waiting { message, .. } => {
+            st.endpoint = None;
+            (DaemonPhase::Pending, false, message.clone())
+        }
+        Outcome::Failed { message, .. } => {
+            st.endpoint = None;
+            (DaemonPhase::Failed, false, message.clone())
+        }
+    };
+    st.phase = Some(phase);
+    let mut cond = conditions::condition(READY, ready, outcome.reason(), message, generation);
+    cond.last_transition_time = now;
+    conditions::set_condition(&mut st.conditions, cond);
+    st
+}
+
+/// Entry point for the controller.
+#[instrument(skip(obj, ctx), fields(namespace = obj.namespace().unwrap_or_default(), name = obj.name_any()))]
+pub async fn reconcile<R: ContainerRuntime>(
+    obj: Arc<DaemonInjection>,
+    ctx: Arc<Context<R>>,
+) -> Result<Action, Error> {
+    ctx.metrics.reconciled(CONTROLLER);
+    let api: Api<DaemonInjection> =
+        Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    finalizer(&api, FINALIZER, obj, |event| async {
+        match event {
+            Finalizer::Apply(o) => apply(o, &ctx).await,
+            Finalizer::Cleanup(o) => cleanup(o, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// Retries failures with per-object exponential backoff.
+pub fn error_policy<R: ContainerRuntime>(
+    obj: Arc<DaemonInjection>,
+    err: &Error,
+    ctx: Arc<Context<R>>,
+) -> Action {
+    let reason = err.metric_label();
+    ctx.metrics.failed(CONTROLLER, &reason);
+    let delay = ctx.backoff.failed(&obj.uid().unwrap_or_default());
+    tracing::info!(name = %obj.name_any(), %reason, error = %err, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+async fn apply<R: ContainerRuntime>(
+    obj: Arc<DaemonInjection>,
+    ctx: &Context<R>,
+) -> Result<Action, Error> {
+    let started = Instant::now();
+    let outcome = observe_and_inject(&obj, ctx).await?;
+    if matches!(outcome, Outcome::Running { injected: true, .. }) {
+        ctx.metrics.injected(started.elapsed());
+    }
+    let status = status_for(&obj, &outcome, Time(k8s_openapi::jiff::Timestamp::now()));
+    write_status(ctx, &obj, status).await?;
+    announce(ctx, &obj, &outcome).await;
+    match outcome {
+        Outcome::Running { .. } => {
+            ctx.backoff.reset(&obj.uid().unwrap_or_default());
+            Ok(Action::requeue(HEALTH_INTERVAL))
+        }
+        Outcome::Waiting { .. } => Ok(Action::requeue(HEALTH_INTERVAL)),
+        Outcome::Failed { reason, message } => Err(Error::Injection { reason, message }),
+    }
+}
+
+/// Publishes a Kubernetes Event when the Ready reason changes.
+async fn announce<R: ContainerRuntime>(ctx: &Context<R>, obj: &DaemonInjection, outcome: &Outcome) {
+    let previous = obj
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, READY))
+        .map(|c| c.reason.clone());
+    let injected = matches!(outcome, Outcome::Running { injected: true, .. });
+    if previous.as_deref() == Some(outcome.reason()) && !injected {
+        return;
+    }
+    let (type_, note) = match outcome {
+        Outcome::Running { endpoint, .. } => {
+            (EventType::Normal, format!("daemon running at {endpoint}"))
+        }
+        Outcome::Waiting { message, .. } => (EventType::Normal, message.clone()),
+        Outcome::Failed { message, .. } => (EventType::Warning, message.clone()),
+    };
+    let ev = Event {
+        type_,
+        reason: outcome.reason().into(),
+        note: Some(note),
+        action: "Inject".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish an event");
+    }
+}
+
+async fn write_status<R: ContainerRuntime>(
+    ctx: &Context<R>,
+    obj: &DaemonInjection,
+    status: DaemonInjectionStatus,
+) -> Result<(), Error> {
+    if obj.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let api: Api<DaemonInjection> =
+        Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    let patch: json_patch::Patch =
+        serde_json::from_value(json!([{"op": "add", "path": "/status", "value": status}]))
+            .map_err(|e| Error::Injection {
+                reason: "InternalError",
+                message: format!("cannot encode status: {e}"),
+            })?;
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::default(),
+        &Patch::<()>::Json(patch),
+    )
+    .await
+    .map_err(Error::Kube)?;
+    Ok(())
+}
+
+/// The agent's secret, kept in a Secret next to the object (created on first use).
+async fn agent_secret<R: ContainerRuntime>(
+    ctx: &Context<R>,
+    obj: &DaemonInjection,
+) -> Result<String, Error> {
+    let ns = obj.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = secret_name(obj);
+    if let Some(s) = api.get_opt(&name).await.map_err(Error::Kube)?
+        && let Some(v) = s.data.as_ref().and_then(|d| d.get(SECRET_KEY))
+    {
+        return Ok(String::from_utf8_lossy(&v.0).into_owned());
+    }
+    let value: String = {
+        use rand::Rng;
+        let bytes: [u8; 32] = rand::rng().random();
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(ns),
+            owner_references: obj.controller_owner_ref(&()).map(|r| vec![r]),
+            labels: Some(
+                [(
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    "previewd".to_owned(),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        data: Some(
+            [(
+                SECRET_KEY.to_owned(),
+                ByteString(value.clone().into_bytes()),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(value),
+        // Lost a race with another reconcile: use the winner's.
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let s = api.get(&name).await.map_err(Error::Kube)?;
+            Ok(s.data
+                .as_ref()
+                .and_then(|d| d.get(SECRET_KEY))
+                .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+                .unwrap_or_default())
+        }
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+fn secret_name(obj: &DaemonInjection) -> String {
+    format!("previewd-agent-{}", obj.name_any())
+}
+
+async fn observe_and_inject<R: ContainerRuntime>(
+    obj: &DaemonInjection,
+    ctx: &Context<R>,
+) -> Result<Outcome, Error> {
+    let container = match &obj.spec.target {
+        Target::Docker(d) => d.container.clone(),
+        Target::Pod(_) => {
+            return Ok(Outcome::failed(
+                "UnsupportedTarget",
+                "pod targets are served when previewd runs in Kubernetes mode",
+            ));
+        }
+    };
+    if obj
+        .spec
+        .daemon
+        .as_ref()
+        .is_some_and(|d: &DaemonSpec| *d != DaemonSpec::default())
+    {
+        return Ok(Outcome::failed(
+            "UnsupportedDaemon",
+            "user-named daemons (spec.daemon) are not injected yet; omit spec.daemon for the built-in agent",
+        ));
+    }
+    let docker = match &ctx.docker {
+        Ok(d) => d,
+        Err(e) => {
+            return Ok(Outcome::failed(
+                "DockerUnavailable",
+                format!("the Docker engine is unavailable: {e}"),
+            ));
+        }
+    };
+    let info = match docker.resolve(&container).await {
+        Ok(info) => info,
+        Err(e) => return Ok(Outcome::from_runtime(e)),
+    };
+    if !info.running {
+        return Ok(Outcome::Waiting {
+            reason: "ContainerNotRunning",
+            message: format!(
+                "container {} is {}; the daemon is injected when it starts",
+                info.name, info.state
+            ),
+        });
+    }
+    if info.read_only_rootfs {
+        return Ok(Outcome::from_runtime(RuntimeError::ReadOnlyRootfs(
+            info.name.clone(),
+        )));
+    }
+    let secret = agent_secret(ctx, obj).await?;
+    let outcome = inject(obj, ctx, docker, &info, &secret).await;
+    // A step failed: if the container went away or stopped meanwhile, say that instead.
+    if let Outcome::Failed { .. } = outcome {
+        match docker.resolve(&container).await {
+            Err(e @ RuntimeError::ContainerNotFound(_)) => return Ok(Outcome::from_runtime(e)),
+            Ok(now) if now.id != info.id || !now.running => {
+                return Ok(Outcome::Waiting {
+                    reason: "ContainerNotRunning",
+                    message: format!(
+                        "container {} stopped or was replaced during injection; retrying",
+                        now.name
+                    ),
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(outcome)
+}
+
+/// Uploads, verifies, starts and health-checks the agent in a running container (or adopts
+/// the one already there).
+async fn inject<R: ContainerRuntime>(
+    obj: &DaemonInjection,
+    ctx: &Context<R>,
+    docker: &R,
+    info: &ContainerInfo,
+    secret: &str,
+) -> Outcome {
+    let layout = Layout::for_object(&obj.namespace().unwrap_or_default(), &obj.name_any());
+    let endpoint = info
+        .ips
+        .first()
+        .map(|ip| SocketAddr::new(*ip, ctx.agent_port));
+    let running = |endpoint: String, version: String, injected: bool| Outcome::Running {
+        container_id: info.id.clone(),
+        endpoint,
+        version,
+        injected,
+    };
+
+    // Adopt a healthy agent of this version already running in this container (e.g. after a
+    // previewd restart) instead of starting a second one.
+    let same_container =
+        obj.status.as_ref().and_then(|s| s.container_id.as_deref()) == Some(info.id.as_str());
+    if let (Some(ep), true) = (endpoint, same_container) {
+        match health_tcp_patiently(ep, secret, true).await {
+            Ok(h) if h.version == env!("CARGO_PKG_VERSION") => {
+                return running(ep.to_string(), h.version, false);
+            }
+            Ok(h) => tracing::info!(found = %h.version, "replacing an agent of another version"),
+            Err(e) => {
+                tracing::info!(endpoint = %ep, error = %e, "no healthy agent to adopt; injecting")
+            }
+        }
+    }
+
+    let binary = match &ctx.agent.contents {
+        Ok(b) => b.clone(),
+        Err(e) => return Outcome::failed("AgentBinaryMissing", e.clone()),
+    };
+    let upload = [FileUpload {
+        path: layout.agent(),
+        contents: binary,
+        mode: 0o755,
+    }];
+    if let Err(e) = docker.upload(&info.id, &upload).await {
+        return Outcome::from_runtime(e);
+    }
+    let as_user = |argv: Vec<String>| ExecSpec {
+        argv,
+        env: vec![format!("{SECRET_ENV}={secret}")],
+        user: None,
+    };
+    match docker
+        .exec(&info.id, &as_user(vec![layout.agent(), "--version".into()]))
+        .await
+    {
+        Ok(out) if out.exit_code == 0 && out.stdout.starts_with("previewd-agent") => {}
+        Ok(out) => {
+            return Outcome::failed(
+                "ExecFailed",
+                format!(
+                    "the uploaded agent does not run (exit code {}): {}{} — is {AGENT_ROOT} on a noexec or tmpfs mount, or the container another architecture?",
+                    out.exit_code,
+                    out.stdout.trim(),
+                    out.stderr.trim()
+                ),
+            );
+        }
+        Err(e) => return Outcome::from_runtime(e),
+    }
+    // Replace, never duplicate: stop whatever agent this injection left running (as root:
+    // the old one may run as another user; the binary sits in a root-owned directory).
+    if let Err(e) = docker
+        .exec(&info.id, &as_root(vec![layout.agent(), "stop".into()]))
+        .await
+    {
+        tracing::debug!(error = %e, "stopping a previous agent failed");
+    }
+    let Some(ep) = endpoint else {
+        // No routable address (network none, …): the agent is reached through exec stdio.
+        let mut stdio = match docker
+            .exec_stdio(&info.id, &as_user(vec![layout.agent(), "stdio".into()]))
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => return Outcome::from_runtime(e),
+        };
+        return match tokio::time::timeout(
+            Duration::from_secs(10),
+            agent::health(&mut stdio, secret),
+        )
+        .await
+        {
+            Ok(Ok(h)) => running("exec".into(), h.version, true),
+            Ok(Err(e)) => Outcome::failed(
+                "DaemonUnhealthy",
+                format!("the agent does not answer over exec: {e}"),
+            ),
+            Err(_) => Outcome::failed(
+                "DaemonUnhealthy",
+                "the agent did not answer over exec in time",
+            ),
+        };
+    };
+    let argv = vec![
+        layout.agent(),
+        "serve".into(),
+        "--listen".into(),
+        format!("0.0.0.0:{}", ctx.agent_port),
+    ];
+    if let Err(e) = docker
+        .exec_until_ready(&info.id, &as_user(argv), READY_PREFIX)
+        .await
+    {
+        return Outcome::failed("ExecFailed", format!("the agent did not start: {e}"));
+    }
+    match health_tcp_patiently(ep, secret, false).await {
+        Ok(h) => running(ep.to_string(), h.version, true),
+        Err(e) => Outcome::failed(
+            "DaemonUnhealthy",
+            format!("the agent started but does not answer at {ep}: {e}"),
+        ),
+    }
+}
+
+/// A command run as the container's root: stopping agents that may run as any user and
+/// removing root-owned files. Only ever the root-owned agent binary previewd uploaded.
+fn as_root(argv: Vec<String>) -> ExecSpec {
+    ExecSpec {
+        argv,
+        env: Vec::new(),
+        user: Some("0:0".into()),
+    }
+}
+
+/// How long one health check may take in all (connect and answer).
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long previewd keeps asking before it gives an agent up, so a vanished container
+/// cannot stall a reconcile.
+const HEALTH_PATIENCE: Duration = Duration::from_secs(8);
+
+/// Asks until the agent answers or [`HEALTH_PATIENCE`] runs out: a live agent is not replaced
+/// because one answer was slow on a loaded machine, and a fresh one gets time to bind.
+/// `give_up_when_refused` ends early when nothing listens (adoption: there is no agent).
+async fn health_tcp_patiently(
+    endpoint: SocketAddr,
+    secret: &str,
+    give_up_when_refused: bool,
+) -> Result<crate::agent::Health, String> {
+    let deadline = tokio::time::Instant::now() + HEALTH_PATIENCE;
+    loop {
+        let err = match health_tcp(endpoint, secret).await {
+            Ok(h) => return Ok(h),
+            Err(e) => e,
+        };
+        if (give_up_when_refused && err.contains("refused"))
+            || tokio::time::Instant::now() + Duration::from_millis(150) >= deadline
+        {
+            return Err(err);
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+async fn health_tcp(endpoint: SocketAddr, secret: &str) -> Result<crate::agent::Health, String> {
+    let check = async {
+        let mut stream = tokio::net::TcpStream::connect(endpoint)
+            .await
+            .map_err(|e| e.to_string())?;
+        agent::health(&mut stream, secret)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(HEALTH_TIMEOUT, check)
+        .await
+        .map_err(|_| format!("no answer within {HEALTH_TIMEOUT:?}"))?
+}
+
+async fn cleanup<R: ContainerRuntime>(
+    obj: Arc<DaemonInjection>,
+    ctx: &Context<R>,
+) -> Result<Action, Error> {
+    let mut removing = obj.status.clone().unwrap_or_default();
+    removing.phase = Some(DaemonPhase::Removing);
+    removing.endpoint = None;
+    write_status(ctx, &obj, removing).await?;
+    if let (Target::Docker(d), Ok(docker)) = (&obj.spec.target, &ctx.docker) {
+        match docker.resolve(&d.container).await {
+            Ok(info) if info.running => {
+                let layout =
+                    Layout::for_object(&obj.namespace().unwrap_or_default(), &obj.name_any());
+                let argv = vec![
+                    layout.agent(),
+                    "stop".into(),
+                    "--remove-dir".into(),
+                    layout.dir.clone(),
+                ];
+                match docker.exec(&info.id, &as_root(argv)).await {
+                    Ok(out) if out.exit_code == 0 => {}
+                    // 126/127: the agent binary is not there, so neither are its files.
+                    Ok(out) if out.exit_code == 126 || out.exit_code == 127 => {}
+                    Ok(out) => {
+                        return Err(Error::Injection {
+                            reason: "CleanupFailed",
+                            message: format!(
+                                "stopping the agent failed (exit code {}): {}{}",
+                                out.exit_code,
+                                out.stdout.trim(),
+                                out.stderr.trim()
+                            ),
+                        });
+                    }
+                    Err(RuntimeError::ContainerNotFound(_))
+                    | Err(RuntimeError::ContainerNotRunning { .. }) => {}
+                    Err(e) => {
+                        return Err(Error::Injection {
+                            reason: "CleanupFailed",
+                            message: e.to_string(),
+                        });
+                    }
+                }
+            }
+            Ok(info) => {
+                // Exec needs a running container; the files stay in its stopped filesystem.
+                let note = format!(
+                    "container {} is {}: the agent files under {AGENT_ROOT} could not be removed",
+                    info.name, info.state
+                );
+                let ev = Event {
+                    type_: EventType::Warning,
+                    reason: "FilesLeftBehind".into(),
+                    note: Some(note),
+                    action: "Remove".into(),
+                    secondary: None,
+                };
+                let _ = ctx.recorder.publish(&ev, &obj.object_ref(&())).await;
+            }
+            Err(RuntimeError::ContainerNotFound(_)) => {}
+            Err(e) => {
+                return Err(Error::Injection {
+                    reason: "CleanupFailed",
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    let secrets: Api<Secret> =
+        Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    match secrets
+        .delete(&secret_name(&obj), &Default::default())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(Error::Kube(e)),
+    }
+    ctx.backoff.reset(&obj.uid().unwrap_or_default());
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::DaemonInjectionSpec;
+    use crate::resources::target::DockerTarget;
+
+    fn obj(status: Option<DaemonInjectionStatus>) -> DaemonInjection {
+        let mut o = DaemonInjection::new(
+            "web-agent",
+            DaemonInjectionSpec {
+                target: Target::Docker(DockerTarget {
+                    container: "web".into(),
+                }),
+                daemon: None,
+            },
+        );
+        o.metadata.generation = Some(3);
+        o.status = status;
+        o
+    }
+
+    fn at(secs: i64) -> Time {
+        Time(
+            k8s_openapi::jiff::Timestamp::from_second(secs)
+                .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        )
+    }
+
+    fn running(injected: bool) -> Outcome {
+        Outcome::Running {
+            container_id: "abc".into(),
+            endpoint: "172.17.0.2:19876".into(),
+            version: "0.1.0".into(),
+            injected,
+        }
+    }
+
+    #[test]
+    fn layout_is_per_injection_on_the_root_filesystem() {
+        let l = Layout::for_object("default", "web-agent");
+        assert_eq!(l.agent(), "/.previewd/default.web-agent/previewd-agent");
+    }
+
+    #[test]
+    fn running_sets_endpoint_and_ready() {
+        let st = status_for(&obj(None), &running(true), at(100));
+        assert_eq!(st.phase, Some(DaemonPhase::Running));
+        assert_eq!(st.endpoint.as_deref(), Some("172.17.0.2:19876"));
+        assert_eq!(st.observed_generation, Some(3));
+        assert_eq!(st.restarts, None, "a first injection is no restart");
+        let ready = conditions::find(&st.conditions, READY)
+            .map(|c| (c.status.clone(), c.reason.clone(), c.observed_generation));
+        assert_eq!(
+            ready,
+            Some(("True".into(), "DaemonRunning".into(), Some(3)))
+        );
+        assert_eq!(st.target.as_deref(), Some("docker/web"));
+    }
+
+    #[test]
+    fn an_unchanged_outcome_gives_an_identical_status() {
+        let first = status_for(&obj(None), &running(true), at(100));
+        let again = status_for(&obj(Some(first.clone())), &running(false), at(200));
+        assert_eq!(first, again, "no write, no event, no reconcile loop");
+    }
+
+    #[test]
+    fn reinjection_counts_a_restart_and_failure_clears_the_endpoint() {
+        let first = status_for(&obj(None), &running(true), at(100));
+        let again = status_for(&obj(Some(first.clone())), &running(true), at(200));
+        assert_eq!(again.restarts, Some(1));
+        let gone = status_for(
+            &obj(Some(again)),
+            &Outcome::failed("ContainerNotFound", "container \"web\" not found"),
+            at(300),
+        );
+        assert_eq!(gone.phase, Some(DaemonPhase::Failed));
+        assert_eq!(gone.endpoint, None);
+        let ready = conditions::find(&gone.conditions, READY);
+        assert_eq!(
+            ready.map(|c| (
+                c.status.as_str(),
+                c.reason.as_str(),
+                c.last_transition_time.0.as_second()
+            )),
+            Some(("False", "ContainerNotFound", 300))
+        );
+    }
+
+    #[test]
+    fn runtime_errors_map_to_reasons_users_can_act_on() {
+        assert_eq!(
+            Outcome::from_runtime(RuntimeError::ReadOnlyRootfs("web".into())).reason(),
+            "ReadOnlyRootfs"
+        );
+        assert_eq!(
+            Outcome::from_runtime(RuntimeError::ContainerNotFound("web".into())).reason(),
+            "ContainerNotFound"
+        );
+        assert_eq!(
+            Outcome::from_runtime(RuntimeError::Unavailable("socket".into())).reason(),
+            "DockerUnavailable"
+        );
+        assert!(matches!(
+            Outcome::from_runtime(RuntimeError::ContainerNotRunning {
+                container: "web".into(),
+                state: "exited".into()
+            }),
+            Outcome::Waiting { .. }
+        ));
+    }
+}

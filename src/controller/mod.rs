@@ -1,0 +1,172 @@
+//! The reconcilers. Written once against `kube::Api` and `kube::runtime`, they run over the
+//! embedded API (outside a cluster) and over a real API server alike.
+
+pub mod backoff;
+pub mod injection;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use kube::runtime::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+
+use crate::metrics::Metrics;
+use crate::resources::DaemonInjection;
+use crate::runtime::ContainerRuntime;
+use crate::runtime::docker::DockerRuntime;
+
+/// Why a reconcile failed. Each variant is a condition reason users can act on, and a
+/// metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Talking to the API server failed.
+    #[error("API request failed: {0}")]
+    Kube(#[source] kube::Error),
+    /// The finalizer helper failed (it wraps the other errors).
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// Injection failed for a reason recorded in the object's status; retried with backoff.
+    #[error("{reason}: {message}")]
+    Injection {
+        /// The Ready condition's reason.
+        reason: &'static str,
+        /// What happened.
+        message: String,
+    },
+}
+
+impl Error {
+    /// The label for failure metrics.
+    pub fn metric_label(&self) -> String {
+        match self {
+            Error::Kube(_) => "KubeApiError".into(),
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                _ => "FinalizerError".into(),
+            },
+            Error::Injection { reason, .. } => (*reason).to_owned(),
+        }
+    }
+}
+
+/// Where the built-in agent binary comes from.
+#[derive(Clone, Debug)]
+pub struct AgentBinary {
+    /// Path on this machine (reported in messages).
+    pub path: PathBuf,
+    /// Its bytes, or why they could not be read.
+    pub contents: Result<Bytes, String>,
+}
+
+impl AgentBinary {
+    /// Reads the agent binary once, at start-up; a missing file is reported on each injection
+    /// rather than stopping the server.
+    pub fn load(path: PathBuf) -> Self {
+        let contents = std::fs::read(&path)
+            .map(Bytes::from)
+            .map_err(|e| format!("cannot read the agent binary {}: {e}", path.display()));
+        AgentBinary { path, contents }
+    }
+
+    /// The default location: `previewd-agent` beside the running executable.
+    pub fn default_path() -> PathBuf {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("previewd-agent")))
+            .unwrap_or_else(|| PathBuf::from("previewd-agent"))
+    }
+}
+
+/// What every reconcile needs.
+pub struct Context<R: ContainerRuntime> {
+    /// Client of the API the objects live in.
+    pub client: Client,
+    /// The Docker engine, or why it is unavailable.
+    pub docker: Result<R, String>,
+    /// The built-in agent.
+    pub agent: AgentBinary,
+    /// Kubernetes Events.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Failure backoff per object.
+    pub backoff: backoff::Backoff,
+    /// Port the built-in agent listens on inside containers.
+    pub agent_port: u16,
+}
+
+/// How the controllers are run.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// The built-in agent binary's path.
+    pub agent_binary: PathBuf,
+    /// Port the built-in agent listens on inside containers.
+    pub agent_port: u16,
+}
+
+/// Connects to Docker (when reachable) and runs the DaemonInjection controller until
+/// `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    config: ControllerConfig,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let docker = match DockerRuntime::connect().await {
+        Ok(d) => Ok(d),
+        Err(e) => {
+            tracing::warn!(error = %e, "Docker is unavailable: Docker targets will report DockerUnavailable");
+            Err(e.to_string())
+        }
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "previewd".into(),
+                instance: None,
+            },
+        ),
+        client: client.clone(),
+        docker,
+        agent: AgentBinary::load(config.agent_binary),
+        metrics,
+        backoff: backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(120)),
+        agent_port: config.agent_port,
+    });
+    run_with(ctx, shutdown).await
+}
+
+/// Runs the DaemonInjection controller with a given context (tests inject their own).
+pub async fn run_with<R: ContainerRuntime + Clone>(
+    ctx: Arc<Context<R>>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let api: Api<DaemonInjection> = Api::all(ctx.client.clone());
+    // Container lifecycle events re-check every injection (there are few per machine).
+    let triggers = match &ctx.docker {
+        Ok(d) => d
+            .events()
+            .map(|ev| tracing::debug!(container = %ev.name, action = %ev.action, "container event"))
+            .boxed(),
+        Err(_) => futures::stream::pending().boxed(),
+    };
+    Controller::new(api, watcher::Config::default())
+        .reconcile_all_on(triggers)
+        .graceful_shutdown_on(shutdown)
+        .run(injection::reconcile, injection::error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                // Already reported by the error policy.
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) | Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "controller error"),
+            }
+        })
+        .await;
+}

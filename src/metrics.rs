@@ -1,0 +1,122 @@
+//! Prometheus metrics, served on the API listener at `/metrics`.
+//!
+//! Labels are bounded (a controller name, a failure reason): no per-object labels, so a store
+//! with thousands of objects does not explode the series count.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of reconcile counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    /// Which controller (`daemoninjection`, `previewlink`).
+    pub controller: &'static str,
+}
+
+/// Labels of failure counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    /// Which controller.
+    pub controller: &'static str,
+    /// The condition reason (`ContainerNotFound`, `ExecFailed`, …).
+    pub reason: String,
+}
+
+/// Every metric previewd exports, with the registry that renders them.
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Family<ControllerLabels, Counter>,
+    failures: Family<FailureLabels, Counter>,
+    injection_seconds: Histogram,
+}
+
+impl Metrics {
+    /// Creates and registers the metrics.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("previewd");
+        let reconciles = Family::<ControllerLabels, Counter>::default();
+        registry.register(
+            "reconciles",
+            "Reconciles run, by controller",
+            reconciles.clone(),
+        );
+        let failures = Family::<FailureLabels, Counter>::default();
+        registry.register(
+            "reconcile_failures",
+            "Reconciles that ended in a failure, by controller and reason",
+            failures.clone(),
+        );
+        let injection_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        registry.register(
+            "injection_duration_seconds",
+            "Time to copy, start and health-check a daemon",
+            injection_seconds.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            reconciles,
+            failures,
+            injection_seconds,
+        })
+    }
+
+    /// Counts one reconcile.
+    pub fn reconciled(&self, controller: &'static str) {
+        self.reconciles
+            .get_or_create(&ControllerLabels { controller })
+            .inc();
+    }
+
+    /// Counts one failure.
+    pub fn failed(&self, controller: &'static str, reason: &str) {
+        self.failures
+            .get_or_create(&FailureLabels {
+                controller,
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Records how long an injection took.
+    pub fn injected(&self, took: Duration) {
+        self.injection_seconds.observe(took.as_secs_f64());
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_by_reason() {
+        let m = Metrics::new();
+        m.reconciled("daemoninjection");
+        m.failed("daemoninjection", "ContainerNotFound");
+        m.injected(Duration::from_millis(120));
+        let text = m.render();
+        assert!(
+            text.contains(r#"previewd_reconciles_total{controller="daemoninjection"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"previewd_reconcile_failures_total{controller="daemoninjection",reason="ContainerNotFound"} 1"#), "{text}");
+        assert!(
+            text.contains("previewd_injection_duration_seconds_count 1"),
+            "{text}"
+        );
+    }
+}

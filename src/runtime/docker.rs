@@ -1,0 +1,513 @@
+//! The Docker implementation of [`ContainerRuntime`], over the Engine API (bollard).
+//!
+//! Files go in through the archive API (`PUT /containers/{id}/archive`): dockerd unpacks the
+//! tar itself, so the container needs neither a shell nor tar. Processes are started with
+//! exec. Engine errors are matched on their message where codes differ between engine
+//! versions (a read-only rootfs is 500, 403 or 400 depending on the release).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::errors::Error as DockerError;
+use bollard::exec::StartExecResults;
+use bollard::models::ExecConfig;
+use bollard::query_parameters::{EventsOptionsBuilder, UploadToContainerOptionsBuilder};
+use futures::StreamExt;
+use tokio_util::io::StreamReader;
+
+use super::{
+    ContainerEvent, ContainerInfo, ContainerRuntime, EventStream, ExecOutput, ExecSpec, ExecStdio,
+    FileUpload, RuntimeError,
+};
+
+/// Bound on engine calls that should be quick (inspect, exec create/start).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on a command run to completion.
+const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on the output kept from a command.
+const MAX_EXEC_OUTPUT: usize = 64 * 1024;
+
+/// A connection to a Docker engine (`DOCKER_HOST`, else the local socket).
+#[derive(Clone)]
+pub struct DockerRuntime {
+    docker: Docker,
+}
+
+impl DockerRuntime {
+    /// Connects and negotiates the API version; fails when the engine cannot be reached.
+    pub async fn connect() -> Result<Self, RuntimeError> {
+        let docker = Docker::connect_with_defaults()
+            .map_err(|e| RuntimeError::Unavailable(e.to_string()))?;
+        let docker = tokio::time::timeout(CALL_TIMEOUT, docker.negotiate_version())
+            .await
+            .map_err(|_| RuntimeError::Timeout("answer the version negotiation"))?
+            .map_err(|e| RuntimeError::Unavailable(e.to_string()))?;
+        Ok(DockerRuntime { docker })
+    }
+
+    /// The underlying client, for callers that need engine calls previewd does not wrap.
+    pub fn client(&self) -> &Docker {
+        &self.docker
+    }
+}
+
+/// Maps an engine error for an operation on `container`.
+fn classify(container: &str, action: &'static str, e: DockerError) -> RuntimeError {
+    match e {
+        DockerError::DockerResponseServerError {
+            status_code,
+            message,
+        } => {
+            let lower = message.to_ascii_lowercase();
+            if lower.contains("read-only") || lower.contains("read only") {
+                RuntimeError::ReadOnlyRootfs(container.to_owned())
+            } else if status_code == 404 && lower.contains("container") {
+                RuntimeError::ContainerNotFound(container.to_owned())
+            } else if status_code == 409
+                && (lower.contains("not running")
+                    || lower.contains("paused")
+                    || lower.contains("restarting"))
+            {
+                let state = if lower.contains("paused") {
+                    "paused"
+                } else if lower.contains("restarting") {
+                    "restarting"
+                } else {
+                    "not running"
+                };
+                RuntimeError::ContainerNotRunning {
+                    container: container.to_owned(),
+                    state: state.to_owned(),
+                }
+            } else {
+                RuntimeError::Engine { action, message }
+            }
+        }
+        DockerError::RequestTimeoutError => RuntimeError::Timeout(action),
+        DockerError::IOError { .. }
+        | DockerError::HyperResponseError { .. }
+        | DockerError::SocketNotFoundError(_) => RuntimeError::Unavailable(e.to_string()),
+        other => RuntimeError::Engine {
+            action,
+            message: other.to_string(),
+        },
+    }
+}
+
+async fn bounded<T>(
+    action: &'static str,
+    fut: impl Future<Output = Result<T, RuntimeError>>,
+) -> Result<T, RuntimeError> {
+    tokio::time::timeout(CALL_TIMEOUT, fut)
+        .await
+        .map_err(|_| RuntimeError::Timeout(action))?
+}
+
+/// Builds the tar dockerd unpacks at `/`: parent directories (0755) and the files.
+fn archive(files: &[FileUpload]) -> std::io::Result<Vec<u8>> {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mtime = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut dirs: Vec<String> = Vec::new();
+    for f in files {
+        let rel = f.path.trim_start_matches('/');
+        let mut prefix = String::new();
+        for part in rel
+            .split('/')
+            .collect::<Vec<_>>()
+            .iter()
+            .rev()
+            .skip(1)
+            .rev()
+        {
+            prefix.push_str(part);
+            prefix.push('/');
+            if !dirs.contains(&prefix) {
+                dirs.push(prefix.clone());
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_uid(0);
+                h.set_gid(0);
+                h.set_size(0);
+                h.set_mtime(mtime);
+                builder.append_data(&mut h, &prefix, std::io::empty())?;
+            }
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(f.mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_size(f.contents.len() as u64);
+        h.set_mtime(mtime);
+        builder.append_data(&mut h, rel, f.contents.as_ref())?;
+    }
+    builder.into_inner()
+}
+
+fn exec_config(spec: &ExecSpec, stdin: bool, output: bool) -> ExecConfig {
+    ExecConfig {
+        cmd: Some(spec.argv.clone()),
+        env: Some(spec.env.clone()),
+        user: spec.user.clone(),
+        attach_stdin: Some(stdin),
+        attach_stdout: Some(output),
+        attach_stderr: Some(output),
+        tty: Some(false),
+        ..Default::default()
+    }
+}
+
+impl ContainerRuntime for DockerRuntime {
+    async fn resolve(&self, container: &str) -> Result<ContainerInfo, RuntimeError> {
+        let c = bounded("inspect the container", async {
+            self.docker
+                .inspect_container(container, None)
+                .await
+                .map_err(|e| classify(container, "inspect the container", e))
+        })
+        .await?;
+        let state = c.state.as_ref();
+        let running = state.and_then(|s| s.running).unwrap_or(false)
+            && !state.and_then(|s| s.paused).unwrap_or(false)
+            && !state.and_then(|s| s.restarting).unwrap_or(false);
+        let state_word = state
+            .and_then(|s| s.status)
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let mut ips: Vec<IpAddr> = c
+            .network_settings
+            .as_ref()
+            .and_then(|n| n.networks.as_ref())
+            .map(|nets| {
+                let mut named: Vec<(&String, &bollard::models::EndpointSettings)> =
+                    nets.iter().collect();
+                // The default bridge first, then user networks by name, for stable choices.
+                named.sort_by_key(|(name, _)| (name.as_str() != "bridge", name.to_string()));
+                named
+                    .into_iter()
+                    .filter_map(|(_, ep)| ep.ip_address.as_deref().and_then(|ip| ip.parse().ok()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        ips.dedup();
+        Ok(ContainerInfo {
+            id: c.id.clone().unwrap_or_default(),
+            name: c
+                .name
+                .as_deref()
+                .unwrap_or("")
+                .trim_start_matches('/')
+                .to_owned(),
+            running,
+            state: state_word,
+            started_at: state.and_then(|s| s.started_at.clone()),
+            read_only_rootfs: c
+                .host_config
+                .as_ref()
+                .and_then(|h| h.readonly_rootfs)
+                .unwrap_or(false),
+            ips,
+        })
+    }
+
+    async fn upload(&self, container_id: &str, files: &[FileUpload]) -> Result<(), RuntimeError> {
+        let tar = archive(files).map_err(|e| RuntimeError::Engine {
+            action: "build the upload archive",
+            message: e.to_string(),
+        })?;
+        let options = UploadToContainerOptionsBuilder::default()
+            .path("/")
+            .no_overwrite_dir_non_dir("true")
+            .build();
+        tokio::time::timeout(
+            CALL_TIMEOUT * 2,
+            self.docker.upload_to_container(
+                container_id,
+                Some(options),
+                bollard::body_full(tar.into()),
+            ),
+        )
+        .await
+        .map_err(|_| RuntimeError::Timeout("upload files"))?
+        .map_err(|e| classify(container_id, "upload files", e))
+    }
+
+    async fn exec(&self, container_id: &str, spec: &ExecSpec) -> Result<ExecOutput, RuntimeError> {
+        let action = "run a command";
+        let created = bounded(action, async {
+            self.docker
+                .create_exec(container_id, exec_config(spec, false, true))
+                .await
+                .map_err(|e| classify(container_id, action, e))
+        })
+        .await?;
+        let run = async {
+            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+            match self
+                .docker
+                .start_exec(&created.id, None)
+                .await
+                .map_err(|e| classify(container_id, action, e))?
+            {
+                StartExecResults::Attached { mut output, .. } => {
+                    while let Some(chunk) = output.next().await {
+                        match chunk.map_err(|e| classify(container_id, action, e))? {
+                            bollard::container::LogOutput::StdOut { message }
+                            | bollard::container::LogOutput::Console { message } => {
+                                if stdout.len() < MAX_EXEC_OUTPUT {
+                                    stdout.extend_from_slice(&message);
+                                }
+                            }
+                            bollard::container::LogOutput::StdErr { message } => {
+                                if stderr.len() < MAX_EXEC_OUTPUT {
+                                    stderr.extend_from_slice(&message);
+                                }
+                            }
+                            bollard::container::LogOutput::StdIn { .. } => {}
+                        }
+                    }
+                }
+                StartExecResults::Detached => {}
+            }
+            // The exit code can lag the end of the output stream.
+            loop {
+                let inspected = self
+                    .docker
+                    .inspect_exec(&created.id)
+                    .await
+                    .map_err(|e| classify(container_id, action, e))?;
+                if inspected.running != Some(true) {
+                    return Ok(ExecOutput {
+                        exit_code: inspected.exit_code.unwrap_or(-1),
+                        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+                        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(EXEC_TIMEOUT, run)
+            .await
+            .map_err(|_| RuntimeError::Timeout("finish a command"))?
+    }
+
+    async fn exec_until_ready(
+        &self,
+        container_id: &str,
+        spec: &ExecSpec,
+        ready_prefix: &str,
+    ) -> Result<String, RuntimeError> {
+        let action = "start a daemon";
+        let created = bounded(action, async {
+            self.docker
+                .create_exec(container_id, exec_config(spec, false, true))
+                .await
+                .map_err(|e| classify(container_id, action, e))
+        })
+        .await?;
+        let wait = async {
+            let mut seen = Vec::new();
+            if let StartExecResults::Attached { mut output, .. } = self
+                .docker
+                .start_exec(&created.id, None)
+                .await
+                .map_err(|e| classify(container_id, action, e))?
+            {
+                while let Some(chunk) = output.next().await {
+                    let bytes = match chunk.map_err(|e| classify(container_id, action, e))? {
+                        bollard::container::LogOutput::StdOut { message }
+                        | bollard::container::LogOutput::StdErr { message }
+                        | bollard::container::LogOutput::Console { message } => message,
+                        bollard::container::LogOutput::StdIn { .. } => continue,
+                    };
+                    if seen.len() < MAX_EXEC_OUTPUT {
+                        seen.extend_from_slice(&bytes);
+                    }
+                    let text = String::from_utf8_lossy(&seen);
+                    if let Some(line) = text.lines().find(|l| l.starts_with(ready_prefix)) {
+                        // Dropping the attached stream detaches; the daemon keeps running.
+                        return Ok(line.to_owned());
+                    }
+                }
+            }
+            let exit = self
+                .docker
+                .inspect_exec(&created.id)
+                .await
+                .ok()
+                .and_then(|i| i.exit_code);
+            Err(RuntimeError::Engine {
+                action,
+                message: format!(
+                    "it exited (code {}) before it was ready: {}",
+                    exit.map_or("unknown".into(), |c| c.to_string()),
+                    String::from_utf8_lossy(&seen).trim()
+                ),
+            })
+        };
+        tokio::time::timeout(CALL_TIMEOUT, wait)
+            .await
+            .map_err(|_| RuntimeError::Timeout("report the daemon ready"))?
+    }
+
+    async fn exec_stdio(
+        &self,
+        container_id: &str,
+        spec: &ExecSpec,
+    ) -> Result<ExecStdio, RuntimeError> {
+        let action = "attach to a process";
+        bounded(action, async {
+            let created = self.docker.create_exec(container_id, exec_config(spec, true, true)).await.map_err(|e| classify(container_id, action, e))?;
+            match self.docker.start_exec(&created.id, None).await.map_err(|e| classify(container_id, action, e))? {
+                StartExecResults::Attached { output, input } => {
+                    let stdout = output.filter_map(|chunk| async move {
+                        match chunk {
+                            Ok(bollard::container::LogOutput::StdOut { message }) => Some(Ok(message)),
+                            Ok(bollard::container::LogOutput::StdErr { message }) => {
+                                tracing::debug!(stderr = %String::from_utf8_lossy(&message), "exec tunnel stderr");
+                                None
+                            }
+                            Ok(_) => None,
+                            Err(e) => Some(Err(std::io::Error::other(e))),
+                        }
+                    });
+                    let reader = StreamReader::new(Box::pin(stdout));
+                    let stdio: ExecStdio = Box::pin(tokio::io::join(reader, input));
+                    Ok(stdio)
+                }
+                StartExecResults::Detached => Err(RuntimeError::Engine { action, message: "the engine detached an attached exec".into() }),
+            }
+        })
+        .await
+    }
+
+    fn events(&self) -> EventStream {
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(follow_events(self.docker.clone(), tx));
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+}
+
+/// The name of the synthetic event sent after the event stream was re-established: events
+/// may have been missed, so consumers re-check everything they track.
+pub const RESYNC: &str = "resync";
+
+/// Feeds container lifecycle events into `tx` until it closes. When the stream breaks (an
+/// engine restart, a socket error) it waits for the engine with backoff, resumes from the
+/// last event's time, and sends a [`RESYNC`] event.
+async fn follow_events(docker: Docker, tx: tokio::sync::mpsc::Sender<ContainerEvent>) {
+    let mut since: Option<i64> = None;
+    let mut backoff = Duration::from_millis(200);
+    let mut reconnect = false;
+    loop {
+        if reconnect {
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = tx.closed() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            if docker.ping().await.is_err() {
+                continue;
+            }
+            let resync = ContainerEvent {
+                id: String::new(),
+                name: String::new(),
+                action: RESYNC.into(),
+            };
+            if tx.send(resync).await.is_err() {
+                return;
+            }
+        }
+        reconnect = true;
+        let mut filters: HashMap<&str, Vec<&str>> = HashMap::new();
+        filters.insert("type", vec!["container"]);
+        filters.insert(
+            "event",
+            vec![
+                "start", "die", "destroy", "restart", "pause", "unpause", "rename",
+            ],
+        );
+        let since_text = since.map(|s| s.to_string());
+        let mut options = EventsOptionsBuilder::default().filters(&filters);
+        if let Some(s) = &since_text {
+            options = options.since(s);
+        }
+        let mut stream = docker.events(Some(options.build()));
+        loop {
+            tokio::select! {
+                next = stream.next() => match next {
+                    Some(Ok(message)) => {
+                        backoff = Duration::from_millis(200);
+                        since = message.time.or(since);
+                        if let Some(ev) = to_event(&message)
+                            && tx.send(ev).await.is_err() {
+                                return;
+                            }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "Docker event stream failed; reconnecting");
+                        break;
+                    }
+                    None => break,
+                },
+                _ = tx.closed() => return,
+            }
+        }
+    }
+}
+
+fn to_event(m: &bollard::models::EventMessage) -> Option<ContainerEvent> {
+    let actor = m.actor.as_ref()?;
+    Some(ContainerEvent {
+        id: actor.id.clone().unwrap_or_default(),
+        name: actor
+            .attributes
+            .as_ref()
+            .and_then(|a| a.get("name").cloned())
+            .unwrap_or_default(),
+        action: m.action.clone()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn archives_hold_parent_directories_and_modes() -> std::io::Result<()> {
+        let files = [FileUpload {
+            path: "/.previewd/web/previewd-agent".into(),
+            contents: bytes::Bytes::from_static(b"\x7fELF"),
+            mode: 0o755,
+        }];
+        let tar = archive(&files)?;
+        let mut a = tar::Archive::new(tar.as_slice());
+        let entries: Vec<(String, u32)> = a
+            .entries()?
+            .filter_map(Result::ok)
+            .map(|e| {
+                (
+                    e.path()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                    e.header().mode().unwrap_or(0),
+                )
+            })
+            .collect();
+        assert_eq!(
+            entries,
+            [
+                (".previewd/".into(), 0o755),
+                (".previewd/web/".into(), 0o755),
+                (".previewd/web/previewd-agent".into(), 0o755)
+            ]
+        );
+        Ok(())
+    }
+}

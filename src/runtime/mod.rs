@@ -1,0 +1,167 @@
+//! Container runtimes: where injected daemons run. The reconcilers decide *what* to do; a
+//! runtime does it against one engine (Docker here; pod exec in a cluster).
+//!
+//! The trait speaks in container terms (resolve, upload files, exec, events) rather than in
+//! injection terms, so the injection sequence lives once, in the controller, for every runtime.
+
+pub mod docker;
+
+use std::net::IpAddr;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures::Stream;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// What previewd needs to know about a target container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerInfo {
+    /// Full container id.
+    pub id: String,
+    /// Name without the leading `/`.
+    pub name: String,
+    /// Whether processes can be exec'd now (running, not paused or restarting).
+    pub running: bool,
+    /// The engine's state word (`running`, `exited`, `paused`, …), for messages.
+    pub state: String,
+    /// When the current run started; changes on every restart.
+    pub started_at: Option<String>,
+    /// Whether the root filesystem is read-only (uploads then fail).
+    pub read_only_rootfs: bool,
+    /// Addresses previewd can try to reach the container at, best first.
+    pub ips: Vec<IpAddr>,
+}
+
+/// One file to place in a container.
+#[derive(Clone, Debug)]
+pub struct FileUpload {
+    /// Absolute path in the container.
+    pub path: String,
+    /// Contents.
+    pub contents: Bytes,
+    /// Unix mode bits.
+    pub mode: u32,
+}
+
+/// A command to run in a container.
+#[derive(Clone, Debug, Default)]
+pub struct ExecSpec {
+    /// argv; `argv[0]` is an absolute path (no shell, no PATH lookup needed).
+    pub argv: Vec<String>,
+    /// `NAME=value` pairs; secrets go here, never in argv.
+    pub env: Vec<String>,
+    /// `uid:gid` (or a name from the container's passwd); the container's user when `None`.
+    pub user: Option<String>,
+}
+
+/// What a finished exec printed and returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Exit code (126/127: the binary could not be run).
+    pub exit_code: i64,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// A lifecycle event of a container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerEvent {
+    /// Full container id.
+    pub id: String,
+    /// Container name.
+    pub name: String,
+    /// `start`, `die`, `destroy`, …
+    pub action: String,
+}
+
+/// Both directions of an attached exec's stdio, as one byte stream.
+pub type ExecStdio = Pin<Box<dyn AsyncReadWrite>>;
+
+/// An `AsyncRead + AsyncWrite` that can be boxed.
+pub trait AsyncReadWrite: AsyncRead + AsyncWrite + Send {}
+impl<T: AsyncRead + AsyncWrite + Send> AsyncReadWrite for T {}
+
+/// A stream of container events that survives engine restarts.
+pub type EventStream = Pin<Box<dyn Stream<Item = ContainerEvent> + Send>>;
+
+/// Why a runtime operation failed, in terms a user can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// No container has that id or name.
+    #[error("container {0:?} not found")]
+    ContainerNotFound(String),
+    /// The container exists but cannot run an exec now.
+    #[error("container {container:?} is not running ({state})")]
+    ContainerNotRunning {
+        /// Id or name.
+        container: String,
+        /// The engine's state word.
+        state: String,
+    },
+    /// Files cannot be written to the container's root filesystem.
+    #[error(
+        "container {0:?} has a read-only root filesystem, so no daemon can be copied into it; run it without --read-only"
+    )]
+    ReadOnlyRootfs(String),
+    /// The engine cannot be reached.
+    #[error("the container engine is unavailable: {0}")]
+    Unavailable(String),
+    /// The engine refused or failed an operation.
+    #[error("the container engine failed to {action}: {message}")]
+    Engine {
+        /// What previewd asked for.
+        action: &'static str,
+        /// The engine's message.
+        message: String,
+    },
+    /// An operation took too long.
+    #[error("the container engine did not {0} in time")]
+    Timeout(&'static str),
+}
+
+/// A container engine previewd injects daemons through.
+pub trait ContainerRuntime: Send + Sync + 'static {
+    /// Looks a container up by id or name.
+    fn resolve(
+        &self,
+        container: &str,
+    ) -> impl Future<Output = Result<ContainerInfo, RuntimeError>> + Send;
+
+    /// Places files in the container (creating parent directories), without needing a shell
+    /// or tar inside it.
+    fn upload(
+        &self,
+        container_id: &str,
+        files: &[FileUpload],
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+
+    /// Runs a command to completion and collects its output.
+    fn exec(
+        &self,
+        container_id: &str,
+        spec: &ExecSpec,
+    ) -> impl Future<Output = Result<ExecOutput, RuntimeError>> + Send;
+
+    /// Starts a long-running command and waits until it prints a line starting with
+    /// `ready_prefix` (on stdout or stderr), which it returns; the command keeps running.
+    /// Fails with the command's output when it exits first.
+    fn exec_until_ready(
+        &self,
+        container_id: &str,
+        spec: &ExecSpec,
+        ready_prefix: &str,
+    ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+
+    /// Starts a command with its stdin and stdout joined into one byte stream (a tunnel for
+    /// containers whose address previewd cannot route to).
+    fn exec_stdio(
+        &self,
+        container_id: &str,
+        spec: &ExecSpec,
+    ) -> impl Future<Output = Result<ExecStdio, RuntimeError>> + Send;
+
+    /// Container lifecycle events, reconnecting (and resuming) after engine restarts.
+    fn events(&self) -> EventStream;
+}

@@ -1,0 +1,246 @@
+//! Test containers on the real Docker engine, shared by the Docker tests and the injection
+//! benchmark. Images are built with `docker import` of a tar holding static binaries (the
+//! project's agent, and busybox for a shell and servers), so no registry is needed.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, RemoveContainerOptionsBuilder,
+};
+use futures::TryStreamExt;
+use previewd::runtime::docker::DockerRuntime;
+
+pub const BUSYBOX_IMAGE: &str = "previewd-test/busybox:it";
+pub const NOSHELL_IMAGE: &str = "previewd-test/noshell:it";
+const BUSYBOX: &str = "/bin/busybox";
+
+/// The engine, or `None` (with a loud message) when absent and not required.
+pub async fn docker() -> Option<DockerRuntime> {
+    match DockerRuntime::connect().await {
+        Ok(d) => Some(d),
+        Err(e) => {
+            if std::env::var("PREVIEWD_REQUIRE_DOCKER").as_deref() == Ok("1") {
+                panic!("Docker is required (PREVIEWD_REQUIRE_DOCKER=1) but unavailable: {e}");
+            }
+            eprintln!(
+                "\n!!!!! SKIPPED: no Docker engine ({e}); set PREVIEWD_REQUIRE_DOCKER=1 to make this a failure !!!!!\n"
+            );
+            None
+        }
+    }
+}
+
+fn tar_file(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(mode);
+    h.set_size(data.len() as u64);
+    h.set_uid(0);
+    h.set_gid(0);
+    b.append_data(&mut h, path, data)
+        .unwrap_or_else(|e| panic!("tar {path}: {e}"));
+}
+
+fn tar_dir(b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(mode);
+    h.set_size(0);
+    b.append_data(&mut h, path, std::io::empty())
+        .unwrap_or_else(|e| panic!("tar {path}: {e}"));
+}
+
+fn tar_symlink(b: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    h.set_mode(0o777);
+    b.append_link(&mut h, path, target)
+        .unwrap_or_else(|e| panic!("tar {path}: {e}"));
+}
+
+fn etc(b: &mut tar::Builder<Vec<u8>>) {
+    tar_dir(b, "etc/", 0o755);
+    tar_file(b, "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n", 0o644);
+    tar_file(
+        b,
+        "etc/group",
+        b"root:x:0:\napp:x:1000:\nnogroup:x:65534:\n",
+        0o644,
+    );
+    tar_dir(b, "tmp/", 0o1777);
+    tar_dir(b, "proc/", 0o755);
+    tar_dir(b, "sys/", 0o755);
+    tar_dir(b, "dev/", 0o755);
+}
+
+async fn import(docker: &Docker, image: &str, rootfs: Vec<u8>, changes: Vec<String>) {
+    let (repo, tag) = image.split_once(':').unwrap_or((image, "latest"));
+    let opts = CreateImageOptionsBuilder::default()
+        .from_src("-")
+        .repo(repo)
+        .tag(tag)
+        .changes(changes)
+        .build();
+    docker
+        .create_image(Some(opts), Some(bollard::body_full(rootfs.into())), None)
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap_or_else(|e| panic!("docker import {image}: {e}"));
+}
+
+/// Builds both test images once per test run.
+pub async fn images(docker: &Docker) {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _guard = LOCK.lock().await;
+    if BUILT.get().is_some() {
+        return;
+    }
+    let busybox = std::fs::read(BUSYBOX).unwrap_or_else(|e| {
+        panic!("{BUSYBOX} is needed for the test images (apt-get install busybox-static): {e}")
+    });
+    let mut b = tar::Builder::new(Vec::new());
+    etc(&mut b);
+    tar_dir(&mut b, "bin/", 0o755);
+    tar_file(&mut b, "bin/busybox", &busybox, 0o755);
+    for applet in [
+        "sh", "httpd", "ls", "ps", "cat", "sleep", "id", "kill", "test", "nc", "echo",
+    ] {
+        tar_symlink(&mut b, &format!("bin/{applet}"), "busybox");
+    }
+    tar_dir(&mut b, "www/", 0o755);
+    tar_file(
+        &mut b,
+        "www/index.html",
+        b"<h1>hello from busybox httpd</h1>\n",
+        0o644,
+    );
+    tar_dir(&mut b, "home/", 0o755);
+    tar_dir(&mut b, "home/app/", 0o777);
+    import(
+        docker,
+        BUSYBOX_IMAGE,
+        b.into_inner().unwrap_or_default(),
+        vec!["ENV PATH=/bin".into(), "CMD [\"/bin/sh\"]".into()],
+    )
+    .await;
+
+    // No shell, no tar, no libc: only the project's static agent, serving as the app.
+    let agent = std::fs::read(env!("CARGO_BIN_EXE_previewd-agent"))
+        .unwrap_or_else(|e| panic!("agent binary: {e}"));
+    let mut b = tar::Builder::new(Vec::new());
+    etc(&mut b);
+    tar_file(&mut b, "server", &agent, 0o755);
+    import(
+        docker,
+        NOSHELL_IMAGE,
+        b.into_inner().unwrap_or_default(),
+        vec![
+            "ENTRYPOINT [\"/server\", \"serve\", \"--listen\", \"0.0.0.0:8080\"]".into(),
+            "ENV PREVIEWD_AGENT_SECRET=app-secret-not-for-previewd".into(),
+            "USER 65534:65534".into(),
+        ],
+    )
+    .await;
+    let _ = BUILT.set(());
+}
+
+/// A test container, removed (with `-f`) when dropped.
+pub struct TestContainer {
+    docker: Docker,
+    pub name: String,
+}
+
+impl TestContainer {
+    /// Creates and (unless `start` is false) starts a container.
+    pub async fn run(
+        docker: &Docker,
+        image: &str,
+        cmd: Option<Vec<&str>>,
+        host: HostConfig,
+        user: Option<&str>,
+        start: bool,
+    ) -> TestContainer {
+        let name = format!(
+            "previewd-it-{}",
+            uuid::Uuid::new_v4()
+                .simple()
+                .to_string()
+                .get(..12)
+                .unwrap_or("x")
+        );
+        let body = ContainerCreateBody {
+            image: Some(image.into()),
+            cmd: cmd.map(|c| c.into_iter().map(str::to_owned).collect()),
+            user: user.map(str::to_owned),
+            labels: Some(HashMap::from([(
+                "previewd-test".to_owned(),
+                "1".to_owned(),
+            )])),
+            host_config: Some(host),
+            ..Default::default()
+        };
+        docker
+            .create_container(
+                Some(CreateContainerOptionsBuilder::default().name(&name).build()),
+                body,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e}"));
+        if start {
+            docker
+                .start_container(&name, None)
+                .await
+                .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        }
+        TestContainer {
+            docker: docker.clone(),
+            name,
+        }
+    }
+
+    /// A busybox container running `httpd` on `addr` in the foreground.
+    pub async fn httpd(
+        docker: &Docker,
+        addr: &str,
+        user: Option<&str>,
+        host: HostConfig,
+    ) -> TestContainer {
+        TestContainer::run(
+            docker,
+            BUSYBOX_IMAGE,
+            Some(vec!["/bin/httpd", "-f", "-p", addr, "-h", "/www"]),
+            host,
+            user,
+            true,
+        )
+        .await
+    }
+}
+
+impl Drop for TestContainer {
+    fn drop(&mut self) {
+        let (docker, name) = (self.docker.clone(), self.name.clone());
+        // Drop may run outside a runtime: use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(async {
+                    let _ = docker
+                        .remove_container(
+                            &name,
+                            Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+                        )
+                        .await;
+                });
+            }
+        })
+        .join();
+    }
+}

@@ -1,0 +1,403 @@
+//! Daemon injection against the real Docker engine, through `previewd serve`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bollard::models::HostConfig;
+use kube::api::{Api, DeleteParams, PostParams};
+use previewd::resources::daemon_injection::DaemonPhase;
+use previewd::resources::target::{DockerTarget, Target};
+use previewd::resources::{DaemonInjection, DaemonInjectionSpec};
+use previewd::runtime::docker::DockerRuntime;
+use previewd::runtime::{ContainerRuntime, ExecSpec};
+
+use crate::common::{Server, eventually};
+use crate::containers::{BUSYBOX_IMAGE, NOSHELL_IMAGE, TestContainer, docker, images};
+
+/// Starts `previewd serve` with the test agent binary.
+pub fn server(state: &Path) -> Server {
+    Server::start_with(
+        state,
+        &[(
+            "PREVIEWD_AGENT_BINARY",
+            env!("CARGO_BIN_EXE_previewd-agent"),
+        )],
+    )
+}
+
+pub fn injection(name: &str, container: &str) -> DaemonInjection {
+    DaemonInjection::new(
+        name,
+        DaemonInjectionSpec {
+            target: Target::Docker(DockerTarget {
+                container: container.into(),
+            }),
+            daemon: None,
+        },
+    )
+}
+
+/// Waits until the injection reports `phase` (and returns it).
+pub async fn wait_phase(
+    api: &Api<DaemonInjection>,
+    name: &str,
+    phase: DaemonPhase,
+    limit: Duration,
+) -> DaemonInjection {
+    eventually(limit, &format!("{name} to be {phase:?}"), || {
+        let api = api.clone();
+        let name = name.to_owned();
+        async move {
+            api.get(&name)
+                .await
+                .ok()
+                .filter(|o| o.status.as_ref().and_then(|s| s.phase) == Some(phase))
+        }
+    })
+    .await
+}
+
+/// Runs a busybox command in a container and returns stdout.
+pub async fn sh(docker: &DockerRuntime, container: &str, argv: &[&str]) -> String {
+    let out = docker
+        .exec(
+            container,
+            &ExecSpec {
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                env: Vec::new(),
+                user: Some("0:0".into()),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("exec {argv:?} in {container}: {e}"));
+    out.stdout
+}
+
+/// How many agent processes run in a busybox container.
+pub async fn agent_processes(docker: &DockerRuntime, container: &str) -> usize {
+    sh(docker, container, &["/bin/ps", "-o", "args"])
+        .await
+        .lines()
+        .filter(|l| l.contains("previewd-agent serve"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injects_into_public_local_noshell_and_nonroot_containers() {
+    let Some(rt) = docker().await else { return };
+    images(rt.client()).await;
+    let public =
+        TestContainer::httpd(rt.client(), "0.0.0.0:8080", None, HostConfig::default()).await;
+    let local =
+        TestContainer::httpd(rt.client(), "127.0.0.1:3000", None, HostConfig::default()).await;
+    let nonroot = TestContainer::httpd(
+        rt.client(),
+        "127.0.0.1:3000",
+        Some("1000:1000"),
+        HostConfig::default(),
+    )
+    .await;
+    let noshell = TestContainer::run(
+        rt.client(),
+        NOSHELL_IMAGE,
+        None,
+        HostConfig::default(),
+        None,
+        true,
+    )
+    .await;
+
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server = server(state.path());
+    let api: Api<DaemonInjection> = Api::default_namespaced(server.client());
+    for (name, c) in [
+        ("public", &public),
+        ("local", &local),
+        ("nonroot", &nonroot),
+        ("noshell", &noshell),
+    ] {
+        api.create(&PostParams::default(), &injection(name, &c.name))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    for name in ["public", "local", "nonroot", "noshell"] {
+        let di = wait_phase(&api, name, DaemonPhase::Running, Duration::from_secs(60)).await;
+        let st = di.status.unwrap_or_default();
+        assert!(
+            st.endpoint
+                .as_deref()
+                .is_some_and(|e| e.ends_with(":19876")),
+            "{name}: {st:?}"
+        );
+        assert_eq!(
+            st.daemon_version.as_deref(),
+            Some(env!("CARGO_PKG_VERSION"))
+        );
+    }
+    // The agent runs as the container's own user.
+    let ps = sh(&rt, &nonroot.name, &["/bin/ps", "-o", "user,args"]).await;
+    let agent_line = ps
+        .lines()
+        .find(|l| l.contains("previewd-agent serve"))
+        .unwrap_or_else(|| panic!("no agent in {ps}"));
+    assert!(
+        agent_line.trim_start().starts_with("app") || agent_line.trim_start().starts_with("1000"),
+        "{agent_line}"
+    );
+    let _ = server.terminate(Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_and_stopped_containers() {
+    let Some(rt) = docker().await else { return };
+    images(rt.client()).await;
+    let ro = TestContainer::httpd(
+        rt.client(),
+        "0.0.0.0:8080",
+        None,
+        HostConfig {
+            readonly_rootfs: Some(true),
+            ..Default::default()
+        },
+    )
+    .await;
+    let stopped = TestContainer::run(
+        rt.client(),
+        BUSYBOX_IMAGE,
+        Some(vec!["/bin/httpd", "-f", "-p", "0.0.0.0:8080", "-h", "/www"]),
+        HostConfig::default(),
+        None,
+        false,
+    )
+    .await;
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server = server(state.path());
+    let api: Api<DaemonInjection> = Api::default_namespaced(server.client());
+    api.create(&PostParams::default(), &injection("ro", &ro.name))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    api.create(&PostParams::default(), &injection("later", &stopped.name))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let failed = wait_phase(&api, "ro", DaemonPhase::Failed, Duration::from_secs(30)).await;
+    let cond = failed
+        .status
+        .unwrap_or_default()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap_or_else(|| panic!("no Ready condition"));
+    assert_eq!(cond.reason, "ReadOnlyRootfs");
+    assert!(
+        cond.message.contains("read-only root filesystem"),
+        "{}",
+        cond.message
+    );
+
+    let pending = wait_phase(&api, "later", DaemonPhase::Pending, Duration::from_secs(30)).await;
+    let cond = pending
+        .status
+        .unwrap_or_default()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap_or_else(|| panic!("no Ready condition"));
+    assert_eq!(cond.reason, "ContainerNotRunning");
+    rt.client()
+        .start_container(&stopped.name, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_phase(&api, "later", DaemonPhase::Running, Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_delete_and_removal() {
+    let Some(rt) = docker().await else { return };
+    images(rt.client()).await;
+    let web =
+        TestContainer::httpd(rt.client(), "127.0.0.1:3000", None, HostConfig::default()).await;
+    let other =
+        TestContainer::httpd(rt.client(), "127.0.0.1:3000", None, HostConfig::default()).await;
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server = server(state.path());
+    let api: Api<DaemonInjection> = Api::default_namespaced(server.client());
+    api.create(&PostParams::default(), &injection("web", &web.name))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    api.create(&PostParams::default(), &injection("other", &other.name))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_phase(&api, "web", DaemonPhase::Running, Duration::from_secs(60)).await;
+    wait_phase(&api, "other", DaemonPhase::Running, Duration::from_secs(60)).await;
+
+    // docker restart: the exec'd agent dies with the container; previewd re-injects.
+    rt.client()
+        .restart_container(&web.name, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let again = eventually(
+        Duration::from_secs(30),
+        "re-injection after restart",
+        || {
+            let api = api.clone();
+            async move {
+                let o = api.get("web").await.ok()?;
+                let st = o.status.clone()?;
+                (st.phase == Some(DaemonPhase::Running) && st.restarts == Some(1)).then_some(o)
+            }
+        },
+    )
+    .await;
+    assert!(again.status.is_some());
+    assert_eq!(agent_processes(&rt, &web.name).await, 1);
+
+    // Delete: the process and the files go.
+    api.delete("web", &DeleteParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    eventually(Duration::from_secs(30), "the injection to be gone", || {
+        let api = api.clone();
+        async move {
+            matches!(api.get("web").await, Err(kube::Error::Api(e)) if e.code == 404).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        agent_processes(&rt, &web.name).await,
+        0,
+        "the agent process is gone"
+    );
+    let ls = sh(
+        &rt,
+        &web.name,
+        &["/bin/sh", "-c", "ls -a /.previewd 2>&1; echo rc=$?"],
+    )
+    .await;
+    assert!(
+        ls.contains("No such file") || !ls.contains("default.web"),
+        "files remain: {ls}"
+    );
+
+    // docker rm -f: the status says so.
+    drop(other);
+    let gone = wait_phase(&api, "other", DaemonPhase::Failed, Duration::from_secs(30)).await;
+    let cond = gone
+        .status
+        .unwrap_or_default()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.reason);
+    assert_eq!(cond.as_deref(), Some("ContainerNotFound"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_restart_adopts_without_duplicates() {
+    let Some(rt) = docker().await else { return };
+    images(rt.client()).await;
+    let mut containers = Vec::new();
+    for _ in 0..5 {
+        containers.push(
+            TestContainer::httpd(rt.client(), "127.0.0.1:3000", None, HostConfig::default()).await,
+        );
+    }
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server1 = server(state.path());
+    let api: Api<DaemonInjection> = Api::default_namespaced(server1.client());
+    for (i, c) in containers.iter().enumerate() {
+        api.create(
+            &PostParams::default(),
+            &injection(&format!("di-{i}"), &c.name),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let mut injected_at = Vec::new();
+    for i in 0..5 {
+        let di = wait_phase(
+            &api,
+            &format!("di-{i}"),
+            DaemonPhase::Running,
+            Duration::from_secs(60),
+        )
+        .await;
+        injected_at.push(di.status.and_then(|s| s.injected_at));
+    }
+    let log1 = server1.logs.clone();
+    server1.kill9();
+
+    let server2 = server(state.path());
+    let api: Api<DaemonInjection> = Api::default_namespaced(server2.client());
+    // Give the restarted controller time to reconcile everything once.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (i, c) in containers.iter().enumerate() {
+        let di = wait_phase(
+            &api,
+            &format!("di-{i}"),
+            DaemonPhase::Running,
+            Duration::from_secs(60),
+        )
+        .await;
+        assert_eq!(
+            di.status.and_then(|s| s.injected_at),
+            injected_at[i],
+            "di-{i} was re-injected instead of adopted; server log:\n{}",
+            log1.lock().map(|l| l.join("\n")).unwrap_or_default()
+                + "\n--- after the restart ---\n"
+                + &server2.log_text()
+        );
+        assert_eq!(
+            agent_processes(&rt, &c.name).await,
+            1,
+            "di-{i} has duplicate agents"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_vanishing_mid_injection_is_reported() {
+    let Some(rt) = docker().await else { return };
+    images(rt.client()).await;
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server = server(state.path());
+    let api: Api<DaemonInjection> = Api::default_namespaced(server.client());
+    let c = TestContainer::httpd(rt.client(), "0.0.0.0:8080", None, HostConfig::default()).await;
+    api.create(&PostParams::default(), &injection("vanish", &c.name))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    drop(c);
+    // Whatever step the removal interrupted, the status ends up saying the container is gone.
+    let di = eventually(
+        Duration::from_secs(30),
+        "the status to say ContainerNotFound",
+        || {
+            let api = api.clone();
+            async move {
+                let o = api.get("vanish").await.ok()?;
+                let reason = o
+                    .status
+                    .as_ref()?
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == "Ready")?
+                    .reason
+                    .clone();
+                (reason == "ContainerNotFound").then_some(o)
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        di.status.as_ref().and_then(|s| s.phase),
+        Some(DaemonPhase::Failed)
+    );
+    let cond = di
+        .status
+        .unwrap_or_default()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.reason);
+    assert_eq!(cond.as_deref(), Some("ContainerNotFound"));
+}
