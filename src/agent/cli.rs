@@ -19,8 +19,8 @@ pub const USAGE: &str = "usage:
   previewd-agent --version
   previewd-agent serve --listen <ip:port> [--pidfile <path>]
   previewd-agent stdio
-  previewd-agent stop [--pidfile <path>] [--remove-dir <dir>]
-  previewd-agent supervise --pidfile <path> -- <cmd> [args...]
+  previewd-agent stop [--pidfile <path>] [--remove-dir <dir>] [--remove-file <path>]
+  previewd-agent supervise [--pidfile <path>] -- <cmd> [args...]
 The secret comes from the PREVIEWD_AGENT_SECRET environment variable (at least 16 characters).";
 
 /// Exit code for usage and configuration errors, as the contract with previewd says.
@@ -48,11 +48,13 @@ pub enum Command {
         pidfile: Option<PathBuf>,
         /// The agent's own directory, removed afterwards.
         remove_dir: Option<PathBuf>,
+        /// A user daemon's binary installed outside that directory, removed afterwards.
+        remove_file: Option<PathBuf>,
     },
     /// `supervise`: run a user daemon as a child.
     Supervise {
-        /// Where to write the supervisor's pid.
-        pidfile: PathBuf,
+        /// Where to write the supervisor's pid, if anywhere.
+        pidfile: Option<PathBuf>,
         /// The command to run.
         program: OsString,
         /// Its arguments.
@@ -84,10 +86,11 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         }
         "stdio" => no_more(args, Command::Stdio),
         "stop" => {
-            let mut opts = Options::parse(args, &["--pidfile", "--remove-dir"])?;
+            let mut opts = Options::parse(args, &["--pidfile", "--remove-dir", "--remove-file"])?;
             Ok(Command::Stop {
                 pidfile: opts.take("--pidfile").map(PathBuf::from),
                 remove_dir: opts.take("--remove-dir").map(PathBuf::from),
+                remove_file: opts.take("--remove-file").map(PathBuf::from),
             })
         }
         "supervise" => {
@@ -100,10 +103,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             args.truncate(split);
             let mut opts = Options::parse(args, &["--pidfile"])?;
             Ok(Command::Supervise {
-                pidfile: opts
-                    .take("--pidfile")
-                    .map(PathBuf::from)
-                    .ok_or("supervise needs --pidfile <path>")?,
+                pidfile: opts.take("--pidfile").map(PathBuf::from),
                 program: command.next().ok_or("supervise needs a command after --")?,
                 args: command.collect(),
             })
@@ -187,7 +187,12 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         Command::Stop {
             pidfile,
             remove_dir,
-        } => match stop::stop(pidfile.as_deref(), remove_dir.as_deref()) {
+            remove_file,
+        } => match stop::stop(
+            pidfile.as_deref(),
+            remove_dir.as_deref(),
+            remove_file.as_deref(),
+        ) {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         },
@@ -196,7 +201,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             program,
             args,
         } => on_runtime(async move {
-            match supervise::supervise(&pidfile, &program, &args).await {
+            match supervise::supervise(pidfile.as_deref(), &program, &args).await {
                 Ok(status) => ExitCode::from(supervise::exit_code(status)),
                 // 127, like a shell that cannot run the command.
                 Err(e @ supervise::SuperviseError::Spawn { .. }) => {
@@ -312,6 +317,7 @@ mod tests {
             Ok(Command::Stop {
                 pidfile: Some("/p".into()),
                 remove_dir: Some("/.previewd".into()),
+                remove_file: None,
             })
         );
         assert_eq!(
@@ -319,6 +325,7 @@ mod tests {
             Ok(Command::Stop {
                 pidfile: None,
                 remove_dir: None,
+                remove_file: None,
             })
         );
         assert_eq!(
@@ -332,7 +339,7 @@ mod tests {
                 "x"
             ])),
             Ok(Command::Supervise {
-                pidfile: "/p".into(),
+                pidfile: Some("/p".into()),
                 program: "node".into(),
                 args: args(&["--", "x"]),
             })
@@ -360,7 +367,6 @@ mod tests {
             &["stop", "--pidfile", "/p", "--remove-dir"],
             &["supervise", "--pidfile", "/p"],
             &["supervise", "--pidfile", "/p", "--"],
-            &["supervise", "--", "node"],
         ] {
             assert!(parse(args(bad)).is_err(), "{bad:?}");
         }

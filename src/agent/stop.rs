@@ -82,7 +82,14 @@ pub enum StopError {
 /// the pidfile; without a pidfile, stops every other process running this executable. Then,
 /// if asked, removes the agent's directory, and its parent when that is the now-empty
 /// install root. `remove_dir` is checked first, so a wrong one changes nothing.
-pub fn stop(pidfile: Option<&Path>, remove_dir: Option<&Path>) -> Result<Stopped, StopError> {
+///
+/// `remove_file` (a user daemon's binary installed outside the agent's directory) is removed
+/// last; it must be an absolute path of a regular file (never a directory).
+pub fn stop(
+    pidfile: Option<&Path>,
+    remove_dir: Option<&Path>,
+    remove_file: Option<&Path>,
+) -> Result<Stopped, StopError> {
     let exe = std::env::current_exe().map_err(StopError::CurrentExe)?;
     let remove_dir = remove_dir
         .map(|dir| checked_remove_dir(dir, &exe))
@@ -101,7 +108,33 @@ pub fn stop(pidfile: Option<&Path>, remove_dir: Option<&Path>) -> Result<Stopped
             let _ = std::fs::remove_dir(parent);
         }
     }
+    if let Some(file) = remove_file {
+        remove_regular_file(file)?;
+    }
     Ok(stopped)
+}
+
+/// Removes `file` if it is a regular file at an absolute path; a missing one is fine.
+fn remove_regular_file(file: &Path) -> Result<(), StopError> {
+    let refused = |why: &str| StopError::Remove {
+        path: file.to_owned(),
+        source: io::Error::other(why.to_owned()),
+    };
+    if !file.is_absolute() {
+        return Err(refused("not an absolute path"));
+    }
+    match std::fs::symlink_metadata(file) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(StopError::Remove {
+            path: file.to_owned(),
+            source,
+        }),
+        Ok(m) if !m.file_type().is_file() => Err(refused("not a regular file")),
+        Ok(_) => std::fs::remove_file(file).map_err(|source| StopError::Remove {
+            path: file.to_owned(),
+            source,
+        }),
+    }
 }
 
 fn stop_by_pidfile(pidfile: &Path, exe: &Path) -> Result<Stopped, StopError> {
@@ -270,7 +303,7 @@ mod tests {
     #[test]
     fn stop_without_a_pidfile_succeeds() {
         let dir = tempfile::tempdir().unwrap();
-        let stopped = stop(Some(&dir.path().join("none.pid")), None).unwrap();
+        let stopped = stop(Some(&dir.path().join("none.pid")), None, None).unwrap();
         assert_eq!(stopped, Stopped::NotRunning);
     }
 
@@ -284,7 +317,7 @@ mod tests {
             .spawn()
             .unwrap();
         std::fs::write(&pidfile, child.id().to_string()).unwrap();
-        assert_eq!(stop(Some(&pidfile), None).unwrap(), Stopped::Stale);
+        assert_eq!(stop(Some(&pidfile), None, None).unwrap(), Stopped::Stale);
         assert!(!pidfile.exists());
         assert!(
             child.try_wait().unwrap().is_none(),

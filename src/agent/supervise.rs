@@ -1,5 +1,5 @@
-//! `previewd-agent supervise`: runs a user-named daemon as a child under a pidfile, so the
-//! same `stop` ends it, in containers where previewd has no shell to do job control with.
+//! `previewd-agent supervise`: runs a user-named daemon as a child of the agent binary, so
+//! the same `stop` ends it, in containers where previewd has no shell to do job control with.
 
 use std::ffi::OsString;
 use std::io;
@@ -37,23 +37,36 @@ pub enum SuperviseError {
     Wait(#[source] io::Error),
 }
 
-/// Writes this process's pid to `pidfile`, runs `program args` (environment inherited),
-/// forwards SIGTERM/SIGINT to it, and returns its exit status once it ends. The child also
-/// gets SIGKILL if the supervisor dies first (e.g. `stop` had to SIGKILL it), so it is never
-/// orphaned.
+/// The line `supervise` prints on stderr once the child runs (then the child's pid), so a
+/// caller starting it through exec knows it started.
+pub const STARTED_PREFIX: &str = "supervising pid ";
+
+/// Writes this process's pid to `pidfile` (when given), runs `program args` (environment
+/// inherited), announces it with [`STARTED_PREFIX`], forwards SIGTERM/SIGINT to it, and
+/// returns its exit status once it ends. The child also gets SIGKILL if the supervisor dies
+/// first (e.g. `stop` had to SIGKILL it), so it is never orphaned.
 pub async fn supervise(
-    pidfile: &Path,
+    pidfile: Option<&Path>,
     program: &OsString,
     args: &[OsString],
 ) -> Result<ExitStatus, SuperviseError> {
     let mut signals = Signals::register().map_err(SuperviseError::Signals)?;
-    let written =
-        Pidfile::write(pidfile, std::process::id()).map_err(|source| SuperviseError::Pidfile {
-            path: pidfile.to_owned(),
-            source,
-        })?;
+    let written = pidfile
+        .map(|path| {
+            Pidfile::write(path, std::process::id()).map_err(|source| SuperviseError::Pidfile {
+                path: path.to_owned(),
+                source,
+            })
+        })
+        .transpose()?;
     let mut command = tokio::process::Command::new(program);
-    command.args(args);
+    // The supervisor is started through an exec whose output previewd stops reading once it
+    // started: a daemon writing there would get EPIPE (or die of SIGPIPE).
+    command
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
     let supervisor = std::process::id();
     // SAFETY: the closure runs in the forked child before exec and only calls prctl(2) and
     // getppid(2), which are async-signal-safe and allocate nothing.
@@ -72,7 +85,9 @@ pub async fn supervise(
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(source) => {
-            written.remove();
+            if let Some(w) = written {
+                w.remove();
+            }
             return Err(SuperviseError::Spawn {
                 program: program.clone(),
                 source,
@@ -80,6 +95,7 @@ pub async fn supervise(
         }
     };
     let child_pid = child.id().and_then(|p| i32::try_from(p).ok());
+    eprintln!("{STARTED_PREFIX}{}", child_pid.unwrap_or(0));
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,
@@ -91,7 +107,9 @@ pub async fn supervise(
             }
         }
     };
-    written.remove();
+    if let Some(w) = written {
+        w.remove();
+    }
     status.map_err(SuperviseError::Wait)
 }
 
@@ -123,7 +141,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("app.pid");
         let status = supervise(
-            &pidfile,
+            Some(&pidfile),
             &OsString::from("/bin/sh"),
             &["-c".into(), "exit 7".into()],
         )
@@ -137,7 +155,7 @@ mod tests {
     async fn a_missing_command_is_an_error_and_leaves_no_pidfile() {
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("app.pid");
-        let err = supervise(&pidfile, &OsString::from("/nonexistent/daemon"), &[])
+        let err = supervise(Some(&pidfile), &OsString::from("/nonexistent/daemon"), &[])
             .await
             .unwrap_err();
         assert!(matches!(err, SuperviseError::Spawn { .. }), "{err}");

@@ -491,21 +491,47 @@ fn stop_ends_serve_and_removes_the_pidfile() {
 async fn supervise_and_stop_end_the_child_too() {
     let dir = tempfile::tempdir().unwrap();
     let pidfile = dir.path().join("app.pid");
-    let mut cmd = Command::new(agent_bin());
-    cmd.arg("supervise").arg("--pidfile").arg(&pidfile).args([
-        "--",
-        agent_bin(),
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    // The child inherits stderr, so its `listening on` line comes through the supervisor.
-    let mut supervisor = Agent::start(cmd);
-    let supervisor_pid = supervisor.child.id();
-    let child_pid = client::health(&mut supervisor.stream().await, SECRET)
-        .await
-        .unwrap()
-        .pid;
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let mut supervisor = Command::new(agent_bin())
+        .arg("supervise")
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .args(["--", agent_bin(), "serve", "--listen", &listen])
+        .env(SECRET_ENV, SECRET)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The supervisor announces its child; the child's own output goes nowhere (previewd stops
+    // reading the exec that started it).
+    let mut first = String::new();
+    BufReader::new(supervisor.stderr.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let announced: u32 = first
+        .strip_prefix(previewd::agent::supervise::STARTED_PREFIX)
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("unexpected first stderr line {first:?}"));
+    let supervisor_pid = supervisor.id();
+    let deadline = Instant::now() + WAIT;
+    let child_pid = loop {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await
+            && let Ok(h) = client::health(&mut s, SECRET).await
+        {
+            break h.pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the supervised agent never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(child_pid, announced);
     assert_ne!(child_pid, supervisor_pid);
     let written: u32 = std::fs::read_to_string(&pidfile)
         .unwrap()
@@ -517,7 +543,7 @@ async fn supervise_and_stop_end_the_child_too() {
     let out = run_stop(&pidfile, None);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
-        supervisor.wait_exit().code(),
+        wait_exit(&mut supervisor).code(),
         Some(0),
         "the supervisor exits with the child's status"
     );
