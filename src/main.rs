@@ -67,8 +67,8 @@ enum Command {
         /// The previewd-agent binary injected into containers [default: beside this executable].
         #[arg(long, env = "PREVIEWD_AGENT_BINARY")]
         agent_binary: Option<PathBuf>,
-        /// Port the injected agent listens on inside each container.
-        #[arg(long, env = "PREVIEWD_AGENT_PORT", default_value_t = 19876)]
+        /// Port the injected agent listens on inside each container (0: a free one).
+        #[arg(long, env = "PREVIEWD_AGENT_PORT", default_value_t = 0)]
         agent_port: u16,
     },
     /// Create or update the objects of a YAML manifest (`-` reads standard input).

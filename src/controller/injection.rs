@@ -23,8 +23,9 @@ use tracing::instrument;
 use super::{Context, Error};
 use crate::agent::client as agent;
 use crate::agent::protocol::SECRET_ENV;
+use crate::agent::supervise::STARTED_PREFIX;
 use crate::resources::conditions::{self, READY};
-use crate::resources::daemon_injection::{DaemonPhase, DaemonSpec};
+use crate::resources::daemon_injection::{DaemonPhase, DaemonSource, DaemonSpec, Probe};
 use crate::resources::{DaemonInjection, DaemonInjectionStatus, Target};
 use crate::runtime::{ContainerInfo, ContainerRuntime, ExecSpec, FileUpload, RuntimeError};
 
@@ -351,17 +352,6 @@ async fn observe_and_inject<R: ContainerRuntime>(
             ));
         }
     };
-    if obj
-        .spec
-        .daemon
-        .as_ref()
-        .is_some_and(|d: &DaemonSpec| *d != DaemonSpec::default())
-    {
-        return Ok(Outcome::failed(
-            "UnsupportedDaemon",
-            "user-named daemons (spec.daemon) are not injected yet; omit spec.daemon for the built-in agent",
-        ));
-    }
     let docker = match &ctx.docker {
         Ok(d) => d,
         Err(e) => {
@@ -410,8 +400,43 @@ async fn observe_and_inject<R: ContainerRuntime>(
     Ok(outcome)
 }
 
-/// Uploads, verifies, starts and health-checks the agent in a running container (or adopts
-/// the one already there).
+/// A user-named daemon to run beside the agent: its spec and where it is installed.
+struct UserDaemon<'a> {
+    spec: &'a DaemonSpec,
+    host_path: &'a str,
+    install_path: String,
+}
+
+impl UserDaemon<'_> {
+    /// The port its readiness is checked on, and how.
+    fn probe(&self) -> Option<(u16, Option<&str>)> {
+        let port = |p: Option<i32>| p.or(self.spec.port).and_then(|p| u16::try_from(p).ok());
+        match &self.spec.readiness_probe {
+            Some(Probe::Http(h)) => port(h.port).map(|p| (p, Some(h.path.as_str()))),
+            Some(Probe::Tcp(t)) => port(t.port).map(|p| (p, None)),
+            None => port(None).map(|p| (p, None)),
+        }
+    }
+}
+
+fn user_daemon<'a>(obj: &'a DaemonInjection, layout: &Layout) -> Option<UserDaemon<'a>> {
+    let spec = obj.spec.daemon.as_ref()?;
+    let Some(DaemonSource::HostPath(host_path)) = &spec.source else {
+        return None;
+    };
+    let install_path = spec
+        .install_path
+        .clone()
+        .unwrap_or_else(|| format!("{}/daemon", layout.dir));
+    Some(UserDaemon {
+        spec,
+        host_path,
+        install_path,
+    })
+}
+
+/// Uploads, verifies, starts and health-checks the agent (and the user-named daemon, if any)
+/// in a running container, or adopts what already runs there.
 async fn inject<R: ContainerRuntime>(
     obj: &DaemonInjection,
     ctx: &Context<R>,
@@ -420,25 +445,40 @@ async fn inject<R: ContainerRuntime>(
     secret: &str,
 ) -> Outcome {
     let layout = Layout::for_object(&obj.namespace().unwrap_or_default(), &obj.name_any());
-    let endpoint = info
-        .ips
-        .first()
-        .map(|ip| SocketAddr::new(*ip, ctx.agent_port));
+    let ip = info.ips.first().copied();
+    let daemon = user_daemon(obj, &layout);
     let running = |endpoint: String, version: String, injected: bool| Outcome::Running {
         container_id: info.id.clone(),
         endpoint,
         version,
         injected,
     };
+    // Without a user daemon, spec.daemon.user is the agent's user.
+    let agent_user = match &daemon {
+        None => obj.spec.daemon.as_ref().and_then(|d| d.user.clone()),
+        Some(_) => None,
+    };
 
     // Adopt a healthy agent of this version already running in this container (e.g. after a
     // previewd restart) instead of starting a second one.
     let same_container =
         obj.status.as_ref().and_then(|s| s.container_id.as_deref()) == Some(info.id.as_str());
-    if let (Some(ep), true) = (endpoint, same_container) {
+    let previous = obj
+        .status
+        .as_ref()
+        .and_then(|s| s.endpoint.as_deref())
+        .and_then(|e| e.parse::<SocketAddr>().ok());
+    if let (Some(ep), true) = (previous.filter(|p| Some(p.ip()) == ip), same_container) {
         match health_tcp_patiently(ep, secret, true).await {
             Ok(h) if h.version == env!("CARGO_PKG_VERSION") => {
-                return running(ep.to_string(), h.version, false);
+                let daemon_ok = match daemon.as_ref().and_then(UserDaemon::probe) {
+                    Some((port, path)) => probe_once(ep, secret, port, path).await.is_ok(),
+                    None => true,
+                };
+                if daemon_ok {
+                    return running(ep.to_string(), h.version, false);
+                }
+                tracing::info!("the user daemon does not answer its probe; injecting again");
             }
             Ok(h) => tracing::info!(found = %h.version, "replacing an agent of another version"),
             Err(e) => {
@@ -451,21 +491,34 @@ async fn inject<R: ContainerRuntime>(
         Ok(b) => b.clone(),
         Err(e) => return Outcome::failed("AgentBinaryMissing", e.clone()),
     };
-    let upload = [FileUpload {
+    let mut upload = vec![FileUpload {
         path: layout.agent(),
         contents: binary,
         mode: 0o755,
     }];
+    if let Some(d) = &daemon {
+        match read_host_binary(d.host_path).await {
+            Ok(contents) => upload.push(FileUpload {
+                path: d.install_path.clone(),
+                contents,
+                mode: 0o755,
+            }),
+            Err(e) => return Outcome::failed("DaemonSourceUnreadable", e),
+        }
+    }
     if let Err(e) = docker.upload(&info.id, &upload).await {
         return Outcome::from_runtime(e);
     }
-    let as_user = |argv: Vec<String>| ExecSpec {
+    let as_agent = |argv: Vec<String>| ExecSpec {
         argv,
         env: vec![format!("{SECRET_ENV}={secret}")],
-        user: None,
+        user: agent_user.clone(),
     };
     match docker
-        .exec(&info.id, &as_user(vec![layout.agent(), "--version".into()]))
+        .exec(
+            &info.id,
+            &as_agent(vec![layout.agent(), "--version".into()]),
+        )
         .await
     {
         Ok(out) if out.exit_code == 0 && out.stdout.starts_with("previewd-agent") => {}
@@ -482,59 +535,202 @@ async fn inject<R: ContainerRuntime>(
         }
         Err(e) => return Outcome::from_runtime(e),
     }
-    // Replace, never duplicate: stop whatever agent this injection left running (as root:
-    // the old one may run as another user; the binary sits in a root-owned directory).
+    // Replace, never duplicate: stop whatever this injection left running, agent and user
+    // daemon alike (as root: they may run as other users; the binary sits in a root-owned
+    // directory).
     if let Err(e) = docker
         .exec(&info.id, &as_root(vec![layout.agent(), "stop".into()]))
         .await
     {
         tracing::debug!(error = %e, "stopping a previous agent failed");
     }
-    let Some(ep) = endpoint else {
-        // No routable address (network none, …): the agent is reached through exec stdio.
-        let mut stdio = match docker
-            .exec_stdio(&info.id, &as_user(vec![layout.agent(), "stdio".into()]))
+    let agent = match ip {
+        None => {
+            // No routable address (network none, …): the agent is reached through exec stdio.
+            let mut stdio = match docker
+                .exec_stdio(&info.id, &as_agent(vec![layout.agent(), "stdio".into()]))
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => return Outcome::from_runtime(e),
+            };
+            match tokio::time::timeout(HEALTH_TIMEOUT, agent::health(&mut stdio, secret)).await {
+                Ok(Ok(h)) => ("exec".to_owned(), h.version),
+                Ok(Err(e)) => {
+                    return Outcome::failed(
+                        "DaemonUnhealthy",
+                        format!("the agent does not answer over exec: {e}"),
+                    );
+                }
+                Err(_) => {
+                    return Outcome::failed(
+                        "DaemonUnhealthy",
+                        "the agent did not answer over exec in time",
+                    );
+                }
+            }
+        }
+        Some(ip) => {
+            // Port 0 (the default) lets the kernel pick a free port, so several injections
+            // (and the app) share the container's network namespace without clashing.
+            let argv = vec![
+                layout.agent(),
+                "serve".into(),
+                "--listen".into(),
+                format!("0.0.0.0:{}", ctx.agent_port),
+            ];
+            let line = match docker
+                .exec_until_ready(&info.id, &as_agent(argv), READY_PREFIX)
+                .await
+            {
+                Ok(line) => line,
+                Err(e) => {
+                    return Outcome::failed("ExecFailed", format!("the agent did not start: {e}"));
+                }
+            };
+            let Some(port) = line
+                .strip_prefix(READY_PREFIX)
+                .and_then(|a| a.trim().parse::<SocketAddr>().ok())
+                .map(|a| a.port())
+            else {
+                return Outcome::failed(
+                    "ExecFailed",
+                    format!("the agent announced an unreadable address: {line:?}"),
+                );
+            };
+            let ep = SocketAddr::new(ip, port);
+            match health_tcp_patiently(ep, secret, false).await {
+                Ok(h) => (ep.to_string(), h.version),
+                Err(e) => {
+                    return Outcome::failed(
+                        "DaemonUnhealthy",
+                        format!("the agent started but does not answer at {ep}: {e}"),
+                    );
+                }
+            }
+        }
+    };
+    if let Some(d) = &daemon {
+        let mut argv = vec![
+            layout.agent(),
+            "supervise".into(),
+            "--".into(),
+            d.install_path.clone(),
+        ];
+        argv.extend(d.spec.args.iter().cloned());
+        let env = d
+            .spec
+            .env
+            .iter()
+            .map(|e| format!("{}={}", e.name, e.value))
+            .collect();
+        let spec = ExecSpec {
+            argv,
+            env,
+            user: d.spec.user.clone(),
+        };
+        if let Err(e) = docker
+            .exec_until_ready(&info.id, &spec, STARTED_PREFIX)
             .await
         {
-            Ok(s) => s,
-            Err(e) => return Outcome::from_runtime(e),
-        };
-        return match tokio::time::timeout(
-            Duration::from_secs(10),
-            agent::health(&mut stdio, secret),
-        )
-        .await
+            return Outcome::failed(
+                "ExecFailed",
+                format!("the daemon {} did not start: {e}", d.install_path),
+            );
+        }
+        if let (Some((port, path)), Some(ep)) = (d.probe(), agent.0.parse::<SocketAddr>().ok())
+            && let Err(e) = probe_patiently(ep, secret, port, path).await
         {
-            Ok(Ok(h)) => running("exec".into(), h.version, true),
-            Ok(Err(e)) => Outcome::failed(
+            return Outcome::failed(
                 "DaemonUnhealthy",
-                format!("the agent does not answer over exec: {e}"),
-            ),
-            Err(_) => Outcome::failed(
-                "DaemonUnhealthy",
-                "the agent did not answer over exec in time",
-            ),
-        };
-    };
-    let argv = vec![
-        layout.agent(),
-        "serve".into(),
-        "--listen".into(),
-        format!("0.0.0.0:{}", ctx.agent_port),
-    ];
-    if let Err(e) = docker
-        .exec_until_ready(&info.id, &as_user(argv), READY_PREFIX)
+                format!(
+                    "the daemon {} is not ready on port {port}: {e}",
+                    d.install_path
+                ),
+            );
+        }
+    }
+    running(agent.0, agent.1, true)
+}
+
+/// Reads a user daemon's binary from this machine (bounded: it is sent in one upload).
+async fn read_host_binary(path: &str) -> Result<bytes::Bytes, String> {
+    const MAX: u64 = 512 * 1024 * 1024;
+    let meta = tokio::fs::metadata(path)
         .await
-    {
-        return Outcome::failed("ExecFailed", format!("the agent did not start: {e}"));
+        .map_err(|e| format!("cannot read the daemon binary {path}: {e}"))?;
+    if !meta.is_file() || meta.len() > MAX {
+        return Err(format!(
+            "the daemon binary {path} must be a regular file of at most {MAX} bytes"
+        ));
     }
-    match health_tcp_patiently(ep, secret, false).await {
-        Ok(h) => running(ep.to_string(), h.version, true),
-        Err(e) => Outcome::failed(
-            "DaemonUnhealthy",
-            format!("the agent started but does not answer at {ep}: {e}"),
-        ),
+    tokio::fs::read(path)
+        .await
+        .map(bytes::Bytes::from)
+        .map_err(|e| format!("cannot read the daemon binary {path}: {e}"))
+}
+
+/// How long a user daemon gets to become ready.
+const PROBE_PATIENCE: Duration = Duration::from_secs(20);
+
+async fn probe_patiently(
+    ep: SocketAddr,
+    secret: &str,
+    port: u16,
+    path: Option<&str>,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + PROBE_PATIENCE;
+    loop {
+        let err = match probe_once(ep, secret, port, path).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(err);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// One readiness check through the agent's tunnel (so daemons bound to 127.0.0.1 count):
+/// the port accepts a connection, and for an HTTP probe `GET path` answers 2xx or 3xx.
+async fn probe_once(
+    ep: SocketAddr,
+    secret: &str,
+    port: u16,
+    path: Option<&str>,
+) -> Result<(), String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let check = async {
+        let stream = tokio::net::TcpStream::connect(ep)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut tunnel = agent::connect(stream, secret, port)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(path) = path else { return Ok(()) };
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\nUser-Agent: previewd-probe\r\n\r\n"
+        );
+        tunnel
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        let mut head = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(tunnel, 1024));
+        head.read_line(&mut line).await.map_err(|e| e.to_string())?;
+        let code = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok());
+        match code {
+            Some(c) if (200..400).contains(&c) => Ok(()),
+            _ => Err(format!("GET {path} answered {:?}", line.trim())),
+        }
+    };
+    tokio::time::timeout(HEALTH_TIMEOUT, check)
+        .await
+        .map_err(|_| format!("no answer within {HEALTH_TIMEOUT:?}"))?
 }
 
 /// A command run as the container's root: stopping agents that may run as any user and
@@ -603,12 +799,18 @@ async fn cleanup<R: ContainerRuntime>(
             Ok(info) if info.running => {
                 let layout =
                     Layout::for_object(&obj.namespace().unwrap_or_default(), &obj.name_any());
-                let argv = vec![
+                let mut argv = vec![
                     layout.agent(),
                     "stop".into(),
                     "--remove-dir".into(),
                     layout.dir.clone(),
                 ];
+                // A user daemon installed outside the injection's directory goes too.
+                if let Some(d) = user_daemon(&obj, &layout)
+                    .filter(|d| !d.install_path.starts_with(&format!("{}/", layout.dir)))
+                {
+                    argv.extend(["--remove-file".into(), d.install_path]);
+                }
                 match docker.exec(&info.id, &as_root(argv)).await {
                     Ok(out) if out.exit_code == 0 => {}
                     // 126/127: the agent binary is not there, so neither are its files.

@@ -97,7 +97,7 @@ pub struct Context<R: ContainerRuntime> {
     pub metrics: Arc<Metrics>,
     /// Failure backoff per object.
     pub backoff: backoff::Backoff,
-    /// Port the built-in agent listens on inside containers.
+    /// Port the built-in agent listens on inside containers (0: a free one, chosen by the kernel).
     pub agent_port: u16,
 }
 
@@ -106,7 +106,7 @@ pub struct Context<R: ContainerRuntime> {
 pub struct ControllerConfig {
     /// The built-in agent binary's path.
     pub agent_binary: PathBuf,
-    /// Port the built-in agent listens on inside containers.
+    /// Port the built-in agent listens on inside containers (0: a free one, chosen by the kernel).
     pub agent_port: u16,
 }
 

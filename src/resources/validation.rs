@@ -186,6 +186,25 @@ pub fn daemon_injection_spec(spec: &DaemonInjectionSpec) -> Vec<FieldError> {
 
 fn daemon(field: &str, d: &DaemonSpec) -> Vec<FieldError> {
     let mut errs = Vec::new();
+    if d.source.is_none() {
+        let set: Vec<&str> = [
+            ("args", !d.args.is_empty()),
+            ("env", !d.env.is_empty()),
+            ("port", d.port.is_some()),
+            ("installPath", d.install_path.is_some()),
+            ("readinessProbe", d.readiness_probe.is_some()),
+        ]
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(name, _)| *name)
+        .collect();
+        for name in set {
+            errs.push(FieldError::new(
+                format!("{field}.{name}"),
+                "Forbidden: applies to a user-named daemon; set spec.daemon.source (without a source the built-in agent runs)",
+            ));
+        }
+    }
     if let Some(DaemonSource::HostPath(p)) = &d.source
         && !p.starts_with('/')
     {
@@ -361,6 +380,28 @@ mod tests {
             assert!(install_path("p", bad).is_err(), "{bad:?} should be refused");
         }
         assert!(install_path("p", "/.previewd/agent").is_ok());
+    }
+
+    #[test]
+    fn daemon_settings_need_a_source() {
+        let mut d = DaemonSpec {
+            args: vec!["-v".into()],
+            port: Some(80),
+            ..DaemonSpec::default()
+        };
+        let spec = |d: &DaemonSpec| DaemonInjectionSpec {
+            target: Target::Docker(DockerTarget {
+                container: "web".into(),
+            }),
+            daemon: Some(d.clone()),
+        };
+        let fields: Vec<String> = daemon_injection_spec(&spec(&d))
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        assert_eq!(fields, ["spec.daemon.args", "spec.daemon.port"]);
+        d.source = Some(DaemonSource::HostPath("/usr/bin/x".into()));
+        assert!(daemon_injection_spec(&spec(&d)).is_empty());
     }
 
     #[test]

@@ -126,7 +126,7 @@ async fn injects_into_public_local_noshell_and_nonroot_containers() {
         assert!(
             st.endpoint
                 .as_deref()
-                .is_some_and(|e| e.ends_with(":19876")),
+                .is_some_and(|e| e.parse::<std::net::SocketAddr>().is_ok()),
             "{name}: {st:?}"
         );
         assert_eq!(
@@ -400,4 +400,182 @@ async fn a_container_vanishing_mid_injection_is_reported() {
         .find(|c| c.type_ == "Ready")
         .map(|c| c.reason);
     assert_eq!(cond.as_deref(), Some("ContainerNotFound"));
+}
+
+fn ready_reason(di: &DaemonInjection) -> Option<String> {
+    di.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.reason.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_named_daemons_are_injected_like_the_agent() {
+    let Some(rt) = docker().await else { return };
+    images(rt.client()).await;
+    let c = TestContainer::httpd(rt.client(), "0.0.0.0:8080", None, HostConfig::default()).await;
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server = server(state.path());
+    let api: Api<DaemonInjection> = Api::default_namespaced(server.client());
+    let di = |name: &str, daemon: serde_json::Value| -> DaemonInjection {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "previewd.dev/v1alpha1", "kind": "DaemonInjection",
+            "metadata": {"name": name},
+            "spec": {"target": {"docker": {"container": c.name}}, "daemon": daemon}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    };
+    // The static daemon an agent platform already has (here: a copy of previewd-agent),
+    // configured by args and env, ready when its port accepts connections.
+    let platform_daemon = di(
+        "platform",
+        serde_json::json!({
+            "source": {"hostPath": env!("CARGO_BIN_EXE_previewd-agent")},
+            "args": ["serve", "--listen", "127.0.0.1:4000"],
+            "env": [{"name": "PREVIEWD_AGENT_SECRET", "value": "platform-daemon-secret"}],
+            "port": 4000,
+            "readinessProbe": {"tcp": {}}
+        }),
+    );
+    // busybox httpd installed outside /.previewd, ready when GET / answers.
+    let http_daemon = di(
+        "http",
+        serde_json::json!({
+            "source": {"hostPath": "/bin/busybox"},
+            "installPath": "/opt/tools/busybox",
+            "args": ["httpd", "-f", "-p", "127.0.0.1:4001", "-h", "/www"],
+            "readinessProbe": {"http": {"path": "/", "port": 4001}}
+        }),
+    );
+    let missing = di(
+        "missing",
+        serde_json::json!({"source": {"hostPath": "/nonexistent/daemon"}}),
+    );
+    for d in [&platform_daemon, &http_daemon, &missing] {
+        api.create(&PostParams::default(), d)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    wait_phase(
+        &api,
+        "platform",
+        DaemonPhase::Running,
+        Duration::from_secs(60),
+    )
+    .await;
+    wait_phase(&api, "http", DaemonPhase::Running, Duration::from_secs(60)).await;
+    let failed = wait_phase(
+        &api,
+        "missing",
+        DaemonPhase::Failed,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        ready_reason(&failed).as_deref(),
+        Some("DaemonSourceUnreadable")
+    );
+
+    let ps = sh(&rt, &c.name, &["/bin/ps", "-o", "args"]).await;
+    assert!(
+        ps.contains("/.previewd/default.platform/daemon serve --listen 127.0.0.1:4000"),
+        "{ps}"
+    );
+    assert!(
+        ps.contains("/opt/tools/busybox httpd -f -p 127.0.0.1:4001"),
+        "{ps}"
+    );
+
+    for name in ["platform", "http", "missing"] {
+        api.delete(name, &DeleteParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    eventually(Duration::from_secs(30), "all injections to be gone", || {
+        let api = api.clone();
+        async move {
+            api.list(&Default::default())
+                .await
+                .ok()
+                .filter(|l| l.items.is_empty())
+                .map(|_| ())
+        }
+    })
+    .await;
+    let ps = sh(&rt, &c.name, &["/bin/ps", "-o", "args"]).await;
+    assert!(
+        !ps.contains("/.previewd/") && !ps.contains("/opt/tools/busybox"),
+        "daemons left running: {ps}"
+    );
+    let files = sh(
+        &rt,
+        &c.name,
+        &["/bin/sh", "-c", "ls -d /.previewd /opt/tools/busybox 2>&1"],
+    )
+    .await;
+    assert!(
+        files.matches("No such file").count() == 2,
+        "files left behind: {files}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_without_a_network_are_reached_through_exec() {
+    let Some(rt) = docker().await else { return };
+    images(rt.client()).await;
+    let host = HostConfig {
+        network_mode: Some("none".into()),
+        ..Default::default()
+    };
+    let c = TestContainer::httpd(rt.client(), "127.0.0.1:3000", None, host).await;
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server = server(state.path());
+    let api: Api<DaemonInjection> = Api::default_namespaced(server.client());
+    api.create(&PostParams::default(), &injection("isolated", &c.name))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let di = wait_phase(
+        &api,
+        "isolated",
+        DaemonPhase::Running,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(di.status.and_then(|s| s.endpoint).as_deref(), Some("exec"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_docker_targets_report_docker_unavailable() {
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server = Server::start_with(
+        state.path(),
+        &[("DOCKER_HOST", "unix:///nonexistent/docker.sock")],
+    );
+    let api: Api<DaemonInjection> = Api::default_namespaced(server.client());
+    api.create(&PostParams::default(), &injection("nodocker", "web"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let di = wait_phase(
+        &api,
+        "nodocker",
+        DaemonPhase::Failed,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(ready_reason(&di).as_deref(), Some("DockerUnavailable"));
+    // The API keeps serving, and the failure is counted by reason.
+    let req = http::Request::get("/metrics")
+        .body(Vec::new())
+        .unwrap_or_default();
+    let text = server
+        .client()
+        .request_text(req)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        text.contains(r#"previewd_reconcile_failures_total{controller="daemoninjection",reason="DockerUnavailable"}"#),
+        "{text}"
+    );
 }
