@@ -8,9 +8,13 @@
 //!   and kube-rs watchers do, plain and as a kubectl Table), against 100 objects and against a
 //!   `/version` round trip.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+// The test helpers are shared with the integration tests; not all of them are used here.
+#[allow(dead_code)]
+#[path = "../tests/it/common.rs"]
+mod common;
 
 use futures::StreamExt;
 use kube::api::{Api, ListParams, PostParams};
@@ -21,18 +25,12 @@ use previewd::resources::{PreviewLink, PreviewLinkSpec};
 fn link(name: &str) -> PreviewLink {
     PreviewLink::new(
         name,
-        PreviewLinkSpec {
-            target: Target::Docker(DockerTarget {
+        PreviewLinkSpec::new(
+            Target::Docker(DockerTarget {
                 container: "web".into(),
             }),
-            port: 8080,
-            access: Default::default(),
-            expires_at: None,
-            ttl: None,
-            via: Default::default(),
-            host_rewrite: None,
-            cors: None,
-        },
+            8080,
+        ),
     )
 }
 
@@ -63,35 +61,9 @@ where
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let state = tempfile::tempdir()?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_previewd"))
-        .args([
-            "serve",
-            "--api-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--state-dir",
-        ])
-        .arg(state.path())
-        .env("RUST_LOG", "warn,previewd::serve=info")
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let stderr = child
-        .stderr
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
-    let mut addr = None;
-    for line in BufReader::new(stderr).lines() {
-        let v: serde_json::Value = serde_json::from_str(&line?).unwrap_or_default();
-        if let Some(a) = v.pointer("/fields/addr").and_then(|a| a.as_str()) {
-            addr = Some(a.to_owned());
-            break;
-        }
-    }
-    let url = format!(
-        "http://{}",
-        addr.ok_or_else(|| anyhow::anyhow!("server did not start"))?
-    );
+    let server =
+        common::Server::start_with(state.path(), &[("RUST_LOG", "warn,previewd::serve=info")]);
+    let url = server.url.clone();
     let client = kube::Client::try_from(kube::Config::new(url.parse()?))?;
     let api: Api<PreviewLink> = Api::default_namespaced(client.clone());
     println!("previewd embedded API benchmark against {url} (release build)\n");
@@ -265,8 +237,7 @@ async fn main() -> anyhow::Result<()> {
             l50.as_secs_f64() * 1e6 / count as f64
         );
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
     Ok(())
 }
 

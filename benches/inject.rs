@@ -104,7 +104,10 @@ async fn main() -> anyhow::Result<()> {
     let state = tempfile::tempdir()?;
     let server = common::Server::start_with(
         state.path(),
-        &[("PREVIEWD_AGENT_BINARY", agent), ("RUST_LOG", "warn")],
+        &[
+            ("PREVIEWD_AGENT_BINARY", agent),
+            ("RUST_LOG", "warn,previewd::serve=info"),
+        ],
     );
     let api: Api<DaemonInjection> = Api::default_namespaced(server.client());
     let mut one_at_a_time = Vec::new();

@@ -17,13 +17,9 @@ pub const SECRET_ENV: &str = "PREVIEWD_AGENT_SECRET";
 /// Shortest secret the agent accepts, so a forgotten or empty variable can't open it up.
 pub const MIN_SECRET_LEN: usize = 16;
 
-/// Where the agent lives inside a container: on the rootfs, because tmpfs mounts are
-/// usually `noexec` and uploads into them silently vanish (NOTES "Security pitfalls").
+/// Where agents live inside a container (one subdirectory per injection): on the rootfs,
+/// because tmpfs mounts are usually `noexec` and uploads into them silently vanish.
 pub const INSTALL_DIR: &str = "/.previewd";
-/// The agent executable inside a container.
-pub const INSTALL_PATH: &str = "/.previewd/previewd-agent";
-/// The pidfile of the agent's `serve` daemon inside a container, for `stop`.
-pub const PIDFILE_PATH: &str = "/.previewd/agent.pid";
 
 /// Health and version: lets previewd check it talks to the agent build it injected.
 pub const HEALTH_PATH: &str = "/v1/health";

@@ -22,7 +22,7 @@ use tracing::instrument;
 
 use super::{Context, Error};
 use crate::agent::client as agent;
-use crate::agent::protocol::SECRET_ENV;
+use crate::agent::protocol::{INSTALL_DIR, SECRET_ENV};
 use crate::agent::supervise::STARTED_PREFIX;
 use crate::resources::conditions::{self, READY};
 use crate::resources::daemon_injection::{DaemonPhase, DaemonSource, DaemonSpec, Probe};
@@ -32,8 +32,6 @@ use crate::runtime::{ContainerInfo, ContainerRuntime, ExecSpec, FileUpload, Runt
 /// Finalizer that guarantees cleanup in the container before the object goes.
 pub const FINALIZER: &str = "previewd.dev/daemon-cleanup";
 const CONTROLLER: &str = "daemoninjection";
-/// Root of everything previewd puts into containers: on the root filesystem, never a tmpfs.
-pub const AGENT_ROOT: &str = "/.previewd";
 /// The agent prints this (then its address) once it listens.
 const READY_PREFIX: &str = "listening on ";
 /// Key of the agent secret in its Secret object.
@@ -53,7 +51,7 @@ impl Layout {
     /// container and each can be removed alone.
     pub fn for_object(namespace: &str, name: &str) -> Self {
         Layout {
-            dir: format!("{AGENT_ROOT}/{namespace}.{name}"),
+            dir: format!("{INSTALL_DIR}/{namespace}.{name}"),
         }
     }
 
@@ -526,7 +524,7 @@ async fn inject<R: ContainerRuntime>(
             return Outcome::failed(
                 "ExecFailed",
                 format!(
-                    "the uploaded agent does not run (exit code {}): {}{} — is {AGENT_ROOT} on a noexec or tmpfs mount, or the container another architecture?",
+                    "the uploaded agent does not run (exit code {}): {}{} — is {INSTALL_DIR} on a noexec or tmpfs mount, or the container another architecture?",
                     out.exit_code,
                     out.stdout.trim(),
                     out.stderr.trim()
@@ -839,7 +837,7 @@ async fn cleanup<R: ContainerRuntime>(
             Ok(info) => {
                 // Exec needs a running container; the files stay in its stopped filesystem.
                 let note = format!(
-                    "container {} is {}: the agent files under {AGENT_ROOT} could not be removed",
+                    "container {} is {}: the agent files under {INSTALL_DIR} could not be removed",
                     info.name, info.state
                 );
                 let ev = Event {

@@ -135,7 +135,13 @@ pub async fn run(
         ),
         client: client.clone(),
         docker,
-        agent: AgentBinary::load(config.agent_binary),
+        agent: {
+            let agent = AgentBinary::load(config.agent_binary);
+            if let Err(e) = &agent.contents {
+                tracing::warn!(error = %e, "injections will fail until the agent binary exists (cargo build --bins builds it)");
+            }
+            agent
+        },
         metrics,
         backoff: backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(120)),
         agent_port: config.agent_port,

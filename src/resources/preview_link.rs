@@ -90,6 +90,23 @@ pub struct PreviewLinkSpec {
     pub cors: Option<CorsPolicy>,
 }
 
+impl PreviewLinkSpec {
+    /// A link to `port` of `target` with the defaults a manifest would get: token access,
+    /// through the agent, no expiry.
+    pub fn new(target: Target, port: i32) -> Self {
+        PreviewLinkSpec {
+            target,
+            port,
+            access: Access::default(),
+            expires_at: None,
+            ttl: None,
+            via: Via::default(),
+            host_rewrite: None,
+            cors: None,
+        }
+    }
+}
+
 /// Who may use a link.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -298,21 +298,14 @@ fn install_path(field: &str, path: &str) -> Result<(), FieldError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resources::preview_link::{Access, Via};
 
     fn link(port: i32) -> PreviewLinkSpec {
-        PreviewLinkSpec {
-            target: Target::Docker(DockerTarget {
+        PreviewLinkSpec::new(
+            Target::Docker(DockerTarget {
                 container: "web".into(),
             }),
             port,
-            access: Access::Token,
-            expires_at: None,
-            ttl: None,
-            via: Via::Agent,
-            host_rewrite: None,
-            cors: None,
-        }
+        )
     }
 
     #[test]

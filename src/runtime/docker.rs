@@ -150,16 +150,35 @@ fn archive(files: &[FileUpload]) -> std::io::Result<Vec<u8>> {
     builder.into_inner()
 }
 
-fn exec_config(spec: &ExecSpec, stdin: bool, output: bool) -> ExecConfig {
+fn exec_config(spec: &ExecSpec, stdin: bool) -> ExecConfig {
     ExecConfig {
         cmd: Some(spec.argv.clone()),
         env: Some(spec.env.clone()),
         user: spec.user.clone(),
         attach_stdin: Some(stdin),
-        attach_stdout: Some(output),
-        attach_stderr: Some(output),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
         tty: Some(false),
         ..Default::default()
+    }
+}
+
+impl DockerRuntime {
+    /// Creates an exec (no TTY: the output stream is multiplexed and binary-safe).
+    async fn create_exec(
+        &self,
+        container_id: &str,
+        spec: &ExecSpec,
+        stdin: bool,
+        action: &'static str,
+    ) -> Result<bollard::exec::CreateExecResults, RuntimeError> {
+        bounded(action, async {
+            self.docker
+                .create_exec(container_id, exec_config(spec, stdin))
+                .await
+                .map_err(|e| classify(container_id, action, e))
+        })
+        .await
     }
 }
 
@@ -240,13 +259,7 @@ impl ContainerRuntime for DockerRuntime {
 
     async fn exec(&self, container_id: &str, spec: &ExecSpec) -> Result<ExecOutput, RuntimeError> {
         let action = "run a command";
-        let created = bounded(action, async {
-            self.docker
-                .create_exec(container_id, exec_config(spec, false, true))
-                .await
-                .map_err(|e| classify(container_id, action, e))
-        })
-        .await?;
+        let created = self.create_exec(container_id, spec, false, action).await?;
         let run = async {
             let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
             match self
@@ -304,13 +317,7 @@ impl ContainerRuntime for DockerRuntime {
         ready_prefix: &str,
     ) -> Result<String, RuntimeError> {
         let action = "start a daemon";
-        let created = bounded(action, async {
-            self.docker
-                .create_exec(container_id, exec_config(spec, false, true))
-                .await
-                .map_err(|e| classify(container_id, action, e))
-        })
-        .await?;
+        let created = self.create_exec(container_id, spec, false, action).await?;
         let wait = async {
             let mut seen = Vec::new();
             if let StartExecResults::Attached { mut output, .. } = self
@@ -362,8 +369,8 @@ impl ContainerRuntime for DockerRuntime {
         spec: &ExecSpec,
     ) -> Result<ExecStdio, RuntimeError> {
         let action = "attach to a process";
+        let created = self.create_exec(container_id, spec, true, action).await?;
         bounded(action, async {
-            let created = self.docker.create_exec(container_id, exec_config(spec, true, true)).await.map_err(|e| classify(container_id, action, e))?;
             match self.docker.start_exec(&created.id, None).await.map_err(|e| classify(container_id, action, e))? {
                 StartExecResults::Attached { output, input } => {
                     let stdout = output.filter_map(|chunk| async move {

@@ -4,7 +4,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use bollard::models::HostConfig;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, DeleteParams, PostParams};
+use previewd::resources::conditions;
 use previewd::resources::daemon_injection::DaemonPhase;
 use previewd::resources::target::{DockerTarget, Target};
 use previewd::resources::{DaemonInjection, DaemonInjectionSpec};
@@ -181,13 +183,7 @@ async fn read_only_and_stopped_containers() {
         .unwrap_or_else(|e| panic!("{e}"));
 
     let failed = wait_phase(&api, "ro", DaemonPhase::Failed, Duration::from_secs(30)).await;
-    let cond = failed
-        .status
-        .unwrap_or_default()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Ready")
-        .unwrap_or_else(|| panic!("no Ready condition"));
+    let cond = ready(&failed).unwrap_or_else(|| panic!("no Ready condition"));
     assert_eq!(cond.reason, "ReadOnlyRootfs");
     assert!(
         cond.message.contains("read-only root filesystem"),
@@ -196,13 +192,7 @@ async fn read_only_and_stopped_containers() {
     );
 
     let pending = wait_phase(&api, "later", DaemonPhase::Pending, Duration::from_secs(30)).await;
-    let cond = pending
-        .status
-        .unwrap_or_default()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Ready")
-        .unwrap_or_else(|| panic!("no Ready condition"));
+    let cond = ready(&pending).unwrap_or_else(|| panic!("no Ready condition"));
     assert_eq!(cond.reason, "ContainerNotRunning");
     rt.client()
         .start_container(&stopped.name, None)
@@ -282,14 +272,10 @@ async fn restart_delete_and_removal() {
     // docker rm -f: the status says so.
     drop(other);
     let gone = wait_phase(&api, "other", DaemonPhase::Failed, Duration::from_secs(30)).await;
-    let cond = gone
-        .status
-        .unwrap_or_default()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Ready")
-        .map(|c| c.reason);
-    assert_eq!(cond.as_deref(), Some("ContainerNotFound"));
+    assert_eq!(
+        ready(&gone).map(|c| c.reason.as_str()),
+        Some("ContainerNotFound")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,47 +354,25 @@ async fn a_container_vanishing_mid_injection_is_reported() {
         .unwrap_or_else(|e| panic!("{e}"));
     drop(c);
     // Whatever step the removal interrupted, the status ends up saying the container is gone.
-    let di = eventually(
+    eventually(
         Duration::from_secs(30),
         "the status to say ContainerNotFound",
         || {
             let api = api.clone();
             async move {
                 let o = api.get("vanish").await.ok()?;
-                let reason = o
-                    .status
-                    .as_ref()?
-                    .conditions
-                    .iter()
-                    .find(|c| c.type_ == "Ready")?
-                    .reason
-                    .clone();
-                (reason == "ContainerNotFound").then_some(o)
+                (ready(&o)?.reason == "ContainerNotFound").then_some(())
             }
         },
     )
     .await;
-    assert_eq!(
-        di.status.as_ref().and_then(|s| s.phase),
-        Some(DaemonPhase::Failed)
-    );
-    let cond = di
-        .status
-        .unwrap_or_default()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Ready")
-        .map(|c| c.reason);
-    assert_eq!(cond.as_deref(), Some("ContainerNotFound"));
+    let di = api.get("vanish").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(di.status.and_then(|s| s.phase), Some(DaemonPhase::Failed));
 }
 
-fn ready_reason(di: &DaemonInjection) -> Option<String> {
-    di.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .map(|c| c.reason.clone())
+/// The Ready condition of an injection.
+fn ready(di: &DaemonInjection) -> Option<&Condition> {
+    conditions::find(&di.status.as_ref()?.conditions, conditions::READY)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -474,7 +438,7 @@ async fn user_named_daemons_are_injected_like_the_agent() {
     )
     .await;
     assert_eq!(
-        ready_reason(&failed).as_deref(),
+        ready(&failed).map(|c| c.reason.as_str()),
         Some("DaemonSourceUnreadable")
     );
 
@@ -564,7 +528,10 @@ async fn without_docker_targets_report_docker_unavailable() {
         Duration::from_secs(30),
     )
     .await;
-    assert_eq!(ready_reason(&di).as_deref(), Some("DockerUnavailable"));
+    assert_eq!(
+        ready(&di).map(|c| c.reason.as_str()),
+        Some("DockerUnavailable")
+    );
     // The API keeps serving, and the failure is counted by reason.
     let req = http::Request::get("/metrics")
         .body(Vec::new())

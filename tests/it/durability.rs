@@ -15,18 +15,12 @@ use crate::common::Server;
 fn link(name: &str, port: i32) -> PreviewLink {
     PreviewLink::new(
         name,
-        PreviewLinkSpec {
-            target: Target::Docker(DockerTarget {
+        PreviewLinkSpec::new(
+            Target::Docker(DockerTarget {
                 container: "web".into(),
             }),
             port,
-            access: Default::default(),
-            expires_at: None,
-            ttl: None,
-            via: Default::default(),
-            host_rewrite: None,
-            cors: None,
-        },
+        ),
     )
 }
 

@@ -33,18 +33,12 @@ fn in_process(dir: &std::path::Path) -> Client {
 fn link(name: &str, port: i32) -> PreviewLink {
     PreviewLink::new(
         name,
-        PreviewLinkSpec {
-            target: Target::Docker(DockerTarget {
+        PreviewLinkSpec::new(
+            Target::Docker(DockerTarget {
                 container: "web".into(),
             }),
             port,
-            access: Default::default(),
-            expires_at: None,
-            ttl: None,
-            via: Default::default(),
-            host_rewrite: None,
-            cors: None,
-        },
+        ),
     )
 }
 
