@@ -173,6 +173,20 @@ impl TestContainer {
                 .get(..12)
                 .unwrap_or("x")
         );
+        TestContainer::run_named(docker, &name, image, cmd, host, user, start).await
+    }
+
+    /// Creates (and optionally starts) a container with a given name.
+    pub async fn run_named(
+        docker: &Docker,
+        name: &str,
+        image: &str,
+        cmd: Option<Vec<&str>>,
+        host: HostConfig,
+        user: Option<&str>,
+        start: bool,
+    ) -> TestContainer {
+        let name = name.to_owned();
         let body = ContainerCreateBody {
             image: Some(image.into()),
             cmd: cmd.map(|c| c.into_iter().map(str::to_owned).collect()),

@@ -4,14 +4,18 @@ use std::path::Path;
 use std::time::Duration;
 
 use bollard::models::HostConfig;
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, DeleteParams, PostParams};
+use previewd::agent::client as agent;
 use previewd::resources::conditions;
 use previewd::resources::daemon_injection::DaemonPhase;
 use previewd::resources::target::{DockerTarget, Target};
 use previewd::resources::{DaemonInjection, DaemonInjectionSpec};
 use previewd::runtime::docker::DockerRuntime;
 use previewd::runtime::{ContainerRuntime, ExecSpec};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::common::{Server, eventually};
 use crate::containers::{BUSYBOX_IMAGE, NOSHELL_IMAGE, TestContainer, docker, images};
@@ -146,7 +150,69 @@ async fn injects_into_public_local_noshell_and_nonroot_containers() {
         agent_line.trim_start().starts_with("app") || agent_line.trim_start().starts_with("1000"),
         "{agent_line}"
     );
+
+    // The agent in the 127.0.0.1-only container lists that port and tunnels to it.
+    let endpoint: std::net::SocketAddr = api
+        .get("local")
+        .await
+        .ok()
+        .and_then(|d| d.status?.endpoint?.parse().ok())
+        .unwrap_or_else(|| panic!("no endpoint"));
+    let secret = agent_secret(&server, "local").await;
+    let mut conn = TcpStream::connect(endpoint)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ports = agent::ports(&mut conn, &secret)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        ports
+            .iter()
+            .any(|p| p.port == 3000 && p.address.to_string() == "127.0.0.1"),
+        "{ports:?}"
+    );
+    let conn = TcpStream::connect(endpoint)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut tunnel = agent::connect(conn, &secret, 3000)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    tunnel
+        .write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut page = String::new();
+    tunnel
+        .read_to_string(&mut page)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(page.contains("hello from busybox httpd"), "{page}");
+    let conn = TcpStream::connect(endpoint)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        matches!(
+            agent::connect(conn, "wrong-secret-0123456789", 3000).await,
+            Err(agent::AgentError::SecretInvalid)
+        ),
+        "the agent refuses a wrong secret"
+    );
     let _ = server.terminate(Duration::from_secs(10));
+}
+
+/// The agent secret previewd keeps for an injection.
+async fn agent_secret(server: &Server, injection: &str) -> String {
+    let secrets: Api<Secret> = Api::default_namespaced(server.client());
+    let s = secrets
+        .get(&format!("previewd-agent-{injection}"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.data
+        .and_then(|d| {
+            d.get("secret")
+                .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+        })
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,12 +336,40 @@ async fn restart_delete_and_removal() {
     );
 
     // docker rm -f: the status says so.
+    let other_name = other.name.clone();
     drop(other);
     let gone = wait_phase(&api, "other", DaemonPhase::Failed, Duration::from_secs(30)).await;
     assert_eq!(
         ready(&gone).map(|c| c.reason.as_str()),
         Some("ContainerNotFound")
     );
+
+    // A new container under the same name: injected again, into the new one.
+    let first_id = gone.status.and_then(|s| s.container_id);
+    let again = TestContainer::run_named(
+        rt.client(),
+        &other_name,
+        BUSYBOX_IMAGE,
+        Some(vec![
+            "/bin/httpd",
+            "-f",
+            "-p",
+            "127.0.0.1:3000",
+            "-h",
+            "/www",
+        ]),
+        HostConfig::default(),
+        None,
+        true,
+    )
+    .await;
+    let back = wait_phase(&api, "other", DaemonPhase::Running, Duration::from_secs(30)).await;
+    assert_ne!(
+        back.status.and_then(|s| s.container_id),
+        first_id,
+        "injected into the new container"
+    );
+    assert_eq!(agent_processes(&rt, &again.name).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
