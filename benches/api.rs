@@ -61,8 +61,10 @@ where
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let state = tempfile::tempdir()?;
-    let server =
-        common::Server::start_with(state.path(), &[("RUST_LOG", "warn,previewd::serve=info")]);
+    let server = common::Server::start_with(
+        state.path(),
+        &[("RUST_LOG", "warn,previewd::serve=info"), common::API_ONLY],
+    );
     let url = server.url.clone();
     let client = kube::Client::try_from(kube::Config::new(url.parse()?))?;
     let api: Api<PreviewLink> = Api::default_namespaced(client.clone());

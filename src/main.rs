@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use previewd::cli::{self, Connection, get::Output};
+use previewd::controller::link::{LinkConfig, UrlStyle};
 use previewd::controller::{AgentBinary, ControllerConfig};
 use previewd::resources::crd;
 use previewd::serve::{self, ServeConfig};
@@ -70,6 +71,45 @@ enum Command {
         /// Port the injected agent listens on inside each container (0: a free one).
         #[arg(long, env = "PREVIEWD_AGENT_PORT", default_value_t = 0)]
         agent_port: u16,
+        /// Run the controllers (false: serve only the API, e.g. while another previewd
+        /// reconciles, or to exercise the API alone).
+        #[arg(long, env = "PREVIEWD_CONTROLLERS", default_value_t = true, action = clap::ArgAction::Set)]
+        controllers: bool,
+        /// Address of the preview proxy (link URLs point here).
+        #[arg(long, env = "PREVIEWD_PROXY_LISTEN", default_value = "127.0.0.1:8002")]
+        proxy_listen: SocketAddr,
+        /// Wildcard domain of host-routed links (`*.localhost` resolves to loopback).
+        #[arg(
+            long,
+            env = "PREVIEWD_PREVIEW_DOMAIN",
+            default_value = "preview.localhost"
+        )]
+        preview_domain: String,
+        /// Form of `status.url`: `{link}.{domain}` hosts, or `/p/{link}/` paths.
+        #[arg(
+            long,
+            env = "PREVIEWD_URL_STYLE",
+            value_enum,
+            default_value = "subdomain"
+        )]
+        url_style: UrlStyle,
+    },
+    /// Print a preview link's token.
+    Token {
+        /// The PreviewLink's name.
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print a preview link's self-authenticating URL (`url?previewd_token=…`).
+    Url {
+        /// The PreviewLink's name.
+        name: String,
+        /// Print the path-routed URL, which works with any resolver.
+        #[arg(long)]
+        path: bool,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Create or update the objects of a YAML manifest (`-` reads standard input).
     Apply {
@@ -173,6 +213,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             log_format,
             agent_binary,
             agent_port,
+            controllers,
+            proxy_listen,
+            preview_domain,
+            url_style,
         } => {
             init_logging(log_format);
             let state_dir = match state_dir {
@@ -182,11 +226,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let controller = ControllerConfig {
                 agent_binary: agent_binary.unwrap_or_else(AgentBinary::default_path),
                 agent_port,
+                links: LinkConfig {
+                    preview_domain,
+                    url_style,
+                    proxy_addr: proxy_listen,
+                },
             };
             let config = ServeConfig {
                 api_listen,
                 state_dir,
-                controller,
+                controller: controllers.then_some(controller),
             };
             serve::run(config, shutdown_signal()).await?;
         }
@@ -211,6 +260,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!("{text}");
             }
+        }
+        Command::Token { name, client } => {
+            let conn = Connection::new(&client.server, &client.namespace)?;
+            println!("{}", cli::link::token(&conn, &name).await?);
+        }
+        Command::Url { name, path, client } => {
+            let conn = Connection::new(&client.server, &client.namespace)?;
+            println!("{}", cli::link::url(&conn, &name, path).await?);
         }
         Command::Delete { kind, name, client } => {
             let conn = Connection::new(&client.server, &client.namespace)?;

@@ -17,8 +17,8 @@ pub struct ServeConfig {
     pub api_listen: SocketAddr,
     /// The local YAML store's directory.
     pub state_dir: PathBuf,
-    /// How the controllers inject daemons.
-    pub controller: ControllerConfig,
+    /// How the controllers run; `None` serves the API alone.
+    pub controller: Option<ControllerConfig>,
 }
 
 /// Why the server could not start or stopped with an error.
@@ -73,12 +73,17 @@ pub async fn run(
         crate::api::router(store.clone(), metrics.clone()),
         "default",
     );
-    let controllers = tokio::spawn(controller::run(
-        client,
-        config.controller,
-        metrics.clone(),
-        stopped(stop_rx.clone()),
-    ));
+    let controllers = config.controller.map(|c| {
+        tokio::spawn(controller::run(
+            client,
+            c,
+            metrics.clone(),
+            stopped(stop_rx.clone()),
+        ))
+    });
+    if controllers.is_none() {
+        tracing::info!("controllers are off: serving the API only");
+    }
 
     let app = crate::api::router(store.clone(), metrics);
     let closing = store.clone();
@@ -91,6 +96,8 @@ pub async fn run(
         })
         .await
         .map_err(ServeError::Serve);
-    let _ = controllers.await;
+    if let Some(c) = controllers {
+        let _ = c.await;
+    }
     served
 }

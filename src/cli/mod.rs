@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod delete;
 pub mod get;
+pub mod link;
 
 use http::Request;
 use serde_json::Value;

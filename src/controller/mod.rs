@@ -3,20 +3,21 @@
 
 pub mod backoff;
 pub mod injection;
+pub mod link;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use kube::runtime::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client};
 
 use crate::metrics::Metrics;
-use crate::resources::DaemonInjection;
+use crate::resources::{DaemonInjection, PreviewLink};
 use crate::runtime::ContainerRuntime;
 use crate::runtime::docker::DockerRuntime;
 
@@ -99,6 +100,8 @@ pub struct Context<R: ContainerRuntime> {
     pub backoff: backoff::Backoff,
     /// Port the built-in agent listens on inside containers (0: a free one, chosen by the kernel).
     pub agent_port: u16,
+    /// How preview links are addressed.
+    pub links: link::LinkConfig,
 }
 
 /// How the controllers are run.
@@ -108,6 +111,8 @@ pub struct ControllerConfig {
     pub agent_binary: PathBuf,
     /// Port the built-in agent listens on inside containers (0: a free one, chosen by the kernel).
     pub agent_port: u16,
+    /// How preview links are addressed.
+    pub links: link::LinkConfig,
 }
 
 /// Connects to Docker (when reachable) and runs the DaemonInjection controller until
@@ -145,16 +150,19 @@ pub async fn run(
         metrics,
         backoff: backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(120)),
         agent_port: config.agent_port,
+        links: config.links,
     });
     run_with(ctx, shutdown).await
 }
 
-/// Runs the DaemonInjection controller with a given context (tests inject their own).
+/// Runs the DaemonInjection and PreviewLink controllers with a given context until
+/// `shutdown` resolves.
 pub async fn run_with<R: ContainerRuntime + Clone>(
     ctx: Arc<Context<R>>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let api: Api<DaemonInjection> = Api::all(ctx.client.clone());
+    let shutdown = shutdown.shared();
+    let injections: Api<DaemonInjection> = Api::all(ctx.client.clone());
     // Container lifecycle events re-check every injection (there are few per machine).
     let triggers = match &ctx.docker {
         Ok(d) => d
@@ -163,16 +171,29 @@ pub async fn run_with<R: ContainerRuntime + Clone>(
             .boxed(),
         Err(_) => futures::stream::pending().boxed(),
     };
-    Controller::new(api, watcher::Config::default())
+    let injection_controller = Controller::new(injections.clone(), watcher::Config::default())
         .reconcile_all_on(triggers)
-        .graceful_shutdown_on(shutdown)
-        .run(injection::reconcile, injection::error_policy, ctx)
-        .for_each(|res| async move {
-            match res {
-                // Already reported by the error policy.
-                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) | Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "controller error"),
-            }
-        })
-        .await;
+        .graceful_shutdown_on(shutdown.clone())
+        .run(injection::reconcile, injection::error_policy, ctx.clone())
+        .for_each(report);
+    // Links follow their shared injection (they are among its owners).
+    let link_controller = Controller::new(
+        Api::<PreviewLink>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(injections, watcher::Config::default())
+    .graceful_shutdown_on(shutdown)
+    .run(link::reconcile, link::error_policy, ctx)
+    .for_each(report);
+    futures::join!(injection_controller, link_controller);
+}
+
+async fn report<T, E: std::fmt::Display + std::fmt::Debug + 'static>(
+    res: Result<T, kube::runtime::controller::Error<E, kube::runtime::watcher::Error>>,
+) {
+    match res {
+        // Already reported by the error policy.
+        Err(kube::runtime::controller::Error::ReconcilerFailed(..)) | Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "controller error"),
+    }
 }

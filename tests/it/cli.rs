@@ -43,7 +43,7 @@ fn manifest(port: u16, ttl: Option<&str>) -> String {
 #[test]
 fn apply_get_delete_round_trip() {
     let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let server = Server::start(state.path());
+    let server = Server::api_only(state.path());
 
     let created = ok(
         &server,

@@ -36,6 +36,9 @@ pub fn require_tool(tool: &str, require_var: &str) -> Option<PathBuf> {
     found
 }
 
+/// The environment that turns the controllers off.
+pub const API_ONLY: (&str, &str) = ("PREVIEWD_CONTROLLERS", "false");
+
 /// A `previewd serve` child process on an ephemeral port.
 pub struct Server {
     child: Child,
@@ -46,9 +49,10 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts a server over `state_dir` and waits until it listens.
-    pub fn start(state_dir: &Path) -> Server {
-        Server::start_with(state_dir, &[])
+    /// Starts a server that serves the API alone (no controllers change objects behind the
+    /// test's back) and waits until it listens.
+    pub fn api_only(state_dir: &Path) -> Server {
+        Server::start_with(state_dir, &[API_ONLY])
     }
 
     /// Starts a server with extra environment variables.

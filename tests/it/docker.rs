@@ -10,8 +10,9 @@ use kube::api::{Api, DeleteParams, PostParams};
 use previewd::agent::client as agent;
 use previewd::resources::conditions;
 use previewd::resources::daemon_injection::DaemonPhase;
+use previewd::resources::preview_link::LinkPhase;
 use previewd::resources::target::{DockerTarget, Target};
-use previewd::resources::{DaemonInjection, DaemonInjectionSpec};
+use previewd::resources::{DaemonInjection, DaemonInjectionSpec, PreviewLink};
 use previewd::runtime::docker::DockerRuntime;
 use previewd::runtime::{ContainerRuntime, ExecSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -638,5 +639,186 @@ async fn without_docker_targets_report_docker_unavailable() {
     assert!(
         text.contains(r#"previewd_reconcile_failures_total{controller="daemoninjection",reason="DockerUnavailable"}"#),
         "{text}"
+    );
+}
+
+fn link(name: &str, container: &str, port: i32, extra: serde_json::Value) -> PreviewLink {
+    let mut spec =
+        serde_json::json!({"target": {"docker": {"container": container}}, "port": port});
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "previewd.dev/v1alpha1", "kind": "PreviewLink",
+        "metadata": {"name": name}, "spec": spec
+    }))
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn wait_link(api: &Api<PreviewLink>, name: &str, phase: LinkPhase) -> PreviewLink {
+    eventually(
+        Duration::from_secs(60),
+        &format!("link {name} to be {phase:?}"),
+        || {
+            let api = api.clone();
+            let name = name.to_owned();
+            async move {
+                api.get(&name)
+                    .await
+                    .ok()
+                    .filter(|o| o.status.as_ref().and_then(|s| s.phase) == Some(phase))
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preview_links_share_an_agent_hold_a_token_hash_and_clean_up() {
+    let Some(rt) = docker().await else { return };
+    images(rt.client()).await;
+    let local =
+        TestContainer::httpd(rt.client(), "127.0.0.1:3000", None, HostConfig::default()).await;
+    let public =
+        TestContainer::httpd(rt.client(), "0.0.0.0:8080", None, HostConfig::default()).await;
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server = server(state.path());
+    let links: Api<PreviewLink> = Api::default_namespaced(server.client());
+    let injections: Api<DaemonInjection> = Api::default_namespaced(server.client());
+    for l in [
+        link("app", &local.name, 3000, serde_json::json!({})),
+        link("app-admin", &local.name, 3000, serde_json::json!({})),
+        link(
+            "direct",
+            &public.name,
+            8080,
+            serde_json::json!({"via": "direct"}),
+        ),
+        link(
+            "brief",
+            &public.name,
+            8080,
+            serde_json::json!({"via": "direct", "ttl": "2s"}),
+        ),
+    ] {
+        links
+            .create(&PostParams::default(), &l)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let app = wait_link(&links, "app", LinkPhase::Ready).await;
+    wait_link(&links, "app-admin", LinkPhase::Ready).await;
+    let st = app.status.clone().unwrap_or_default();
+    assert!(
+        st.upstream
+            .as_deref()
+            .is_some_and(|u| u.starts_with("agent://") && u.ends_with("/3000")),
+        "{st:?}"
+    );
+    assert_eq!(
+        st.url.as_deref(),
+        Some("http://app.default.preview.localhost:8002/")
+    );
+    assert_eq!(
+        st.path_url.as_deref(),
+        Some("http://127.0.0.1:8002/p/app.default/")
+    );
+
+    // One shared agent for both links to the container, owned by both.
+    let shared = injections
+        .list(&Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .items;
+    assert_eq!(shared.len(), 1, "{shared:?}");
+    assert_eq!(
+        shared[0].metadata.owner_references.as_ref().map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(agent_processes(&rt, &local.name).await, 1);
+
+    // The token is in a Secret; status holds only its SHA-256; `previewd url` gives both.
+    let out = std::process::Command::new(crate::common::previewd_bin())
+        .args(["url", "app", "--server", &server.url])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let url = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let token = url
+        .split_once("?previewd_token=")
+        .map(|(_, t)| t.to_owned())
+        .unwrap_or_else(|| panic!("no token in {url:?}"));
+    assert_eq!(token.len(), 43, "32 random bytes, URL-safe base64");
+    assert_eq!(
+        st.token_hash.as_deref(),
+        Some(previewd::controller::link::token_hash(&token).as_str())
+    );
+    let stored = serde_json::to_string(&app).unwrap_or_default();
+    assert!(
+        !stored.contains(&token),
+        "the plaintext token never appears in a PreviewLink"
+    );
+
+    let direct = wait_link(&links, "direct", LinkPhase::Ready).await;
+    assert!(
+        direct
+            .status
+            .and_then(|s| s.upstream)
+            .is_some_and(|u| u.starts_with("http://") && u.ends_with(":8080"))
+    );
+    wait_link(&links, "brief", LinkPhase::Expired).await;
+
+    // The shared agent stays while a link uses it, and goes with the last one.
+    links
+        .delete("app", &DeleteParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    eventually(
+        Duration::from_secs(30),
+        "app to be gone with its token",
+        || {
+            let (links, secrets) = (
+                links.clone(),
+                Api::<Secret>::default_namespaced(server.client()),
+            );
+            async move {
+                (links.get_opt("app").await.ok()?.is_none()
+                    && secrets.get_opt("previewd-link-app").await.ok()?.is_none())
+                .then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        injections
+            .list(&Default::default())
+            .await
+            .map(|l| l.items.len())
+            .unwrap_or(0),
+        1
+    );
+    links
+        .delete("app-admin", &DeleteParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    eventually(
+        Duration::from_secs(30),
+        "the shared injection to be gone",
+        || {
+            let injections = injections.clone();
+            async move {
+                injections
+                    .list(&Default::default())
+                    .await
+                    .ok()
+                    .filter(|l| l.items.is_empty())
+                    .map(|_| ())
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        agent_processes(&rt, &local.name).await,
+        0,
+        "the agent went with the last link"
     );
 }

@@ -10,7 +10,7 @@ use previewd::resources::target::{DockerTarget, Target};
 use previewd::resources::{PreviewLink, PreviewLinkSpec};
 use tokio::sync::Mutex;
 
-use crate::common::Server;
+use crate::common::{API_ONLY, Server};
 
 fn link(name: &str, port: i32) -> PreviewLink {
     PreviewLink::new(
@@ -35,7 +35,7 @@ fn rv(o: &PreviewLink) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_a_burst_loses_no_acknowledged_write() {
     let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let server = Server::start(state.path());
+    let server = Server::api_only(state.path());
     let api: Api<PreviewLink> = Api::default_namespaced(server.client());
     let acked: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let mut writers = Vec::new();
@@ -68,7 +68,7 @@ async fn kill_9_during_a_burst_loses_no_acknowledged_write() {
         acked.len()
     );
 
-    let restarted = Server::start(state.path());
+    let restarted = Server::api_only(state.path());
     assert!(
         !restarted
             .log_text()
@@ -109,7 +109,7 @@ async fn kill_9_during_a_burst_loses_no_acknowledged_write() {
 async fn malformed_files_are_reported_skipped_and_untouched() {
     let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     {
-        let server = Server::start(state.path());
+        let server = Server::api_only(state.path());
         let api: Api<PreviewLink> = Api::default_namespaced(server.client());
         api.create(&PostParams::default(), &link("good", 80))
             .await
@@ -129,7 +129,7 @@ async fn malformed_files_are_reported_skipped_and_untouched() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
 
-    let server = Server::start(state.path());
+    let server = Server::api_only(state.path());
     let logs = server.log_text();
     assert!(
         logs.contains("skipping unreadable state file") && logs.contains("broken.yaml"),
@@ -163,8 +163,8 @@ async fn malformed_files_are_reported_skipped_and_untouched() {
 #[test]
 fn a_second_server_on_the_same_directory_refuses() {
     let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let _first = Server::start(state.path());
-    match Server::try_start(state.path(), &[]) {
+    let _first = Server::api_only(state.path());
+    match Server::try_start(state.path(), &[API_ONLY]) {
         Ok(_) => panic!("a second server started on a locked state directory"),
         Err(output) => assert!(
             output.contains("is in use by another previewd"),

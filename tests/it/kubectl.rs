@@ -77,7 +77,7 @@ async fn kubectl_round_trip() {
         return;
     };
     let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let server = Server::start(state.path());
+    let server = Server::api_only(state.path());
     let k = Kubectl::new(bin, &server.url);
     let files = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
 

@@ -1,0 +1,661 @@
+//! The PreviewLink reconciler: turns "this port of that container, for these people" into a
+//! token, URLs and a resolved upstream in status, which the proxy routes from.
+//!
+//! A link through the agent (the default) shares one DaemonInjection per target container
+//! with every other link to it: previewd creates it, lists each link among its owners, and
+//! deletes it when the last owning link goes. The token lives only in a Secret; status holds
+//! its SHA-256.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tracing::instrument;
+
+use super::{Context, Error};
+use crate::resources::conditions::{self, READY};
+use crate::resources::daemon_injection::DaemonPhase;
+use crate::resources::preview_link::{LinkPhase, SecretRef, Via};
+use crate::resources::target::DockerTarget;
+use crate::resources::{
+    DaemonInjection, DaemonInjectionSpec, PreviewLink, PreviewLinkStatus, Target,
+};
+use crate::runtime::{ContainerRuntime, RuntimeError};
+
+/// Finalizer that releases a link's token and shared injection before it goes.
+pub const FINALIZER: &str = "previewd.dev/link-cleanup";
+const CONTROLLER: &str = "previewlink";
+/// Key of the token in its Secret.
+pub const TOKEN_KEY: &str = "token";
+/// Label on objects previewd created for links (and may delete again).
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// How often a Ready link is re-checked when nothing else happens.
+const RECHECK: Duration = Duration::from_secs(60);
+
+/// How links are addressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum UrlStyle {
+    /// `http://{name}.{namespace}.{domain}:{port}/`
+    Subdomain,
+    /// `http://{proxy}/p/{name}.{namespace}/`
+    Path,
+}
+
+/// Where links are served, for building their URLs.
+#[derive(Clone, Debug)]
+pub struct LinkConfig {
+    /// Wildcard domain of host-routed links (`*.localhost` resolves to loopback everywhere).
+    pub preview_domain: String,
+    /// Which form `status.url` takes (`status.pathUrl` is always the path form).
+    pub url_style: UrlStyle,
+    /// The proxy's listen address.
+    pub proxy_addr: SocketAddr,
+}
+
+impl LinkConfig {
+    /// `{name}.{namespace}`: how a link is named in hosts and paths. Unambiguous, because
+    /// namespaces have no dots.
+    pub fn link_id(namespace: &str, name: &str) -> String {
+        format!("{name}.{namespace}")
+    }
+
+    /// The URL in the configured style and the path-routed URL, both ending in `/`.
+    pub fn urls(&self, namespace: &str, name: &str) -> (String, String) {
+        let id = Self::link_id(namespace, name);
+        let port = self.proxy_addr.port();
+        let host = if self.proxy_addr.ip().is_unspecified() {
+            "127.0.0.1".to_owned()
+        } else {
+            self.proxy_addr.ip().to_string()
+        };
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        let path_url = format!("http://{host}:{port}/p/{id}/");
+        let url = match self.url_style {
+            UrlStyle::Subdomain => format!("http://{id}.{}:{port}/", self.preview_domain),
+            UrlStyle::Path => path_url.clone(),
+        };
+        (url, path_url)
+    }
+}
+
+/// The DaemonInjection links to a Docker container share: a DNS-1123 name derived from the
+/// container, with a hash so different ids or names never collide.
+pub fn injection_name(target: &DockerTarget) -> String {
+    let cleaned: String = target
+        .container
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let cleaned = cleaned.trim_matches('-');
+    let short: String = cleaned.chars().take(40).collect();
+    let hash = Sha256::digest(target.container.as_bytes());
+    format!(
+        "link-{}-{:02x}{:02x}{:02x}{:02x}",
+        short.trim_end_matches('-'),
+        hash[0],
+        hash[1],
+        hash[2],
+        hash[3]
+    )
+}
+
+/// Name of the Secret holding a link's token.
+pub fn token_secret_name(link: &str) -> String {
+    format!("previewd-link-{link}")
+}
+
+/// SHA-256 of a token, hex: what status and the proxy compare against.
+pub fn token_hash(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// When the link stops working: `spec.expiresAt`, or creation + `spec.ttl`.
+pub fn expires_at(link: &PreviewLink) -> Option<k8s_openapi::jiff::Timestamp> {
+    if let Some(t) = &link.spec.expires_at {
+        return Some(t.0);
+    }
+    let ttl = link.spec.ttl.as_ref()?;
+    let created = link.metadata.creation_timestamp.as_ref()?.0;
+    let ttl: std::time::Duration = (*ttl).into();
+    created
+        .checked_add(k8s_openapi::jiff::SignedDuration::try_from(ttl).ok()?)
+        .ok()
+}
+
+/// What the reconcile found, before it is written to status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkOutcome {
+    /// Serving through `upstream`.
+    Ready {
+        /// What the proxy connects to.
+        upstream: String,
+    },
+    /// Waiting for the target or its agent.
+    Pending {
+        /// Condition reason.
+        reason: String,
+        /// For people.
+        message: String,
+    },
+    /// Past `expiresAt`.
+    Expired,
+    /// Cannot be served.
+    Failed {
+        /// Condition reason.
+        reason: &'static str,
+        /// For people.
+        message: String,
+    },
+}
+
+/// The status an outcome means. Pure: the token hash, URLs and time come in.
+pub fn status_for(
+    link: &PreviewLink,
+    outcome: &LinkOutcome,
+    token_hash: &str,
+    cfg: &LinkConfig,
+    now: Time,
+) -> PreviewLinkStatus {
+    let mut st = link.status.clone().unwrap_or_default();
+    let (ns, name) = (link.namespace().unwrap_or_default(), link.name_any());
+    let (url, path_url) = cfg.urls(&ns, &name);
+    st.url = Some(url);
+    st.path_url = Some(path_url);
+    st.target = Some(link.spec.target.display_name());
+    st.observed_generation = link.metadata.generation;
+    st.expires_at = expires_at(link).map(Time);
+    st.token_hash = Some(token_hash.to_owned());
+    st.token_secret_ref = Some(SecretRef {
+        name: token_secret_name(&name),
+    });
+    let (phase, ready, reason, message) = match outcome {
+        LinkOutcome::Ready { upstream } => {
+            st.upstream = Some(upstream.clone());
+            (
+                LinkPhase::Ready,
+                true,
+                "Serving".to_owned(),
+                format!("serving port {} through {upstream}", link.spec.port),
+            )
+        }
+        LinkOutcome::Pending { reason, message } => {
+            st.upstream = None;
+            (LinkPhase::Pending, false, reason.clone(), message.clone())
+        }
+        LinkOutcome::Expired => {
+            st.upstream = None;
+            (
+                LinkPhase::Expired,
+                false,
+                "Expired".to_owned(),
+                "the link has expired".to_owned(),
+            )
+        }
+        LinkOutcome::Failed { reason, message } => {
+            st.upstream = None;
+            (
+                LinkPhase::Failed,
+                false,
+                (*reason).to_owned(),
+                message.clone(),
+            )
+        }
+    };
+    st.phase = Some(phase);
+    let mut cond = conditions::condition(READY, ready, &reason, message, link.metadata.generation);
+    cond.last_transition_time = now;
+    conditions::set_condition(&mut st.conditions, cond);
+    st
+}
+
+/// Entry point for the controller.
+#[instrument(skip(link, ctx), fields(namespace = link.namespace().unwrap_or_default(), name = link.name_any()))]
+pub async fn reconcile<R: ContainerRuntime>(
+    link: Arc<PreviewLink>,
+    ctx: Arc<Context<R>>,
+) -> Result<Action, Error> {
+    ctx.metrics.reconciled(CONTROLLER);
+    let api: Api<PreviewLink> =
+        Api::namespaced(ctx.client.clone(), &link.namespace().unwrap_or_default());
+    finalizer(&api, FINALIZER, link, |event| async {
+        match event {
+            Finalizer::Apply(l) => apply(l, &ctx).await,
+            Finalizer::Cleanup(l) => cleanup(l, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// Retries failures with per-object exponential backoff.
+pub fn error_policy<R: ContainerRuntime>(
+    link: Arc<PreviewLink>,
+    err: &Error,
+    ctx: Arc<Context<R>>,
+) -> Action {
+    let reason = err.metric_label();
+    ctx.metrics.failed(CONTROLLER, &reason);
+    let delay = ctx.backoff.failed(&link.uid().unwrap_or_default());
+    tracing::info!(name = %link.name_any(), %reason, error = %err, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+async fn apply<R: ContainerRuntime>(
+    link: Arc<PreviewLink>,
+    ctx: &Context<R>,
+) -> Result<Action, Error> {
+    let token = ensure_token(ctx, &link).await?;
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let expiry = expires_at(&link);
+    let outcome = if expiry.is_some_and(|e| e <= now) {
+        LinkOutcome::Expired
+    } else {
+        resolve_upstream(ctx, &link).await?
+    };
+    let status = status_for(&link, &outcome, &token_hash(&token), &ctx.links, Time(now));
+    if link.status.as_ref() != Some(&status) {
+        let api: Api<PreviewLink> =
+            Api::namespaced(ctx.client.clone(), &link.namespace().unwrap_or_default());
+        let patch: json_patch::Patch =
+            serde_json::from_value(json!([{"op": "add", "path": "/status", "value": status}]))
+                .map_err(|e| Error::Injection {
+                    reason: "InternalError",
+                    message: format!("cannot encode status: {e}"),
+                })?;
+        api.patch_status(
+            &link.name_any(),
+            &PatchParams::default(),
+            &Patch::<()>::Json(patch),
+        )
+        .await
+        .map_err(Error::Kube)?;
+    }
+    let until_expiry =
+        expiry.and_then(|e| std::time::Duration::try_from(e.duration_since(now)).ok());
+    match outcome {
+        LinkOutcome::Failed { reason, message } => Err(Error::Injection { reason, message }),
+        LinkOutcome::Expired => Ok(Action::await_change()),
+        _ => {
+            ctx.backoff.reset(&link.uid().unwrap_or_default());
+            Ok(Action::requeue(
+                until_expiry.map_or(RECHECK, |d| d.min(RECHECK)),
+            ))
+        }
+    }
+}
+
+/// The token Secret's value, created (32 random bytes, URL-safe) on first use.
+async fn ensure_token<R: ContainerRuntime>(
+    ctx: &Context<R>,
+    link: &PreviewLink,
+) -> Result<String, Error> {
+    let ns = link.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = token_secret_name(&link.name_any());
+    let read = |s: &Secret| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get(TOKEN_KEY))
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+    };
+    if let Some(token) = api
+        .get_opt(&name)
+        .await
+        .map_err(Error::Kube)?
+        .as_ref()
+        .and_then(read)
+    {
+        return Ok(token);
+    }
+    let token = {
+        use base64::Engine;
+        use rand::Rng;
+        let bytes: [u8; 32] = rand::rng().random();
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    };
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(ns),
+            owner_references: link.controller_owner_ref(&()).map(|r| vec![r]),
+            labels: Some([(MANAGED_BY.to_owned(), "previewd".to_owned())].into()),
+            ..Default::default()
+        },
+        data: Some([(TOKEN_KEY.to_owned(), ByteString(token.clone().into_bytes()))].into()),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(token),
+        Err(kube::Error::Api(e)) if e.code == 409 => api
+            .get(&name)
+            .await
+            .map_err(Error::Kube)
+            .map(|s| read(&s).unwrap_or_default()),
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+async fn resolve_upstream<R: ContainerRuntime>(
+    ctx: &Context<R>,
+    link: &PreviewLink,
+) -> Result<LinkOutcome, Error> {
+    let Target::Docker(docker_target) = &link.spec.target else {
+        return Ok(LinkOutcome::Failed {
+            reason: "UnsupportedTarget",
+            message: "pod targets are served when previewd runs in Kubernetes mode".into(),
+        });
+    };
+    let port = link.spec.port;
+    match link.spec.via {
+        Via::Agent => {
+            let di = ensure_injection(ctx, link, docker_target).await?;
+            let st = di.status.unwrap_or_default();
+            match (st.phase, st.endpoint) {
+                (Some(DaemonPhase::Running), Some(endpoint)) if endpoint == "exec" => {
+                    Ok(LinkOutcome::Ready {
+                        upstream: format!(
+                            "agent+exec://{}/{port}",
+                            st.container_id.unwrap_or_default()
+                        ),
+                    })
+                }
+                (Some(DaemonPhase::Running), Some(endpoint)) => Ok(LinkOutcome::Ready {
+                    upstream: format!("agent://{endpoint}/{port}"),
+                }),
+                _ => {
+                    let why = conditions::find(&st.conditions, READY)
+                        .map(|c| (c.reason.clone(), c.message.clone()));
+                    let (reason, message) = why.unwrap_or_else(|| {
+                        (
+                            "Injecting".into(),
+                            "waiting for the agent to be injected".into(),
+                        )
+                    });
+                    Ok(LinkOutcome::Pending {
+                        reason: format!("Agent{reason}"),
+                        message: format!(
+                            "agent {}: {message}",
+                            di.metadata.name.unwrap_or_default()
+                        ),
+                    })
+                }
+            }
+        }
+        Via::Direct => {
+            let docker = match &ctx.docker {
+                Ok(d) => d,
+                Err(e) => {
+                    return Ok(LinkOutcome::Failed {
+                        reason: "DockerUnavailable",
+                        message: format!("the Docker engine is unavailable: {e}"),
+                    });
+                }
+            };
+            match docker.resolve(&docker_target.container).await {
+                Ok(info) if !info.running => Ok(LinkOutcome::Pending {
+                    reason: "ContainerNotRunning".into(),
+                    message: format!("container {} is {}", info.name, info.state),
+                }),
+                Ok(info) => match info.ips.first() {
+                    Some(ip) => Ok(LinkOutcome::Ready {
+                        upstream: format!(
+                            "http://{}",
+                            SocketAddr::new(*ip, u16::try_from(port).unwrap_or(0))
+                        ),
+                    }),
+                    None => Ok(LinkOutcome::Failed {
+                        reason: "NoRoute",
+                        message: format!(
+                            "container {} has no routable address; use via: agent",
+                            info.name
+                        ),
+                    }),
+                },
+                Err(e @ RuntimeError::ContainerNotFound(_)) => Ok(LinkOutcome::Failed {
+                    reason: "ContainerNotFound",
+                    message: e.to_string(),
+                }),
+                Err(e) => Ok(LinkOutcome::Failed {
+                    reason: "DockerUnavailable",
+                    message: e.to_string(),
+                }),
+            }
+        }
+    }
+}
+
+fn owner_ref(link: &PreviewLink) -> Option<OwnerReference> {
+    link.object_ref(&()).uid.map(|uid| OwnerReference {
+        api_version: crate::resources::API_VERSION.into(),
+        kind: "PreviewLink".into(),
+        name: link.name_any(),
+        uid,
+        ..Default::default()
+    })
+}
+
+/// The shared DaemonInjection for the link's container, created or listing this link as an
+/// owner.
+async fn ensure_injection<R: ContainerRuntime>(
+    ctx: &Context<R>,
+    link: &PreviewLink,
+    target: &DockerTarget,
+) -> Result<DaemonInjection, Error> {
+    let ns = link.namespace().unwrap_or_default();
+    let api: Api<DaemonInjection> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = injection_name(target);
+    let me = owner_ref(link);
+    if let Some(di) = api.get_opt(&name).await.map_err(Error::Kube)? {
+        let owners = di.metadata.owner_references.clone().unwrap_or_default();
+        let Some(me) = me.filter(|m| !owners.iter().any(|o| o.uid == m.uid)) else {
+            return Ok(di);
+        };
+        let mut updated = owners;
+        updated.push(me);
+        let patch = json!({"metadata": {"ownerReferences": updated}});
+        return api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .map_err(Error::Kube);
+    }
+    let mut di = DaemonInjection::new(
+        &name,
+        DaemonInjectionSpec {
+            target: Target::Docker(target.clone()),
+            daemon: None,
+        },
+    );
+    di.metadata.namespace = Some(ns);
+    di.metadata.owner_references = me.map(|m| vec![m]);
+    di.metadata.labels = Some([(MANAGED_BY.to_owned(), "previewd".to_owned())].into());
+    match api.create(&PostParams::default(), &di).await {
+        Ok(created) => Ok(created),
+        Err(kube::Error::Api(e)) if e.code == 409 => api.get(&name).await.map_err(Error::Kube),
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+async fn cleanup<R: ContainerRuntime>(
+    link: Arc<PreviewLink>,
+    ctx: &Context<R>,
+) -> Result<Action, Error> {
+    let ns = link.namespace().unwrap_or_default();
+    if let (Target::Docker(target), Some(uid)) = (&link.spec.target, link.uid()) {
+        let api: Api<DaemonInjection> = Api::namespaced(ctx.client.clone(), &ns);
+        let name = injection_name(target);
+        if let Some(di) = api.get_opt(&name).await.map_err(Error::Kube)? {
+            let owners: Vec<OwnerReference> = di
+                .metadata
+                .owner_references
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|o| o.uid != uid)
+                .collect();
+            let managed = di.labels().get(MANAGED_BY).map(String::as_str) == Some("previewd");
+            if owners.is_empty() && managed {
+                match api.delete(&name, &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(Error::Kube(e)),
+                }
+            } else if owners.len() != di.metadata.owner_references.as_ref().map_or(0, Vec::len) {
+                let patch = json!({"metadata": {"ownerReferences": owners}});
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await
+                    .map_err(Error::Kube)?;
+            }
+        }
+    }
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    match secrets
+        .delete(
+            &token_secret_name(&link.name_any()),
+            &DeleteParams::default(),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(Error::Kube(e)),
+    }
+    ctx.backoff.reset(&link.uid().unwrap_or_default());
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::PreviewLinkSpec;
+
+    fn cfg(style: UrlStyle) -> LinkConfig {
+        LinkConfig {
+            preview_domain: "preview.localhost".into(),
+            url_style: style,
+            proxy_addr: "127.0.0.1:8002".parse().unwrap_or_else(|e| panic!("{e}")),
+        }
+    }
+
+    fn link() -> PreviewLink {
+        let mut l = PreviewLink::new(
+            "web",
+            PreviewLinkSpec::new(
+                Target::Docker(DockerTarget {
+                    container: "My_App".into(),
+                }),
+                3000,
+            ),
+        );
+        l.metadata.namespace = Some("default".into());
+        l.metadata.generation = Some(2);
+        l
+    }
+
+    #[test]
+    fn urls_in_both_styles() {
+        assert_eq!(
+            cfg(UrlStyle::Subdomain).urls("default", "web").0,
+            "http://web.default.preview.localhost:8002/"
+        );
+        assert_eq!(
+            cfg(UrlStyle::Subdomain).urls("default", "web").1,
+            "http://127.0.0.1:8002/p/web.default/"
+        );
+        assert_eq!(
+            cfg(UrlStyle::Path).urls("dev", "a.b").0,
+            "http://127.0.0.1:8002/p/a.b.dev/"
+        );
+    }
+
+    #[test]
+    fn injection_names_are_dns_labels_and_distinct() {
+        let a = injection_name(&DockerTarget {
+            container: "My_App".into(),
+        });
+        let b = injection_name(&DockerTarget {
+            container: "my-app".into(),
+        });
+        assert!(a.starts_with("link-my-app-") && a != b, "{a} {b}");
+        let long = injection_name(&DockerTarget {
+            container: "x".repeat(128),
+        });
+        assert!(
+            crate::resources::validation::dns1123_subdomain("n", &long).is_ok() && long.len() <= 63,
+            "{long}"
+        );
+    }
+
+    #[test]
+    fn ready_status_holds_the_hash_never_the_token() {
+        let st = status_for(
+            &link(),
+            &LinkOutcome::Ready {
+                upstream: "agent://172.17.0.2:4000/3000".into(),
+            },
+            &token_hash("secret-token"),
+            &cfg(UrlStyle::Subdomain),
+            Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        );
+        assert_eq!(st.phase, Some(LinkPhase::Ready));
+        assert_eq!(
+            st.token_hash.as_deref(),
+            Some(token_hash("secret-token").as_str())
+        );
+        assert!(
+            !serde_json::to_string(&st)
+                .unwrap_or_default()
+                .contains("secret-token")
+        );
+        assert_eq!(
+            st.token_secret_ref.map(|r| r.name),
+            Some("previewd-link-web".into())
+        );
+        assert_eq!(st.observed_generation, Some(2));
+        assert_eq!(st.upstream.as_deref(), Some("agent://172.17.0.2:4000/3000"));
+    }
+
+    #[test]
+    fn ttl_counts_from_creation_and_expiry_clears_the_upstream() {
+        let mut l = link();
+        l.spec.ttl = "90s".parse().ok();
+        l.metadata.creation_timestamp = Some(Time(
+            k8s_openapi::jiff::Timestamp::from_second(1000)
+                .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        ));
+        assert_eq!(expires_at(&l).map(|t| t.as_second()), Some(1090));
+        l.status = Some(status_for(
+            &l,
+            &LinkOutcome::Ready {
+                upstream: "u".into(),
+            },
+            "h",
+            &cfg(UrlStyle::Path),
+            Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        ));
+        let st = status_for(
+            &l,
+            &LinkOutcome::Expired,
+            "h",
+            &cfg(UrlStyle::Path),
+            Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        );
+        assert_eq!((st.phase, st.upstream), (Some(LinkPhase::Expired), None));
+    }
+}
