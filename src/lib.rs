@@ -8,6 +8,7 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod metrics;
+pub mod proxy;
 pub mod resources;
 pub mod runtime;
 pub mod serve;

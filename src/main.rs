@@ -226,15 +226,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let controller = ControllerConfig {
                 agent_binary: agent_binary.unwrap_or_else(AgentBinary::default_path),
                 agent_port,
-                links: LinkConfig {
-                    preview_domain,
-                    url_style,
-                    proxy_addr: proxy_listen,
-                },
+            };
+            let links = LinkConfig {
+                preview_domain,
+                url_style,
+                proxy_addr: proxy_listen,
             };
             let config = ServeConfig {
                 api_listen,
                 state_dir,
+                links,
                 controller: controllers.then_some(controller),
             };
             serve::run(config, shutdown_signal()).await?;

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::controller::link::LinkConfig;
 use crate::controller::{self, ControllerConfig};
 use crate::metrics::Metrics;
 use crate::store::disk::OpenError;
@@ -17,7 +18,9 @@ pub struct ServeConfig {
     pub api_listen: SocketAddr,
     /// The local YAML store's directory.
     pub state_dir: PathBuf,
-    /// How the controllers run; `None` serves the API alone.
+    /// Where and how preview links are served (the proxy's listen address and domain).
+    pub links: LinkConfig,
+    /// How the controllers run; `None` serves the API (and the proxy) alone.
     pub controller: Option<ControllerConfig>,
 }
 
@@ -63,26 +66,47 @@ pub async fn run(
         })?;
     let addr = listener.local_addr().map_err(ServeError::Serve)?;
     tracing::info!(%addr, "API listening (kubectl --server http://{addr})");
+    let proxy_listener = tokio::net::TcpListener::bind(config.links.proxy_addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.links.proxy_addr,
+            source,
+        })?;
+    let proxy_addr = proxy_listener.local_addr().map_err(ServeError::Serve)?;
+    tracing::info!(%proxy_addr, "preview proxy listening");
+    // Link URLs name the address actually bound (port 0 picks one).
+    let links = LinkConfig {
+        proxy_addr,
+        ..config.links
+    };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    // The controllers talk to the same router in-process: no socket, one implementation.
+    // The controllers and the proxy talk to the same router in-process: no socket, one
+    // implementation.
     let client = kube::Client::new(
         crate::api::router(store.clone(), metrics.clone()),
         "default",
     );
+    let proxy = tokio::spawn(crate::proxy::run(
+        client.clone(),
+        proxy_listener,
+        links.preview_domain.clone(),
+        stopped(stop_rx.clone()),
+    ));
     let controllers = config.controller.map(|c| {
         tokio::spawn(controller::run(
             client,
             c,
+            links,
             metrics.clone(),
             stopped(stop_rx.clone()),
         ))
     });
     if controllers.is_none() {
-        tracing::info!("controllers are off: serving the API only");
+        tracing::info!("controllers are off: serving the API and the proxy only");
     }
 
     let app = crate::api::router(store.clone(), metrics);
@@ -98,6 +122,11 @@ pub async fn run(
         .map_err(ServeError::Serve);
     if let Some(c) = controllers {
         let _ = c.await;
+    }
+    match proxy.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "the preview proxy failed"),
+        Err(e) => tracing::warn!(error = %e, "the preview proxy task failed"),
+        Ok(Ok(())) => {}
     }
     served
 }

@@ -111,15 +111,14 @@ pub struct ControllerConfig {
     pub agent_binary: PathBuf,
     /// Port the built-in agent listens on inside containers (0: a free one, chosen by the kernel).
     pub agent_port: u16,
-    /// How preview links are addressed.
-    pub links: link::LinkConfig,
 }
 
-/// Connects to Docker (when reachable) and runs the DaemonInjection controller until
+/// Connects to Docker (when reachable) and runs the controllers until
 /// `shutdown` resolves.
 pub async fn run(
     client: Client,
     config: ControllerConfig,
+    links: link::LinkConfig,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
@@ -150,7 +149,7 @@ pub async fn run(
         metrics,
         backoff: backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(120)),
         agent_port: config.agent_port,
-        links: config.links,
+        links,
     });
     run_with(ctx, shutdown).await
 }

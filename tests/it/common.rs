@@ -44,6 +44,8 @@ pub struct Server {
     child: Child,
     /// `http://127.0.0.1:PORT`.
     pub url: String,
+    /// The preview proxy's address.
+    pub proxy: std::net::SocketAddr,
     /// Every log line (JSON) the server printed so far.
     pub logs: Arc<Mutex<Vec<String>>>,
 }
@@ -70,6 +72,8 @@ impl Server {
                 "serve",
                 "--api-listen",
                 "127.0.0.1:0",
+                "--proxy-listen",
+                "127.0.0.1:0",
                 "--log-format",
                 "json",
                 "--state-dir",
@@ -88,27 +92,50 @@ impl Server {
         let sink = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line)
-                    && let Some(addr) = v.pointer("/fields/addr").and_then(Value::as_str)
-                {
-                    let _ = tx.send(addr.to_owned());
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    for field in ["addr", "proxy_addr"] {
+                        if let Some(a) = v
+                            .pointer(&format!("/fields/{field}"))
+                            .and_then(Value::as_str)
+                        {
+                            let _ = tx.send((field, a.to_owned()));
+                        }
+                    }
                 }
                 sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
         });
-        match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(addr) => Ok(Server {
-                child,
-                url: format!("http://{addr}"),
-                logs,
-            }),
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                std::thread::sleep(Duration::from_millis(100));
-                Err(logs.lock().unwrap_or_else(|p| p.into_inner()).join("\n"))
+        // The server announces the API address, then the proxy's.
+        let mut announced = std::collections::HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while announced.len() < 2 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((field, addr)) => {
+                    announced.insert(field, addr);
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    std::thread::sleep(Duration::from_millis(100));
+                    return Err(logs.lock().unwrap_or_else(|p| p.into_inner()).join("\n"));
+                }
             }
         }
+        let url = format!(
+            "http://{}",
+            announced.get("addr").map_or("", String::as_str)
+        );
+        let proxy = announced
+            .get("proxy_addr")
+            .and_then(|a| a.parse().ok())
+            .ok_or("unreadable proxy address")?;
+        Ok(Server {
+            child,
+            url,
+            proxy,
+            logs,
+        })
     }
 
     /// A kube client talking to this server over HTTP.

@@ -715,13 +715,14 @@ async fn preview_links_share_an_agent_hold_a_token_hash_and_clean_up() {
             .is_some_and(|u| u.starts_with("agent://") && u.ends_with("/3000")),
         "{st:?}"
     );
+    let port = server.proxy.port();
     assert_eq!(
-        st.url.as_deref(),
-        Some("http://app.default.preview.localhost:8002/")
+        st.url,
+        Some(format!("http://app.default.preview.localhost:{port}/"))
     );
     assert_eq!(
-        st.path_url.as_deref(),
-        Some("http://127.0.0.1:8002/p/app.default/")
+        st.path_url,
+        Some(format!("http://127.0.0.1:{port}/p/app.default/"))
     );
 
     // One shared agent for both links to the container, owned by both.

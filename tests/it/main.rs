@@ -8,3 +8,4 @@ mod docker;
 mod durability;
 mod embedded_api;
 mod kubectl;
+mod proxy;

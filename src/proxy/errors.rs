@@ -1,0 +1,133 @@
+//! The proxy's explicit errors: a machine-readable code, JSON for API clients and a small
+//! HTML page for browsers. Never a silent fallback to somewhere else.
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Why the proxy did not forward a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProxyError {
+    /// No link answers to this host or path.
+    LinkNotFound,
+    /// A token link was asked without a token.
+    TokenMissing,
+    /// The token does not match the link.
+    TokenInvalid,
+    /// The link is past `expiresAt`.
+    LinkExpired,
+    /// The link is not Ready (its container or agent is not there yet).
+    TargetNotReady(String),
+    /// The upstream (or the agent) cannot be reached.
+    UpstreamUnreachable(String),
+    /// The agent is there, but nothing listens on the port.
+    PortClosed(u16),
+}
+
+impl ProxyError {
+    /// Status code and machine-readable code.
+    pub fn code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ProxyError::LinkNotFound => (StatusCode::NOT_FOUND, "LINK_NOT_FOUND"),
+            ProxyError::TokenMissing => (StatusCode::UNAUTHORIZED, "TOKEN_MISSING"),
+            ProxyError::TokenInvalid => (StatusCode::FORBIDDEN, "TOKEN_INVALID"),
+            ProxyError::LinkExpired => (StatusCode::GONE, "LINK_EXPIRED"),
+            ProxyError::TargetNotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "TARGET_NOT_READY"),
+            ProxyError::UpstreamUnreachable(_) => (StatusCode::BAD_GATEWAY, "UPSTREAM_UNREACHABLE"),
+            ProxyError::PortClosed(_) => (StatusCode::BAD_GATEWAY, "PORT_CLOSED"),
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            ProxyError::LinkNotFound => "no preview link answers here".into(),
+            ProxyError::TokenMissing => {
+                "this preview link needs a token: the X-Previewd-Token header or ?previewd_token="
+                    .into()
+            }
+            ProxyError::TokenInvalid => "the token does not match this preview link".into(),
+            ProxyError::LinkExpired => "this preview link has expired".into(),
+            ProxyError::TargetNotReady(why) => format!("the preview target is not ready: {why}"),
+            ProxyError::UpstreamUnreachable(why) => {
+                format!("the preview target cannot be reached: {why}")
+            }
+            ProxyError::PortClosed(port) => {
+                format!("nothing listens on port {port} in the container")
+            }
+        }
+    }
+
+    /// The response, as HTML when the client prefers it (a browser), else JSON.
+    pub fn respond(&self, request_headers: &HeaderMap) -> Response {
+        let (status, code) = self.code();
+        let message = self.message();
+        let browser = request_headers
+            .get(header::ACCEPT)
+            .and_then(|a| a.to_str().ok())
+            .is_some_and(|a| a.contains("text/html"));
+        let mut resp = if browser {
+            let page = format!(
+                "<!doctype html><meta charset=utf-8><title>{code}</title><h1>{status}</h1><p>{}</p><p><code>{code}</code></p>\n",
+                html_escape(&message)
+            );
+            (
+                status,
+                [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+                page,
+            )
+                .into_response()
+        } else {
+            (
+                status,
+                axum::Json(json!({"error": code, "message": message})),
+            )
+                .into_response()
+        };
+        if matches!(self, ProxyError::TargetNotReady(_)) {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        }
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp
+    }
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn browsers_get_html_and_clients_json() {
+        let mut browser = HeaderMap::new();
+        browser.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("text/html,application/xhtml+xml"),
+        );
+        let r = ProxyError::TargetNotReady("<agent>".into()).respond(&browser);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            r.headers().get(header::RETRY_AFTER).map(|v| v.as_bytes()),
+            Some(&b"2"[..])
+        );
+        assert!(
+            r.headers()
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"text/html"))
+        );
+        let r = ProxyError::TokenInvalid.respond(&HeaderMap::new());
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert!(
+            r.headers()
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/json"))
+        );
+    }
+}

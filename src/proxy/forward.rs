@@ -1,0 +1,227 @@
+//! Forwarding one request upstream: streaming bodies both ways (no buffering), WebSocket and
+//! any other `Upgrade` spliced after the 101, hop-by-hop headers removed, `X-Forwarded-*` set.
+
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::agent::client::{self as agent, AgentError};
+use crate::proxy::errors::ProxyError;
+use crate::proxy::routes::Upstream;
+
+/// Buffer size for spliced upgraded connections (WebSocket frames up to this size move in one
+/// read).
+const SPLICE_BUFFER: usize = 64 * 1024;
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Whether the request asks for a protocol upgrade (WebSocket, h2c, …).
+fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
+    let connection_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        });
+    connection_upgrade
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Removes hop-by-hop headers (and those named in `Connection`), keeping an upgrade request's
+/// `Connection: upgrade` + `Upgrade`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let upgrade = upgrade_of(headers);
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| {
+            v.split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for h in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(h);
+    }
+    if let Some(proto) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto);
+    }
+}
+
+/// Sets `X-Forwarded-For/-Proto/-Host` (appending to a forwarded-for chain).
+pub fn add_forwarded(
+    headers: &mut HeaderMap,
+    client: Option<SocketAddr>,
+    original_host: Option<&HeaderValue>,
+) {
+    if let Some(c) = client {
+        let chain = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {}", c.ip()),
+            None => c.ip().to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&chain) {
+            headers.insert("x-forwarded-for", v);
+        }
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Some(h) = original_host {
+        headers.insert("x-forwarded-host", h.clone());
+    }
+}
+
+async fn open(upstream: &Upstream, agent_secret: Option<&str>) -> Result<TcpStream, ProxyError> {
+    let addr = match upstream {
+        Upstream::Agent { agent, .. } => *agent,
+        Upstream::Direct(addr) => *addr,
+    };
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| ProxyError::UpstreamUnreachable(format!("{addr}: {e}")))?;
+    // Small writes (WebSocket frames, SSE events) must not wait for Nagle.
+    let _ = stream.set_nodelay(true);
+    match upstream {
+        Upstream::Direct(_) => Ok(stream),
+        Upstream::Agent { port, .. } => {
+            let secret = agent_secret.ok_or_else(|| {
+                ProxyError::TargetNotReady("the agent's secret is not known yet".into())
+            })?;
+            agent::connect(stream, secret, *port)
+                .await
+                .map_err(|e| match e {
+                    AgentError::PortClosed { port } => ProxyError::PortClosed(port),
+                    other => ProxyError::UpstreamUnreachable(format!("agent: {other}")),
+                })
+        }
+    }
+}
+
+/// Sends `req` (already rewritten: origin-form URI, headers) upstream and returns the
+/// response with its body streaming. For an upgrade, the two connections are spliced after
+/// the 101.
+pub async fn forward(
+    upstream: &Upstream,
+    agent_secret: Option<&str>,
+    mut req: Request<Body>,
+) -> Result<Response<Body>, ProxyError> {
+    let stream = open(upstream, agent_secret).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ProxyError::UpstreamUnreachable(e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+    });
+    let client_upgrade = upgrade_of(req.headers()).map(|_| hyper::upgrade::on(&mut req));
+    let mut resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| ProxyError::UpstreamUnreachable(e.to_string()))?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client, upstream)) => {
+                    let (mut c, mut u) = (TokioIo::new(client), TokioIo::new(upstream));
+                    if let Err(e) = tokio::io::copy_bidirectional_with_sizes(
+                        &mut c,
+                        &mut u,
+                        SPLICE_BUFFER,
+                        SPLICE_BUFFER,
+                    )
+                    .await
+                    {
+                        tracing::debug!(error = %e, "upgraded connection ended");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        });
+    }
+    let (mut parts, body) = resp.into_parts();
+    if parts.status != StatusCode::SWITCHING_PROTOCOLS {
+        strip_hop_by_hop(&mut parts.headers);
+    }
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_but_upgrades_stay() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer app"),
+        );
+        strip_hop_by_hop(&mut h);
+        assert!(
+            h.get("x-secret").is_none()
+                && h.get("keep-alive").is_none()
+                && h.get(header::CONNECTION).is_none()
+        );
+        assert!(h.get(header::AUTHORIZATION).is_some());
+
+        let mut ws = HeaderMap::new();
+        ws.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        ws.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut ws);
+        assert_eq!(
+            ws.get(header::UPGRADE).map(|v| v.as_bytes()),
+            Some(&b"websocket"[..])
+        );
+        assert_eq!(
+            ws.get(header::CONNECTION).map(|v| v.as_bytes()),
+            Some(&b"upgrade"[..])
+        );
+    }
+
+    #[test]
+    fn forwarded_headers_chain() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.1.1.1"));
+        add_forwarded(
+            &mut h,
+            "127.0.0.1:5555".parse().ok(),
+            Some(&HeaderValue::from_static(
+                "web.default.preview.localhost:8002",
+            )),
+        );
+        assert_eq!(
+            h.get("x-forwarded-for").map(|v| v.as_bytes()),
+            Some(&b"10.1.1.1, 127.0.0.1"[..])
+        );
+        assert_eq!(
+            h.get("x-forwarded-host").map(|v| v.as_bytes()),
+            Some(&b"web.default.preview.localhost:8002"[..])
+        );
+    }
+}

@@ -1,0 +1,218 @@
+//! From a request to a link, and from a link's status to an upstream: pure functions over
+//! what the reflectors hold (no API call per request).
+
+use std::net::SocketAddr;
+
+use crate::proxy::errors::ProxyError;
+use crate::resources::PreviewLink;
+use crate::resources::conditions::{self, READY};
+use crate::resources::preview_link::{Access, LinkPhase};
+
+/// Which link a request names, and the path to forward.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Routed {
+    /// Link namespace.
+    pub namespace: String,
+    /// Link name.
+    pub name: String,
+    /// Path (and nothing else) to send upstream, starting with `/`.
+    pub path: String,
+    /// The prefix the link is served under (`/` for host routing, `/p/{id}/` for paths):
+    /// where its cookie applies.
+    pub prefix: String,
+}
+
+/// Splits `{name}.{namespace}` (namespaces have no dots).
+fn split_id(id: &str) -> Option<(String, String)> {
+    let (name, ns) = id.rsplit_once('.')?;
+    (!name.is_empty() && !ns.is_empty()).then(|| (ns.to_owned(), name.to_owned()))
+}
+
+/// Routes by host (`{name}.{namespace}.{domain}`) or by path (`/p/{name}.{namespace}/…`).
+/// Host routing wins when the host is under the preview domain.
+pub fn route(host: Option<&str>, path: &str, domain: &str) -> Option<Routed> {
+    let host = host.map(|h| {
+        h.rsplit_once(':')
+            .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(h, |(h, _)| h)
+    });
+    if let Some(id) = host.and_then(|h| {
+        h.to_ascii_lowercase()
+            .strip_suffix(&format!(".{domain}"))
+            .map(str::to_owned)
+    }) {
+        let (namespace, name) = split_id(&id)?;
+        return Some(Routed {
+            namespace,
+            name,
+            path: path.to_owned(),
+            prefix: "/".into(),
+        });
+    }
+    let rest = path.strip_prefix("/p/")?;
+    let (id, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    let (namespace, name) = split_id(id)?;
+    Some(Routed {
+        namespace,
+        name,
+        path: format!("/{tail}"),
+        prefix: format!("/p/{id}/"),
+    })
+}
+
+/// Where a Ready link's traffic goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Upstream {
+    /// Through the agent at `agent`, to `127.0.0.1:{port}` inside the container.
+    Agent {
+        /// The agent's address.
+        agent: SocketAddr,
+        /// The port inside the container.
+        port: u16,
+    },
+    /// Straight to the container.
+    Direct(SocketAddr),
+}
+
+/// Parses `status.upstream` (`agent://ip:port/{port}` or `http://ip:port`).
+pub fn parse_upstream(upstream: &str) -> Result<Upstream, ProxyError> {
+    if let Some(rest) = upstream.strip_prefix("agent://") {
+        let (agent, port) = rest.rsplit_once('/').ok_or_else(|| {
+            ProxyError::UpstreamUnreachable(format!("malformed upstream {upstream:?}"))
+        })?;
+        return match (agent.parse(), port.parse()) {
+            (Ok(agent), Ok(port)) => Ok(Upstream::Agent { agent, port }),
+            _ => Err(ProxyError::UpstreamUnreachable(format!(
+                "malformed upstream {upstream:?}"
+            ))),
+        };
+    }
+    if let Some(addr) = upstream.strip_prefix("http://") {
+        return addr
+            .trim_end_matches('/')
+            .parse()
+            .map(Upstream::Direct)
+            .map_err(|_| {
+                ProxyError::UpstreamUnreachable(format!("malformed upstream {upstream:?}"))
+            });
+    }
+    Err(ProxyError::UpstreamUnreachable(format!(
+        "upstream {upstream:?} is not served by this proxy yet"
+    )))
+}
+
+/// What a link allows now: its upstream and whether a token is needed, or why not.
+pub fn admit(
+    link: &PreviewLink,
+    now: k8s_openapi::jiff::Timestamp,
+) -> Result<(Upstream, Option<String>), ProxyError> {
+    let st = link
+        .status
+        .as_ref()
+        .ok_or_else(|| ProxyError::TargetNotReady("not reconciled yet".into()))?;
+    if st.phase == Some(LinkPhase::Expired) || st.expires_at.as_ref().is_some_and(|e| e.0 <= now) {
+        return Err(ProxyError::LinkExpired);
+    }
+    let token_hash = match link.spec.access {
+        Access::Public => None,
+        Access::Token => Some(
+            st.token_hash
+                .clone()
+                .ok_or_else(|| ProxyError::TargetNotReady("no token issued yet".into()))?,
+        ),
+    };
+    match (&st.phase, &st.upstream) {
+        (Some(LinkPhase::Ready), Some(u)) => Ok((parse_upstream(u)?, token_hash)),
+        _ => {
+            let why = conditions::find(&st.conditions, READY)
+                .map_or_else(|| "waiting".to_owned(), |c| c.message.clone());
+            Err(ProxyError::TargetNotReady(why))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::target::{DockerTarget, Target};
+    use crate::resources::{PreviewLinkSpec, PreviewLinkStatus};
+
+    #[test]
+    fn hosts_and_paths() {
+        let d = "preview.localhost";
+        let r = route(Some("web.default.preview.localhost:8002"), "/a?b", d);
+        assert_eq!(
+            r.map(|r| (r.namespace, r.name, r.path, r.prefix)),
+            Some(("default".into(), "web".into(), "/a?b".into(), "/".into()))
+        );
+        let r = route(Some("127.0.0.1:8002"), "/p/a.b.dev/x/y", d);
+        assert_eq!(
+            r.map(|r| (r.namespace, r.name, r.path, r.prefix)),
+            Some((
+                "dev".into(),
+                "a.b".into(),
+                "/x/y".into(),
+                "/p/a.b.dev/".into()
+            ))
+        );
+        assert_eq!(
+            route(Some("evil.example.com"), "/", d),
+            None,
+            "foreign hosts route nowhere"
+        );
+        assert_eq!(route(Some("127.0.0.1"), "/p/nodot/", d), None);
+        assert_eq!(route(None, "/other", d), None);
+    }
+
+    #[test]
+    fn upstreams_parse_and_unknown_forms_are_refused() {
+        assert_eq!(
+            parse_upstream("agent://172.17.0.2:4567/3000"),
+            Ok(Upstream::Agent {
+                agent: "172.17.0.2:4567".parse().unwrap_or_else(|e| panic!("{e}")),
+                port: 3000
+            })
+        );
+        assert_eq!(
+            parse_upstream("http://172.17.0.3:8080"),
+            Ok(Upstream::Direct(
+                "172.17.0.3:8080".parse().unwrap_or_else(|e| panic!("{e}"))
+            ))
+        );
+        assert!(
+            parse_upstream("http://evil.example.com:80").is_err(),
+            "names are never resolved"
+        );
+        assert!(parse_upstream("ftp://x").is_err());
+    }
+
+    #[test]
+    fn only_ready_unexpired_links_are_admitted() {
+        let mut link = PreviewLink::new(
+            "web",
+            PreviewLinkSpec::new(
+                Target::Docker(DockerTarget {
+                    container: "c".into(),
+                }),
+                3000,
+            ),
+        );
+        let now = k8s_openapi::jiff::Timestamp::from_second(1000)
+            .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        assert!(matches!(
+            admit(&link, now),
+            Err(ProxyError::TargetNotReady(_))
+        ));
+        link.status = Some(PreviewLinkStatus {
+            phase: Some(LinkPhase::Ready),
+            upstream: Some("http://10.0.0.1:80".into()),
+            token_hash: Some("h".into()),
+            ..Default::default()
+        });
+        assert_eq!(admit(&link, now).map(|(_, h)| h), Ok(Some("h".into())));
+        if let Some(s) = link.status.as_mut() {
+            s.expires_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
+        }
+        assert_eq!(admit(&link, now), Err(ProxyError::LinkExpired));
+    }
+}

@@ -1,0 +1,262 @@
+//! The preview proxy on a real Docker engine: routing, tokens, revocation, and refusals.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bollard::models::HostConfig;
+use kube::api::{Api, DeleteParams, PostParams};
+use previewd::resources::PreviewLink;
+use previewd::resources::preview_link::LinkPhase;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::{Server, eventually};
+use crate::containers::{TestContainer, docker, images};
+
+/// An HTTP/1.0 exchange over a fresh connection: status, response head, body.
+async fn exchange(proxy: SocketAddr, raw_request: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(proxy)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(raw_request.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, head.to_owned(), body.to_owned())
+}
+
+async fn get(proxy: SocketAddr, host: &str, path: &str, extra: &str) -> (u16, String, String) {
+    exchange(
+        proxy,
+        &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{extra}\r\n"),
+    )
+    .await
+}
+
+fn link(name: &str, container: &str, port: i32, extra: serde_json::Value) -> PreviewLink {
+    let mut spec =
+        serde_json::json!({"target": {"docker": {"container": container}}, "port": port});
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    serde_json::from_value(serde_json::json!({"apiVersion": "previewd.dev/v1alpha1", "kind": "PreviewLink", "metadata": {"name": name}, "spec": spec}))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn ready(api: &Api<PreviewLink>, name: &str) {
+    eventually(
+        Duration::from_secs(60),
+        &format!("link {name} to be Ready"),
+        || {
+            let api = api.clone();
+            let name = name.to_owned();
+            async move {
+                api.get(&name)
+                    .await
+                    .ok()
+                    .filter(|o| o.status.as_ref().and_then(|s| s.phase) == Some(LinkPhase::Ready))
+                    .map(|_| ())
+            }
+        },
+    )
+    .await;
+}
+
+fn token_of(server: &Server, link: &str) -> String {
+    let out = std::process::Command::new(crate::common::previewd_bin())
+        .args(["token", link, "--server", &server.url])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_serves_links_with_tokens_and_refuses_everything_else() {
+    let Some(rt) = docker().await else { return };
+    images(rt.client()).await;
+    let local =
+        TestContainer::httpd(rt.client(), "127.0.0.1:3000", None, HostConfig::default()).await;
+    let public =
+        TestContainer::httpd(rt.client(), "0.0.0.0:8080", None, HostConfig::default()).await;
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server = crate::docker::server(state.path());
+    let links: Api<PreviewLink> = Api::default_namespaced(server.client());
+    for l in [
+        link("app", &local.name, 3000, serde_json::json!({})),
+        link("other", &local.name, 3000, serde_json::json!({})),
+        link(
+            "direct",
+            &public.name,
+            8080,
+            serde_json::json!({"via": "direct", "access": "public"}),
+        ),
+        link(
+            "closed",
+            &local.name,
+            3999,
+            serde_json::json!({"access": "public"}),
+        ),
+    ] {
+        links
+            .create(&PostParams::default(), &l)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    for name in ["app", "other", "direct", "closed"] {
+        ready(&links, name).await;
+    }
+    let proxy = server.proxy;
+    let token = token_of(&server, "app");
+    let hello = "hello from busybox httpd";
+
+    // Path routing through the agent to a server bound to 127.0.0.1 in the container.
+    let (code, _, body) = get(
+        proxy,
+        "127.0.0.1",
+        "/p/app.default/",
+        &format!("X-Previewd-Token: {token}\r\n"),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert!(body.contains(hello), "{body}");
+    // Host routing.
+    let (code, _, body) = get(
+        proxy,
+        "app.default.preview.localhost",
+        "/",
+        &format!("X-Previewd-Token: {token}\r\n"),
+    )
+    .await;
+    assert_eq!((code, body.contains(hello)), (200, true));
+    // No token, a wrong one, another link's.
+    assert_eq!(get(proxy, "127.0.0.1", "/p/app.default/", "").await.0, 401);
+    assert_eq!(
+        get(
+            proxy,
+            "127.0.0.1",
+            "/p/app.default/",
+            "X-Previewd-Token: wrong\r\n"
+        )
+        .await
+        .0,
+        403
+    );
+    assert_eq!(
+        get(
+            proxy,
+            "127.0.0.1",
+            "/p/other.default/",
+            &format!("X-Previewd-Token: {token}\r\n")
+        )
+        .await
+        .0,
+        403,
+        "a token for one link does not open another"
+    );
+    // The query form sets an HttpOnly cookie scoped to the link; the cookie then works alone.
+    let (code, head, _) = get(
+        proxy,
+        "127.0.0.1",
+        &format!("/p/app.default/?previewd_token={token}"),
+        "Accept: text/html\r\n",
+    )
+    .await;
+    assert_eq!(code, 200);
+    let cookie = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("no cookie: {head}"));
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("Path=/p/app.default/"),
+        "{cookie}"
+    );
+    assert_eq!(
+        get(
+            proxy,
+            "127.0.0.1",
+            "/p/app.default/",
+            &format!("Cookie: theme=dark; previewd_token={token}\r\n")
+        )
+        .await
+        .0,
+        200
+    );
+    // Browsers get a small HTML page with the code; API clients JSON.
+    let (code, _, page) = get(
+        proxy,
+        "127.0.0.1",
+        "/p/app.default/",
+        "Accept: text/html\r\n",
+    )
+    .await;
+    assert_eq!(code, 401);
+    assert!(
+        page.contains("TOKEN_MISSING") && page.contains("<h1>"),
+        "{page}"
+    );
+    let (_, _, json) = get(proxy, "127.0.0.1", "/p/app.default/", "").await;
+    assert!(json.contains("\"error\":\"TOKEN_MISSING\""), "{json}");
+
+    // A public, direct link; a link to a closed port.
+    let (code, _, body) = get(proxy, "127.0.0.1", "/p/direct.default/", "").await;
+    assert_eq!((code, body.contains(hello)), (200, true));
+    let (code, _, body) = get(proxy, "127.0.0.1", "/p/closed.default/", "").await;
+    assert_eq!(code, 502);
+    assert!(body.contains("PORT_CLOSED"), "{body}");
+
+    // No open proxy: unknown hosts, absolute-form targets and unknown links go nowhere.
+    assert_eq!(get(proxy, "evil.example.com", "/", "").await.0, 404);
+    let (code, _, _) = exchange(proxy, "GET http://evil.example.com/ HTTP/1.1\r\nHost: evil.example.com\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(code, 404);
+    assert_eq!(
+        get(proxy, "127.0.0.1", "/p/../p/app.default/", "").await.0,
+        404
+    );
+    assert_eq!(
+        get(proxy, "127.0.0.1", "/p/missing.default/", "").await.0,
+        404
+    );
+
+    // Deleting a link revokes it at once.
+    links
+        .delete("app", &DeleteParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let started = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(5),
+        "the deleted link to answer 404",
+        || async {
+            (get(
+                proxy,
+                "127.0.0.1",
+                "/p/app.default/",
+                &format!("X-Previewd-Token: {token}\r\n"),
+            )
+            .await
+            .0 == 404)
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "revocation took {:?}",
+        started.elapsed()
+    );
+}
