@@ -168,6 +168,18 @@ impl Server {
         false
     }
 
+    /// Peak resident memory of the server process (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .map_or(0, |kib| kib * 1024)
+    }
+
     /// All log lines so far.
     pub fn log_text(&self) -> String {
         self.logs

@@ -112,6 +112,21 @@ pub async fn images(docker: &Docker) {
     ] {
         tar_symlink(&mut b, &format!("bin/{applet}"), "busybox");
     }
+    // The project's own static test upstream (HTTP, SSE, WebSocket, streams), built by
+    // `cargo test` as an example.
+    let testapp = std::path::Path::new(env!("CARGO_BIN_EXE_previewd"))
+        .with_file_name("examples")
+        .join("testapp");
+    let testapp = std::fs::read(&testapp).unwrap_or_else(|e| {
+        panic!(
+            "{} is needed (cargo build --examples): {e}",
+            testapp.display()
+        )
+    });
+    tar_dir(&mut b, "usr/", 0o755);
+    tar_dir(&mut b, "usr/local/", 0o755);
+    tar_dir(&mut b, "usr/local/bin/", 0o755);
+    tar_file(&mut b, "usr/local/bin/testapp", &testapp, 0o755);
     tar_dir(&mut b, "www/", 0o755);
     tar_file(
         &mut b,
@@ -215,6 +230,19 @@ impl TestContainer {
             docker: docker.clone(),
             name,
         }
+    }
+
+    /// A container running the project's test upstream on `addr`.
+    pub async fn testapp(docker: &Docker, addr: &str) -> TestContainer {
+        TestContainer::run(
+            docker,
+            BUSYBOX_IMAGE,
+            Some(vec!["/usr/local/bin/testapp", addr]),
+            HostConfig::default(),
+            None,
+            true,
+        )
+        .await
     }
 
     /// A busybox container running `httpd` on `addr` in the foreground.

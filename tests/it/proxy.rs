@@ -260,3 +260,172 @@ async fn the_proxy_serves_links_with_tokens_and_refuses_everything_else() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_sse_and_large_bodies_stream_through_the_agent() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let Some(rt) = docker().await else { return };
+    images(rt.client()).await;
+    let app = TestContainer::testapp(rt.client(), "127.0.0.1:3000").await;
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server = crate::docker::server(state.path());
+    let links: Api<PreviewLink> = Api::default_namespaced(server.client());
+    links
+        .create(
+            &PostParams::default(),
+            &link("live", &app.name, 3000, serde_json::json!({})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    ready(&links, "live").await;
+    let proxy = server.proxy;
+    let token = token_of(&server, "live");
+    let auth = format!("X-Previewd-Token: {token}\r\n");
+
+    // What the app sees: Host rewritten for dev servers, forwarding headers, no previewd token,
+    // its own Authorization untouched.
+    let (code, _, seen) = get(
+        proxy,
+        "127.0.0.1",
+        "/p/live.default/headers",
+        &format!("{auth}Authorization: Bearer app-own\r\n"),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert!(seen.contains("host: localhost:3000"), "{seen}");
+    assert!(
+        seen.contains("x-forwarded-for: 127.0.0.1") && seen.contains("x-forwarded-proto: http"),
+        "{seen}"
+    );
+    assert!(
+        seen.contains("authorization: Bearer app-own") && !seen.contains("x-previewd-token"),
+        "{seen}"
+    );
+
+    // WebSocket echo, text and binary, 1 MiB messages.
+    let mut request = format!("ws://127.0.0.1:{}/p/live.default/ws", proxy.port())
+        .into_client_request()
+        .unwrap_or_else(|e| panic!("{e}"));
+    request.headers_mut().insert(
+        "x-previewd-token",
+        token.parse().unwrap_or_else(|e| panic!("{e}")),
+    );
+    let tcp = TcpStream::connect(proxy)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (mut ws, _) = tokio_tungstenite::client_async(request, tcp)
+        .await
+        .unwrap_or_else(|e| panic!("websocket handshake: {e}"));
+    let text = "t".repeat(1 << 20);
+    let binary: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    ws.send(Message::text(text.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    ws.send(Message::binary(binary.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let echoed_text = ws
+        .next()
+        .await
+        .and_then(Result::ok)
+        .unwrap_or_else(|| panic!("no text echo"));
+    let echoed_binary = ws
+        .next()
+        .await
+        .and_then(Result::ok)
+        .unwrap_or_else(|| panic!("no binary echo"));
+    assert_eq!(
+        echoed_text.into_text().map(|t| t.len()).ok(),
+        Some(text.len())
+    );
+    assert_eq!(echoed_binary.into_data().as_ref(), binary.as_slice());
+    let _ = ws.close(None).await;
+
+    // Server-sent events arrive one by one, not when the stream ends.
+    let mut s = TcpStream::connect(proxy)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let started = std::time::Instant::now();
+    s.write_all(format!("GET /p/live.default/sse?n=4&ms=400 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{auth}\r\n").as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut seen = Vec::new();
+    let mut first_event = None;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+        if first_event.is_none() && String::from_utf8_lossy(&seen).contains("data: event 0") {
+            first_event = Some(started.elapsed());
+        }
+    }
+    let total = started.elapsed();
+    let first =
+        first_event.unwrap_or_else(|| panic!("no event: {}", String::from_utf8_lossy(&seen)));
+    assert!(String::from_utf8_lossy(&seen).contains("data: event 3"));
+    assert!(
+        total >= Duration::from_millis(1200) && first < total - Duration::from_millis(800),
+        "first event at {first:?}, stream ended at {total:?}"
+    );
+
+    // 1 GiB down and 1 GiB up through the proxy and the agent, with flat memory.
+    const GIB: u64 = 1 << 30;
+    let mut s = TcpStream::connect(proxy)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(format!("GET /p/live.default/download?bytes={GIB} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{auth}\r\n").as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut received = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        received += n as u64;
+    }
+    assert!(
+        received > GIB,
+        "received {received} bytes (head + 1 GiB body)"
+    );
+    let mut s = TcpStream::connect(proxy)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(format!("POST /p/live.default/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {GIB}\r\n{auth}\r\n").as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+    let chunk = vec![b'u'; 256 * 1024];
+    let mut sent = 0u64;
+    while sent < GIB {
+        s.write_all(&chunk)
+            .await
+            .unwrap_or_else(|e| panic!("upload: {e}"));
+        sent += chunk.len() as u64;
+    }
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(answer.ends_with(&GIB.to_string()), "{answer}");
+    let peak = server.peak_rss();
+    assert!(
+        peak > 0 && peak < 256 << 20,
+        "previewd peaked at {} MiB while 2 GiB streamed through it",
+        peak >> 20
+    );
+
+    // A container restart: the link serves again without anyone touching it.
+    rt.client()
+        .restart_container(&app.name, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    eventually(
+        Duration::from_secs(60),
+        "the link to serve again after the restart",
+        || async {
+            (get(proxy, "127.0.0.1", "/p/live.default/", &auth).await.0 == 200).then_some(())
+        },
+    )
+    .await;
+}
