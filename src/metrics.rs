@@ -9,6 +9,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -28,12 +29,31 @@ pub struct FailureLabels {
     pub reason: String,
 }
 
+/// Labels of proxy request counters: the status code answered (a bounded set).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    /// HTTP status code.
+    pub code: u16,
+}
+
 /// Every metric previewd exports, with the registry that renders them.
 pub struct Metrics {
     registry: Registry,
     reconciles: Family<ControllerLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
     injection_seconds: Histogram,
+    proxy_requests: Family<CodeLabels, Counter>,
+    proxy_active: Gauge,
+    upstream_seconds: Histogram,
+}
+
+/// Counts one in-flight proxied request (or upgraded tunnel) until dropped.
+pub struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Metrics {
@@ -58,11 +78,32 @@ impl Metrics {
             "Time to copy, start and health-check a daemon",
             injection_seconds.clone(),
         );
+        let proxy_requests = Family::<CodeLabels, Counter>::default();
+        registry.register(
+            "proxy_requests",
+            "Requests the preview proxy answered, by status code",
+            proxy_requests.clone(),
+        );
+        let proxy_active = Gauge::default();
+        registry.register(
+            "proxy_active_requests",
+            "Requests the proxy is serving now (until their response body is sent)",
+            proxy_active.clone(),
+        );
+        let upstream_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "proxy_upstream_latency_seconds",
+            "Time from forwarding a request to the upstream's response head",
+            upstream_seconds.clone(),
+        );
         Arc::new(Metrics {
             registry,
             reconciles,
             failures,
             injection_seconds,
+            proxy_requests,
+            proxy_active,
+            upstream_seconds,
         })
     }
 
@@ -86,6 +127,24 @@ impl Metrics {
     /// Records how long an injection took.
     pub fn injected(&self, took: Duration) {
         self.injection_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Counts a request the proxy answered.
+    pub fn proxied(&self, code: u16) {
+        self.proxy_requests
+            .get_or_create(&CodeLabels { code })
+            .inc();
+    }
+
+    /// Marks a request in flight until the guard drops.
+    pub fn in_flight(&self) -> InFlight {
+        self.proxy_active.inc();
+        InFlight(self.proxy_active.clone())
+    }
+
+    /// Records how long the upstream took to answer.
+    pub fn upstream_answered(&self, took: Duration) {
+        self.upstream_seconds.observe(took.as_secs_f64());
     }
 
     /// The text exposition format.

@@ -91,6 +91,7 @@ pub async fn run(
         "default",
     );
     let proxy = tokio::spawn(crate::proxy::run(
+        metrics.clone(),
         client.clone(),
         proxy_listener,
         links.preview_domain.clone(),

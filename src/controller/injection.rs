@@ -204,6 +204,15 @@ async fn apply<R: ContainerRuntime>(
     ctx: &Context<R>,
 ) -> Result<Action, Error> {
     let started = Instant::now();
+    // Injecting stops and starts processes: decide on the latest status, not on a cache that
+    // may not have seen our own last write yet (that would inject twice).
+    let api: Api<DaemonInjection> =
+        Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    let obj = match api.get_opt(&obj.name_any()).await.map_err(Error::Kube)? {
+        // Being deleted meanwhile: the cleanup that follows is what is owed now.
+        Some(fresh) if fresh.metadata.deletion_timestamp.is_none() => Arc::new(fresh),
+        _ => return Ok(Action::await_change()),
+    };
     let outcome = observe_and_inject(&obj, ctx).await?;
     if matches!(outcome, Outcome::Running { injected: true, .. }) {
         ctx.metrics.injected(started.elapsed());

@@ -1,11 +1,15 @@
-//! Forwarding one request upstream: streaming bodies both ways (no buffering), WebSocket and
-//! any other `Upgrade` spliced after the 101, hop-by-hop headers removed, `X-Forwarded-*` set.
+//! Forwarding requests upstream over pooled keep-alive connections: streaming bodies both
+//! ways (no buffering), WebSocket and any other `Upgrade` spliced after the 101, hop-by-hop
+//! headers removed, `X-Forwarded-*` set.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
-use hyper_util::rt::TokioIo;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use crate::agent::client::{self as agent, AgentError};
@@ -87,6 +91,44 @@ pub fn add_forwarded(
     }
 }
 
+/// Why a connection to an upstream could not be opened, carried through hyper's client
+/// error so the response can say which (`PORT_CLOSED` vs `UPSTREAM_UNREACHABLE`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?}")]
+struct OpenFailed(ProxyError);
+
+/// Opens connections to one upstream: straight to the container, or through its agent's
+/// tunnel. The pooled client above it keeps them alive between requests.
+#[derive(Clone)]
+struct UpstreamConnector {
+    upstream: Upstream,
+    secret: Option<Arc<str>>,
+}
+
+impl tower::Service<Uri> for UpstreamConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = OpenFailed;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let (upstream, secret) = (self.upstream.clone(), self.secret.clone());
+        Box::pin(async move {
+            open(&upstream, secret.as_deref())
+                .await
+                .map(TokioIo::new)
+                .map_err(OpenFailed)
+        })
+    }
+}
+
 async fn open(upstream: &Upstream, agent_secret: Option<&str>) -> Result<TcpStream, ProxyError> {
     let addr = match upstream {
         Upstream::Agent { agent, .. } => *agent,
@@ -113,56 +155,97 @@ async fn open(upstream: &Upstream, agent_secret: Option<&str>) -> Result<TcpStre
     }
 }
 
-/// Sends `req` (already rewritten: origin-form URI, headers) upstream and returns the
-/// response with its body streaming. For an upgrade, the two connections are spliced after
-/// the 101.
-pub async fn forward(
-    upstream: &Upstream,
-    agent_secret: Option<&str>,
-    mut req: Request<Body>,
-) -> Result<Response<Body>, ProxyError> {
-    let stream = open(upstream, agent_secret).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| ProxyError::UpstreamUnreachable(e.to_string()))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upstream connection ended");
+type UpstreamClient = Client<UpstreamConnector, Body>;
+/// A client is per upstream and agent secret (a re-injected agent gets a new one).
+type ClientKey = (Upstream, Option<Arc<str>>);
+
+/// One pooled HTTP client per upstream (and agent secret), created on first use.
+#[derive(Default)]
+pub struct Clients {
+    clients: Mutex<HashMap<ClientKey, UpstreamClient>>,
+}
+
+/// Upstream endpoints change only when agents are re-injected; past this many, the map is
+/// cleared rather than kept forever.
+const MAX_CLIENTS: usize = 1024;
+
+impl Clients {
+    fn get(&self, upstream: &Upstream, secret: Option<&str>) -> UpstreamClient {
+        let key: ClientKey = (upstream.clone(), secret.map(Arc::from));
+        let mut map = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_CLIENTS && !map.contains_key(&key) {
+            map.clear();
         }
-    });
-    let client_upgrade = upgrade_of(req.headers()).map(|_| hyper::upgrade::on(&mut req));
-    let mut resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| ProxyError::UpstreamUnreachable(e.to_string()))?;
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        && let Some(client_upgrade) = client_upgrade
-    {
-        let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
-            match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok((client, upstream)) => {
-                    let (mut c, mut u) = (TokioIo::new(client), TokioIo::new(upstream));
-                    if let Err(e) = tokio::io::copy_bidirectional_with_sizes(
-                        &mut c,
-                        &mut u,
-                        SPLICE_BUFFER,
-                        SPLICE_BUFFER,
-                    )
-                    .await
-                    {
-                        tracing::debug!(error = %e, "upgraded connection ended");
-                    }
+        map.entry(key.clone())
+            .or_insert_with(|| {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(std::time::Duration::from_secs(30))
+                    .build(UpstreamConnector {
+                        upstream: key.0,
+                        secret: key.1,
+                    })
+            })
+            .clone()
+    }
+
+    /// Sends `req` (already rewritten: path, headers) upstream and returns the response with
+    /// its body streaming. For an upgrade, the two connections are spliced after the 101.
+    pub async fn forward(
+        &self,
+        upstream: &Upstream,
+        agent_secret: Option<&str>,
+        mut req: Request<Body>,
+    ) -> Result<Response<Body>, ProxyError> {
+        let client = self.get(upstream, agent_secret);
+        // The pooled client wants an absolute URI (its pool key); the connector ignores it.
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        *req.uri_mut() = format!("http://upstream{path}")
+            .parse()
+            .map_err(|_| ProxyError::LinkNotFound)?;
+        let client_upgrade = upgrade_of(req.headers()).map(|_| hyper::upgrade::on(&mut req));
+        let mut resp = client.request(req).await.map_err(|e| {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(err) = source {
+                if let Some(OpenFailed(p)) = err.downcast_ref::<OpenFailed>() {
+                    return p.clone();
                 }
-                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                source = err.source();
             }
-        });
+            ProxyError::UpstreamUnreachable(e.to_string())
+        })?;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok((client, upstream)) => {
+                        let (mut c, mut u) = (TokioIo::new(client), TokioIo::new(upstream));
+                        if let Err(e) = tokio::io::copy_bidirectional_with_sizes(
+                            &mut c,
+                            &mut u,
+                            SPLICE_BUFFER,
+                            SPLICE_BUFFER,
+                        )
+                        .await
+                        {
+                            tracing::debug!(error = %e, "upgraded connection ended");
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                }
+            });
+        }
+        let (mut parts, body) = resp.into_parts();
+        if parts.status != StatusCode::SWITCHING_PROTOCOLS {
+            strip_hop_by_hop(&mut parts.headers);
+        }
+        Ok(Response::from_parts(parts, Body::new(body)))
     }
-    let (mut parts, body) = resp.into_parts();
-    if parts.status != StatusCode::SWITCHING_PROTOCOLS {
-        strip_hop_by_hop(&mut parts.headers);
-    }
-    Ok(Response::from_parts(parts, Body::new(body)))
 }
 
 #[cfg(test)]

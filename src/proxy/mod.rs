@@ -25,19 +25,23 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
 use crate::controller::link::{MANAGED_BY, injection_name};
+use crate::metrics::Metrics;
 use crate::resources::{PreviewLink, Target};
 use errors::ProxyError;
 use routes::Upstream;
 
 /// What the proxy serves.
 struct Proxy {
+    metrics: Arc<Metrics>,
     links: Store<PreviewLink>,
     secrets: Store<Secret>,
     domain: String,
+    upstreams: forward::Clients,
 }
 
 /// Starts the reflectors and serves `listener` until `shutdown` resolves.
 pub async fn run(
+    metrics: Arc<Metrics>,
     client: Client,
     listener: tokio::net::TcpListener,
     domain: String,
@@ -58,9 +62,11 @@ pub async fn run(
     .default_backoff();
     tokio::spawn(reflector::reflector(writer, secret_feed).for_each(|_| async {}));
     let proxy = Arc::new(Proxy {
+        metrics,
         links,
         secrets,
         domain,
+        upstreams: forward::Clients::default(),
     });
     let app = Router::new().fallback(handle).with_state(proxy);
     let listener = listener.tap_io(|tcp| {
@@ -80,11 +86,20 @@ async fn handle(
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     req: Request<Body>,
 ) -> Response<Body> {
+    let in_flight = proxy.metrics.in_flight();
     let headers = req.headers().clone();
-    match serve(&proxy, client, req).await {
+    let resp = match serve(&proxy, client, req).await {
         Ok(resp) => resp,
         Err(e) => e.respond(&headers),
-    }
+    };
+    proxy.metrics.proxied(resp.status().as_u16());
+    // A streaming body stays in flight until it is sent.
+    resp.map(|body| {
+        Body::new(http_body_util::BodyExt::map_frame(body, move |f| {
+            let _ = &in_flight;
+            f
+        }))
+    })
 }
 
 /// The agent secret of the shared injection a link's traffic goes through.
@@ -173,12 +188,16 @@ async fn serve(
         Upstream::Agent { .. } => agent_secret(proxy, &link),
         Upstream::Direct(_) => None,
     };
-    let mut resp = forward::forward(
-        &upstream,
-        secret.as_deref(),
-        Request::from_parts(parts, body),
-    )
-    .await?;
+    let asked = std::time::Instant::now();
+    let mut resp = proxy
+        .upstreams
+        .forward(
+            &upstream,
+            secret.as_deref(),
+            Request::from_parts(parts, body),
+        )
+        .await?;
+    proxy.metrics.upstream_answered(asked.elapsed());
     if let Some(c) = set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
         resp.headers_mut().append(header::SET_COOKIE, c);
     }

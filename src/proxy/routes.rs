@@ -61,7 +61,7 @@ pub fn route(host: Option<&str>, path: &str, domain: &str) -> Option<Routed> {
 }
 
 /// Where a Ready link's traffic goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Upstream {
     /// Through the agent at `agent`, to `127.0.0.1:{port}` inside the container.
     Agent {

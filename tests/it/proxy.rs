@@ -232,6 +232,24 @@ async fn the_proxy_serves_links_with_tokens_and_refuses_everything_else() {
         404
     );
 
+    // Requests are counted by status code, without per-link labels.
+    let req = http::Request::get("/metrics")
+        .body(Vec::new())
+        .unwrap_or_default();
+    let metrics = server
+        .client()
+        .request_text(req)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for line in [
+        r#"previewd_proxy_requests_total{code="200"}"#,
+        r#"previewd_proxy_requests_total{code="401"}"#,
+        "previewd_proxy_upstream_latency_seconds_count",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from {metrics}");
+    }
+    assert!(!metrics.contains("app.default"), "no per-link labels");
+
     // Deleting a link revokes it at once.
     links
         .delete("app", &DeleteParams::default())
