@@ -57,14 +57,10 @@ impl ProxyError {
         }
     }
 
-    /// The response, as HTML when the client prefers it (a browser), else JSON.
-    pub fn respond(&self, request_headers: &HeaderMap) -> Response {
+    /// The response, as HTML for a browser (see [`wants_html`]), else JSON.
+    pub fn respond(&self, browser: bool) -> Response {
         let (status, code) = self.code();
         let message = self.message();
-        let browser = request_headers
-            .get(header::ACCEPT)
-            .and_then(|a| a.to_str().ok())
-            .is_some_and(|a| a.contains("text/html"));
         let mut resp = if browser {
             let page = format!(
                 "<!doctype html><meta charset=utf-8><title>{code}</title><h1>{status}</h1><p>{}</p><p><code>{code}</code></p>\n",
@@ -93,6 +89,15 @@ impl ProxyError {
     }
 }
 
+/// Whether the client prefers HTML (a browser): decided before the request is consumed, so
+/// the proxy keeps no copy of the headers for the error path.
+pub fn wants_html(request_headers: &HeaderMap) -> bool {
+    request_headers
+        .get(header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"))
+}
+
 fn html_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -111,7 +116,7 @@ mod tests {
             header::ACCEPT,
             HeaderValue::from_static("text/html,application/xhtml+xml"),
         );
-        let r = ProxyError::TargetNotReady("<agent>".into()).respond(&browser);
+        let r = ProxyError::TargetNotReady("<agent>".into()).respond(wants_html(&browser));
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
             r.headers().get(header::RETRY_AFTER).map(|v| v.as_bytes()),
@@ -122,7 +127,7 @@ mod tests {
                 .get(header::CONTENT_TYPE)
                 .is_some_and(|v| v.as_bytes().starts_with(b"text/html"))
         );
-        let r = ProxyError::TokenInvalid.respond(&HeaderMap::new());
+        let r = ProxyError::TokenInvalid.respond(wants_html(&HeaderMap::new()));
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
         assert!(
             r.headers()

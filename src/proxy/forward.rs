@@ -156,13 +156,15 @@ async fn open(upstream: &Upstream, agent_secret: Option<&str>) -> Result<TcpStre
 }
 
 type UpstreamClient = Client<UpstreamConnector, Body>;
-/// A client is per upstream and agent secret (a re-injected agent gets a new one).
-type ClientKey = (Upstream, Option<Arc<str>>);
+/// The agent secret a client's connections use, and the client.
+type SecretAndClient = (Option<Arc<str>>, UpstreamClient);
 
-/// One pooled HTTP client per upstream (and agent secret), created on first use.
+/// One pooled HTTP client per upstream, created on first use.
 #[derive(Default)]
 pub struct Clients {
-    clients: Mutex<HashMap<ClientKey, UpstreamClient>>,
+    /// Per upstream: the agent secret its connections use, and the client. A new secret (a
+    /// re-injected agent) replaces the entry.
+    clients: Mutex<HashMap<Upstream, SecretAndClient>>,
 }
 
 /// Upstream endpoints change only when agents are re-injected; past this many, the map is
@@ -171,21 +173,25 @@ const MAX_CLIENTS: usize = 1024;
 
 impl Clients {
     fn get(&self, upstream: &Upstream, secret: Option<&str>) -> UpstreamClient {
-        let key: ClientKey = (upstream.clone(), secret.map(Arc::from));
         let mut map = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= MAX_CLIENTS && !map.contains_key(&key) {
+        // The hot path: a client for this upstream and secret exists; no allocation.
+        if let Some((s, client)) = map.get(upstream)
+            && s.as_deref() == secret
+        {
+            return client.clone();
+        }
+        if map.len() >= MAX_CLIENTS {
             map.clear();
         }
-        map.entry(key.clone())
-            .or_insert_with(|| {
-                Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(std::time::Duration::from_secs(30))
-                    .build(UpstreamConnector {
-                        upstream: key.0,
-                        secret: key.1,
-                    })
-            })
-            .clone()
+        let secret: Option<Arc<str>> = secret.map(Arc::from);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .build(UpstreamConnector {
+                upstream: upstream.clone(),
+                secret: secret.clone(),
+            });
+        map.insert(upstream.clone(), (secret, client.clone()));
+        client
     }
 
     /// Sends `req` (already rewritten: path, headers) upstream and returns the response with

@@ -87,10 +87,10 @@ async fn handle(
     req: Request<Body>,
 ) -> Response<Body> {
     let in_flight = proxy.metrics.in_flight();
-    let headers = req.headers().clone();
+    let browser = errors::wants_html(req.headers());
     let resp = match serve(&proxy, client, req).await {
         Ok(resp) => resp,
-        Err(e) => e.respond(&headers),
+        Err(e) => e.respond(browser),
     };
     proxy.metrics.proxied(resp.status().as_u16());
     // A streaming body stays in flight until it is sent.

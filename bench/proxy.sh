@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Benchmark of the preview proxy against direct access and an nginx reference, on this machine.
+#
+# An upstream (examples/testapp, in a container built with `docker import`) is reached:
+#   direct  — wrk to the container's port, published on 127.0.0.1
+#   proxy   — wrk to previewd's proxy, a `via: direct` link to the container
+#   agent   — wrk to previewd's proxy, a `via: agent` link (through the injected agent)
+#   ref     — wrk to nginx (keepalive upstream, as a tuned reverse proxy) proxying the container
+# with ../shared/tools/proxy_bench.sh (interleaved rounds; ratios from one run), at 32
+# connections and at 1 connection (added latency), with CPU per request for previewd and nginx.
+#
+# Usage: bench/proxy.sh [path to proxy_bench.sh]   (needs Docker, nginx, wrk; installs the
+# latter two with apt-get when missing)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BENCH_TOOL=${1:-../shared/tools/proxy_bench.sh}
+[ -x "$BENCH_TOOL" ] || { echo "proxy_bench.sh not found at $BENCH_TOOL" >&2; exit 2; }
+command -v nginx >/dev/null && command -v wrk >/dev/null || apt-get install -y nginx wrk >/dev/null
+
+cargo build --release --bins --examples -q
+BIN=target/x86_64-unknown-linux-gnu/release
+WORK=$(mktemp -d)
+NAME=previewd-bench-$$
+cleanup() {
+  [ -n "${NGINX_PID:-}" ] && kill "$NGINX_PID" 2>/dev/null || true
+  [ -n "${PREVIEWD_PID:-}" ] && kill "$PREVIEWD_PID" 2>/dev/null || true
+  docker rm -f "$NAME" >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# The upstream: the static testapp alone in an imported image, port published on loopback.
+mkdir -p "$WORK/rootfs/etc" "$WORK/rootfs/tmp"
+cp "$BIN/examples/testapp" "$WORK/rootfs/testapp"
+echo 'root:x:0:0:root:/:/testapp' > "$WORK/rootfs/etc/passwd"
+tar -C "$WORK/rootfs" --owner=0 --group=0 -cf - . | docker import -c 'ENTRYPOINT ["/testapp"]' - previewd-bench/testapp:latest >/dev/null
+docker run -d --name "$NAME" -p 127.0.0.1::8080 previewd-bench/testapp:latest 0.0.0.0:8080 >/dev/null
+IP=$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$NAME")
+DIRECT_PORT=$(docker port "$NAME" 8080/tcp | head -n1 | sed 's/.*://')
+
+# previewd, with both links.
+API=127.0.0.1:18101 PROXY=127.0.0.1:18102
+PREVIEWD_AGENT_BINARY=$BIN/previewd-agent RUST_LOG=warn "$BIN/previewd" serve --api-listen $API --proxy-listen $PROXY --state-dir "$WORK/state" &
+PREVIEWD_PID=$!
+for _ in $(seq 50); do curl -sf "http://$API/readyz" >/dev/null && break; sleep 0.1; done
+"$BIN/previewd" apply --server "http://$API" -f - >/dev/null <<YAML
+apiVersion: previewd.dev/v1alpha1
+kind: PreviewLink
+metadata: {name: direct}
+spec: {target: {docker: {container: $NAME}}, port: 8080, via: direct, access: public}
+---
+apiVersion: previewd.dev/v1alpha1
+kind: PreviewLink
+metadata: {name: agent}
+spec: {target: {docker: {container: $NAME}}, port: 8080, access: public}
+YAML
+for _ in $(seq 100); do
+  curl -sf "http://$PROXY/p/direct.default/" >/dev/null && curl -sf "http://$PROXY/p/agent.default/" >/dev/null && break
+  sleep 0.2
+done
+
+# nginx as a tuned reverse proxy to the same container.
+cat > "$WORK/nginx.conf" <<CONF
+worker_processes auto;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  upstream app { server $IP:8080; keepalive 64; }
+  server {
+    listen 127.0.0.1:18103;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+CONF
+nginx -c "$WORK/nginx.conf" -g 'daemon off;' &
+NGINX_PID=$!
+for _ in $(seq 50); do curl -sf http://127.0.0.1:18103/ >/dev/null && break; sleep 0.1; done
+
+echo "== 32 connections: previewd (direct link) vs direct vs nginx; agent link as an extra =="
+"$BENCH_TOOL" -c 32 -d 8 -n 3 -P "$PREVIEWD_PID" -R "$NGINX_PID" -r http://127.0.0.1:18103/ \
+  -x "agent=http://$PROXY/p/agent.default/" "http://$PROXY/p/direct.default/" "http://127.0.0.1:$DIRECT_PORT/"
+echo
+echo "== 1 connection: added latency =="
+"$BENCH_TOOL" -t 1 -c 1 -d 5 -n 3 -r http://127.0.0.1:18103/ \
+  -x "agent=http://$PROXY/p/agent.default/" "http://$PROXY/p/direct.default/" "http://127.0.0.1:$DIRECT_PORT/"
