@@ -12,12 +12,12 @@ pub mod routes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderValue, Request, Response, StatusCode, header};
-use axum::serve::ListenerExt;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -69,16 +69,74 @@ pub async fn run(
         upstreams: forward::Clients::default(),
     });
     let app = Router::new().fallback(handle).with_state(proxy);
-    let listener = listener.tap_io(|tcp| {
+    accept_loop(listener, app, shutdown).await
+}
+
+/// How long a client may take to send a request head: slow-header clients cannot hold
+/// connections open forever. Bodies and upgraded streams have no such bound.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves connections with hyper directly (axum::serve cannot bound header reads): HTTP/1.1
+/// with upgrades, TCP_NODELAY, the client address for `X-Forwarded-For`, and a graceful
+/// shutdown that lets requests in flight finish (for up to 5 s).
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, client) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                // Out of file descriptors and the like: back off instead of spinning.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a proxy connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
         // Small writes (WebSocket frames, SSE events) must not wait for Nagle.
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(
+            app.clone().layer(axum::Extension(ConnectInfo(client))),
+        );
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .with_upgrades();
+        let (mut stop, open) = (stop_rx.clone(), open.clone());
+        open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::spawn(async move {
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {
+                    // Finish the request in flight, then close.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "proxy connection ended");
+            }
+            open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        });
+    }
+    let _ = stop_tx.send(true);
+    // Requests in flight get a moment; long streams are cut after it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while open.load(std::sync::atomic::Ordering::SeqCst) > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 async fn handle(
