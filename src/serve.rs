@@ -86,12 +86,15 @@ pub async fn run(
     };
     // The controllers and the proxy talk to the same router in-process: no socket, one
     // implementation.
+    // The proxy reaches containers without a routable address through exec.
+    let docker = crate::runtime::docker::DockerRuntime::connect().await.ok();
     let client = kube::Client::new(
         crate::api::router(store.clone(), metrics.clone()),
         "default",
     );
     let proxy = tokio::spawn(crate::proxy::run(
         metrics.clone(),
+        docker,
         client.clone(),
         proxy_listener,
         links.preview_domain.clone(),

@@ -21,6 +21,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tracing::instrument;
 
+use super::injection::Layout;
 use super::{Context, Error};
 use crate::resources::conditions::{self, READY};
 use crate::resources::daemon_injection::DaemonPhase;
@@ -366,13 +367,20 @@ async fn resolve_upstream<R: ContainerRuntime>(
     match link.spec.via {
         Via::Agent => {
             let di = ensure_injection(ctx, link, docker_target).await?;
-            let st = di.status.unwrap_or_default();
+            let st = di.status.clone().unwrap_or_default();
             match (st.phase, st.endpoint) {
                 (Some(DaemonPhase::Running), Some(endpoint)) if endpoint == "exec" => {
                     Ok(LinkOutcome::Ready {
+                        // No routable address: the proxy runs the agent's stdio mode through
+                        // exec, so the upstream names the container and the agent's path.
                         upstream: format!(
-                            "agent+exec://{}/{port}",
-                            st.container_id.unwrap_or_default()
+                            "agent+exec://{}/{port}?agent={}",
+                            st.container_id.unwrap_or_default(),
+                            Layout::for_object(
+                                &link.namespace().unwrap_or_default(),
+                                &di.name_any()
+                            )
+                            .agent()
                         ),
                     })
                 }

@@ -13,8 +13,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use crate::agent::client::{self as agent, AgentError};
+use crate::agent::protocol::SECRET_ENV;
 use crate::proxy::errors::ProxyError;
 use crate::proxy::routes::Upstream;
+use crate::runtime::docker::DockerRuntime;
+use crate::runtime::{ContainerRuntime, ExecSpec, ExecStdio};
 
 /// Buffer size for spliced upgraded connections (WebSocket frames up to this size move in one
 /// read).
@@ -97,16 +100,79 @@ pub fn add_forwarded(
 #[error("{0:?}")]
 struct OpenFailed(ProxyError);
 
-/// Opens connections to one upstream: straight to the container, or through its agent's
-/// tunnel. The pooled client above it keeps them alive between requests.
+/// A connection to an upstream: TCP (direct, or a tunnel through the agent), or the agent's
+/// stdio through an exec.
+pub enum UpstreamStream {
+    /// A TCP connection.
+    Tcp(TcpStream),
+    /// An exec's stdin and stdout.
+    Exec(ExecStdio),
+}
+
+impl tokio::io::AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Exec(s) => s.as_mut().poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Exec(s) => s.as_mut().poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            UpstreamStream::Exec(s) => s.as_mut().poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Exec(s) => s.as_mut().poll_shutdown(cx),
+        }
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for UpstreamStream {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
+    }
+}
+
+/// Opens connections to one upstream: straight to the container, through its agent's
+/// tunnel, or through the agent's stdio over exec. The pooled client above it keeps them
+/// alive between requests.
 #[derive(Clone)]
 struct UpstreamConnector {
     upstream: Upstream,
     secret: Option<Arc<str>>,
+    docker: Option<DockerRuntime>,
 }
 
 impl tower::Service<Uri> for UpstreamConnector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<UpstreamStream>;
     type Error = OpenFailed;
     type Future =
         std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
@@ -119,40 +185,67 @@ impl tower::Service<Uri> for UpstreamConnector {
     }
 
     fn call(&mut self, _: Uri) -> Self::Future {
-        let (upstream, secret) = (self.upstream.clone(), self.secret.clone());
-        Box::pin(async move {
-            open(&upstream, secret.as_deref())
-                .await
-                .map(TokioIo::new)
-                .map_err(OpenFailed)
-        })
+        let this = self.clone();
+        Box::pin(async move { this.open().await.map(TokioIo::new).map_err(OpenFailed) })
     }
 }
 
-async fn open(upstream: &Upstream, agent_secret: Option<&str>) -> Result<TcpStream, ProxyError> {
-    let addr = match upstream {
-        Upstream::Agent { agent, .. } => *agent,
-        Upstream::Direct(addr) => *addr,
-    };
+fn agent_failure(e: AgentError) -> ProxyError {
+    match e {
+        AgentError::PortClosed { port } => ProxyError::PortClosed(port),
+        other => ProxyError::UpstreamUnreachable(format!("agent: {other}")),
+    }
+}
+
+impl UpstreamConnector {
+    async fn open(&self) -> Result<UpstreamStream, ProxyError> {
+        let secret = || {
+            self.secret.as_deref().ok_or_else(|| {
+                ProxyError::TargetNotReady("the agent's secret is not known yet".into())
+            })
+        };
+        match &self.upstream {
+            Upstream::Direct(addr) => Ok(UpstreamStream::Tcp(connect(*addr).await?)),
+            Upstream::Agent { agent, port } => {
+                let stream = connect(*agent).await?;
+                agent::connect(stream, secret()?, *port)
+                    .await
+                    .map(UpstreamStream::Tcp)
+                    .map_err(agent_failure)
+            }
+            Upstream::Exec {
+                container,
+                agent_path,
+                port,
+            } => {
+                let docker = self.docker.as_ref().ok_or_else(|| {
+                    ProxyError::UpstreamUnreachable("the Docker engine is unavailable".into())
+                })?;
+                let spec = ExecSpec {
+                    argv: vec![agent_path.clone(), "stdio".into()],
+                    env: vec![format!("{SECRET_ENV}={}", secret()?)],
+                    user: None,
+                };
+                let stdio = docker
+                    .exec_stdio(container, &spec)
+                    .await
+                    .map_err(|e| ProxyError::UpstreamUnreachable(e.to_string()))?;
+                agent::connect(stdio, secret()?, *port)
+                    .await
+                    .map(UpstreamStream::Exec)
+                    .map_err(agent_failure)
+            }
+        }
+    }
+}
+
+async fn connect(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
     let stream = TcpStream::connect(addr)
         .await
         .map_err(|e| ProxyError::UpstreamUnreachable(format!("{addr}: {e}")))?;
     // Small writes (WebSocket frames, SSE events) must not wait for Nagle.
     let _ = stream.set_nodelay(true);
-    match upstream {
-        Upstream::Direct(_) => Ok(stream),
-        Upstream::Agent { port, .. } => {
-            let secret = agent_secret.ok_or_else(|| {
-                ProxyError::TargetNotReady("the agent's secret is not known yet".into())
-            })?;
-            agent::connect(stream, secret, *port)
-                .await
-                .map_err(|e| match e {
-                    AgentError::PortClosed { port } => ProxyError::PortClosed(port),
-                    other => ProxyError::UpstreamUnreachable(format!("agent: {other}")),
-                })
-        }
-    }
+    Ok(stream)
 }
 
 type UpstreamClient = Client<UpstreamConnector, Body>;
@@ -160,8 +253,9 @@ type UpstreamClient = Client<UpstreamConnector, Body>;
 type SecretAndClient = (Option<Arc<str>>, UpstreamClient);
 
 /// One pooled HTTP client per upstream, created on first use.
-#[derive(Default)]
 pub struct Clients {
+    /// For exec upstreams (containers previewd cannot route to).
+    docker: Option<DockerRuntime>,
     /// Per upstream: the agent secret its connections use, and the client. A new secret (a
     /// re-injected agent) replaces the entry.
     clients: Mutex<HashMap<Upstream, SecretAndClient>>,
@@ -172,6 +266,14 @@ pub struct Clients {
 const MAX_CLIENTS: usize = 1024;
 
 impl Clients {
+    /// An empty set of clients; `docker` serves exec upstreams.
+    pub fn new(docker: Option<DockerRuntime>) -> Self {
+        Clients {
+            docker,
+            clients: Mutex::default(),
+        }
+    }
+
     fn get(&self, upstream: &Upstream, secret: Option<&str>) -> UpstreamClient {
         let mut map = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         // The hot path: a client for this upstream and secret exists; no allocation.
@@ -189,6 +291,7 @@ impl Clients {
             .build(UpstreamConnector {
                 upstream: upstream.clone(),
                 secret: secret.clone(),
+                docker: self.docker.clone(),
             });
         map.insert(upstream.clone(), (secret, client.clone()));
         client

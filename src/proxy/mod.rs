@@ -42,6 +42,7 @@ struct Proxy {
 /// Starts the reflectors and serves `listener` until `shutdown` resolves.
 pub async fn run(
     metrics: Arc<Metrics>,
+    docker: Option<crate::runtime::docker::DockerRuntime>,
     client: Client,
     listener: tokio::net::TcpListener,
     domain: String,
@@ -66,7 +67,7 @@ pub async fn run(
         links,
         secrets,
         domain,
-        upstreams: forward::Clients::default(),
+        upstreams: forward::Clients::new(docker),
     });
     let app = Router::new().fallback(handle).with_state(proxy);
     accept_loop(listener, app, shutdown).await
@@ -234,7 +235,7 @@ async fn serve(
     let rewritten = match (&link.spec.host_rewrite, &upstream) {
         (Some(h), _) => HeaderValue::from_str(h).ok(),
         // Dev servers check Host; through the agent the app is at localhost:{port}.
-        (None, Upstream::Agent { port, .. }) => {
+        (None, Upstream::Agent { port, .. } | Upstream::Exec { port, .. }) => {
             HeaderValue::from_str(&format!("localhost:{port}")).ok()
         }
         (None, Upstream::Direct(_)) => original_host,
@@ -243,7 +244,7 @@ async fn serve(
         parts.headers.insert(header::HOST, h);
     }
     let secret = match upstream {
-        Upstream::Agent { .. } => agent_secret(proxy, &link),
+        Upstream::Agent { .. } | Upstream::Exec { .. } => agent_secret(proxy, &link),
         Upstream::Direct(_) => None,
     };
     let asked = std::time::Instant::now();

@@ -72,10 +72,35 @@ pub enum Upstream {
     },
     /// Straight to the container.
     Direct(SocketAddr),
+    /// Through the agent's stdio, run with exec in a container previewd cannot route to.
+    Exec {
+        /// Full container id.
+        container: String,
+        /// The agent binary's path inside the container.
+        agent_path: String,
+        /// The port inside the container.
+        port: u16,
+    },
 }
 
-/// Parses `status.upstream` (`agent://ip:port/{port}` or `http://ip:port`).
+/// Parses `status.upstream` (`agent://ip:port/{port}`, `http://ip:port` or
+/// `agent+exec://{container}/{port}?agent={path}`).
 pub fn parse_upstream(upstream: &str) -> Result<Upstream, ProxyError> {
+    if let Some(rest) = upstream.strip_prefix("agent+exec://") {
+        let malformed =
+            || ProxyError::UpstreamUnreachable(format!("malformed upstream {upstream:?}"));
+        let (target, agent_path) = rest.split_once("?agent=").ok_or_else(malformed)?;
+        let (container, port) = target.split_once('/').ok_or_else(malformed)?;
+        let port = port.parse().map_err(|_| malformed())?;
+        if container.is_empty() || !agent_path.starts_with('/') {
+            return Err(malformed());
+        }
+        return Ok(Upstream::Exec {
+            container: container.to_owned(),
+            agent_path: agent_path.to_owned(),
+            port,
+        });
+    }
     if let Some(rest) = upstream.strip_prefix("agent://") {
         let (agent, port) = rest.rsplit_once('/').ok_or_else(|| {
             ProxyError::UpstreamUnreachable(format!("malformed upstream {upstream:?}"))
@@ -184,6 +209,15 @@ mod tests {
             "names are never resolved"
         );
         assert!(parse_upstream("ftp://x").is_err());
+        assert_eq!(
+            parse_upstream("agent+exec://abc123/3000?agent=/.previewd/default.x/previewd-agent"),
+            Ok(Upstream::Exec {
+                container: "abc123".into(),
+                agent_path: "/.previewd/default.x/previewd-agent".into(),
+                port: 3000
+            })
+        );
+        assert!(parse_upstream("agent+exec://abc/3000").is_err());
     }
 
     #[test]

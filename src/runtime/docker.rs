@@ -381,7 +381,10 @@ impl ContainerRuntime for DockerRuntime {
                                 None
                             }
                             Ok(_) => None,
-                            Err(e) => Some(Err(std::io::Error::other(e))),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "exec tunnel output failed");
+                                Some(Err(std::io::Error::other(e)))
+                            }
                         }
                     });
                     let reader = StreamReader::new(Box::pin(stdout));

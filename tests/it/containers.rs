@@ -233,12 +233,13 @@ impl TestContainer {
     }
 
     /// A container running the project's test upstream on `addr`.
-    pub async fn testapp(docker: &Docker, addr: &str) -> TestContainer {
+    /// A container running the project's test upstream on `addr`.
+    pub async fn testapp(docker: &Docker, addr: &str, host: HostConfig) -> TestContainer {
         TestContainer::run(
             docker,
             BUSYBOX_IMAGE,
             Some(vec!["/usr/local/bin/testapp", addr]),
-            HostConfig::default(),
+            host,
             None,
             true,
         )

@@ -287,7 +287,7 @@ async fn websockets_sse_and_large_bodies_stream_through_the_agent() {
 
     let Some(rt) = docker().await else { return };
     images(rt.client()).await;
-    let app = TestContainer::testapp(rt.client(), "127.0.0.1:3000").await;
+    let app = TestContainer::testapp(rt.client(), "127.0.0.1:3000", HostConfig::default()).await;
     let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let server = crate::docker::server(state.path());
     let links: Api<PreviewLink> = Api::default_namespaced(server.client());
@@ -446,4 +446,43 @@ async fn websockets_sse_and_large_bodies_stream_through_the_agent() {
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_without_a_network_are_served_through_exec() {
+    let Some(rt) = docker().await else { return };
+    images(rt.client()).await;
+    let host = HostConfig {
+        network_mode: Some("none".into()),
+        ..Default::default()
+    };
+    let isolated = TestContainer::testapp(rt.client(), "127.0.0.1:3000", host).await;
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server = crate::docker::server(state.path());
+    let links: Api<PreviewLink> = Api::default_namespaced(server.client());
+    links
+        .create(
+            &PostParams::default(),
+            &link("isolated", &isolated.name, 3000, serde_json::json!({})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    ready(&links, "isolated").await;
+    let upstream = links
+        .get("isolated")
+        .await
+        .ok()
+        .and_then(|l| l.status?.upstream)
+        .unwrap_or_default();
+    assert!(upstream.starts_with("agent+exec://"), "{upstream}");
+    let token = token_of(&server, "isolated");
+    let auth = format!("X-Previewd-Token: {token}\r\n");
+    for _ in 0..3 {
+        let (code, _, body) = get(server.proxy, "127.0.0.1", "/p/isolated.default/", &auth).await;
+        assert_eq!(
+            (code, body.contains("hello from testapp")),
+            (200, true),
+            "{body}"
+        );
+    }
 }
