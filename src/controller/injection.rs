@@ -9,17 +9,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 use tracing::instrument;
 
+use super::shared;
 use super::{Context, Error};
 use crate::agent::client as agent;
 use crate::agent::protocol::{INSTALL_DIR, SECRET_ENV};
@@ -192,11 +190,7 @@ pub fn error_policy<R: ContainerRuntime>(
     err: &Error,
     ctx: Arc<Context<R>>,
 ) -> Action {
-    let reason = err.metric_label();
-    ctx.metrics.failed(CONTROLLER, &reason);
-    let delay = ctx.backoff.failed(&obj.uid().unwrap_or_default());
-    tracing::info!(name = %obj.name_any(), %reason, error = %err, retry_in = ?delay, "reconcile failed");
-    Action::requeue(delay)
+    shared::back_off(CONTROLLER, obj.as_ref(), err, &ctx)
 }
 
 async fn apply<R: ContainerRuntime>(
@@ -265,25 +259,7 @@ async fn write_status<R: ContainerRuntime>(
     obj: &DaemonInjection,
     status: DaemonInjectionStatus,
 ) -> Result<(), Error> {
-    if obj.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    let api: Api<DaemonInjection> =
-        Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
-    let patch: json_patch::Patch =
-        serde_json::from_value(json!([{"op": "add", "path": "/status", "value": status}]))
-            .map_err(|e| Error::Injection {
-                reason: "InternalError",
-                message: format!("cannot encode status: {e}"),
-            })?;
-    api.patch_status(
-        &obj.name_any(),
-        &PatchParams::default(),
-        &Patch::<()>::Json(patch),
-    )
-    .await
-    .map_err(Error::Kube)?;
-    Ok(())
+    shared::write_status(&ctx.client, obj, obj.status.as_ref(), &status).await
 }
 
 /// The agent's secret, kept in a Secret next to the object (created on first use).
@@ -291,55 +267,12 @@ async fn agent_secret<R: ContainerRuntime>(
     ctx: &Context<R>,
     obj: &DaemonInjection,
 ) -> Result<String, Error> {
-    let ns = obj.namespace().unwrap_or_default();
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let name = secret_name(obj);
-    if let Some(s) = api.get_opt(&name).await.map_err(Error::Kube)?
-        && let Some(v) = s.data.as_ref().and_then(|d| d.get(SECRET_KEY))
-    {
-        return Ok(String::from_utf8_lossy(&v.0).into_owned());
-    }
-    let value: String = {
+    shared::secret_value(&ctx.client, obj, &secret_name(obj), SECRET_KEY, || {
         use rand::Rng;
         let bytes: [u8; 32] = rand::rng().random();
         bytes.iter().map(|b| format!("{b:02x}")).collect()
-    };
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.clone()),
-            namespace: Some(ns),
-            owner_references: obj.controller_owner_ref(&()).map(|r| vec![r]),
-            labels: Some(
-                [(
-                    "app.kubernetes.io/managed-by".to_owned(),
-                    "previewd".to_owned(),
-                )]
-                .into(),
-            ),
-            ..Default::default()
-        },
-        data: Some(
-            [(
-                SECRET_KEY.to_owned(),
-                ByteString(value.clone().into_bytes()),
-            )]
-            .into(),
-        ),
-        ..Default::default()
-    };
-    match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => Ok(value),
-        // Lost a race with another reconcile: use the winner's.
-        Err(kube::Error::Api(e)) if e.code == 409 => {
-            let s = api.get(&name).await.map_err(Error::Kube)?;
-            Ok(s.data
-                .as_ref()
-                .and_then(|d| d.get(SECRET_KEY))
-                .map(|v| String::from_utf8_lossy(&v.0).into_owned())
-                .unwrap_or_default())
-        }
-        Err(e) => Err(Error::Kube(e)),
-    }
+    })
+    .await
 }
 
 fn secret_name(obj: &DaemonInjection) -> String {
@@ -867,16 +800,12 @@ async fn cleanup<R: ContainerRuntime>(
             }
         }
     }
-    let secrets: Api<Secret> =
-        Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
-    match secrets
-        .delete(&secret_name(&obj), &Default::default())
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 404 => {}
-        Err(e) => return Err(Error::Kube(e)),
-    }
+    shared::delete_secret(
+        &ctx.client,
+        &obj.namespace().unwrap_or_default(),
+        &secret_name(&obj),
+    )
+    .await?;
     ctx.backoff.reset(&obj.uid().unwrap_or_default());
     Ok(Action::await_change())
 }

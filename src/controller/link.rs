@@ -10,8 +10,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -22,6 +20,7 @@ use sha2::{Digest, Sha256};
 use tracing::instrument;
 
 use super::injection::Layout;
+use super::shared::{self, MANAGED_BY};
 use super::{Context, Error};
 use crate::resources::conditions::{self, READY};
 use crate::resources::daemon_injection::DaemonPhase;
@@ -37,8 +36,6 @@ pub const FINALIZER: &str = "previewd.dev/link-cleanup";
 const CONTROLLER: &str = "previewlink";
 /// Key of the token in its Secret.
 pub const TOKEN_KEY: &str = "token";
-/// Label on objects previewd created for links (and may delete again).
-pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// How often a Ready link is re-checked when nothing else happens.
 const RECHECK: Duration = Duration::from_secs(60);
 
@@ -251,11 +248,7 @@ pub fn error_policy<R: ContainerRuntime>(
     err: &Error,
     ctx: Arc<Context<R>>,
 ) -> Action {
-    let reason = err.metric_label();
-    ctx.metrics.failed(CONTROLLER, &reason);
-    let delay = ctx.backoff.failed(&link.uid().unwrap_or_default());
-    tracing::info!(name = %link.name_any(), %reason, error = %err, retry_in = ?delay, "reconcile failed");
-    Action::requeue(delay)
+    shared::back_off(CONTROLLER, link.as_ref(), err, &ctx)
 }
 
 async fn apply<R: ContainerRuntime>(
@@ -271,23 +264,7 @@ async fn apply<R: ContainerRuntime>(
         resolve_upstream(ctx, &link).await?
     };
     let status = status_for(&link, &outcome, &token_hash(&token), &ctx.links, Time(now));
-    if link.status.as_ref() != Some(&status) {
-        let api: Api<PreviewLink> =
-            Api::namespaced(ctx.client.clone(), &link.namespace().unwrap_or_default());
-        let patch: json_patch::Patch =
-            serde_json::from_value(json!([{"op": "add", "path": "/status", "value": status}]))
-                .map_err(|e| Error::Injection {
-                    reason: "InternalError",
-                    message: format!("cannot encode status: {e}"),
-                })?;
-        api.patch_status(
-            &link.name_any(),
-            &PatchParams::default(),
-            &Patch::<()>::Json(patch),
-        )
-        .await
-        .map_err(Error::Kube)?;
-    }
+    shared::write_status(&ctx.client, link.as_ref(), link.status.as_ref(), &status).await?;
     let until_expiry =
         expiry.and_then(|e| std::time::Duration::try_from(e.duration_since(now)).ok());
     match outcome {
@@ -307,50 +284,19 @@ async fn ensure_token<R: ContainerRuntime>(
     ctx: &Context<R>,
     link: &PreviewLink,
 ) -> Result<String, Error> {
-    let ns = link.namespace().unwrap_or_default();
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let name = token_secret_name(&link.name_any());
-    let read = |s: &Secret| {
-        s.data
-            .as_ref()
-            .and_then(|d| d.get(TOKEN_KEY))
-            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
-    };
-    if let Some(token) = api
-        .get_opt(&name)
-        .await
-        .map_err(Error::Kube)?
-        .as_ref()
-        .and_then(read)
-    {
-        return Ok(token);
-    }
-    let token = {
-        use base64::Engine;
-        use rand::Rng;
-        let bytes: [u8; 32] = rand::rng().random();
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-    };
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.clone()),
-            namespace: Some(ns),
-            owner_references: link.controller_owner_ref(&()).map(|r| vec![r]),
-            labels: Some([(MANAGED_BY.to_owned(), "previewd".to_owned())].into()),
-            ..Default::default()
+    shared::secret_value(
+        &ctx.client,
+        link,
+        &token_secret_name(&link.name_any()),
+        TOKEN_KEY,
+        || {
+            use base64::Engine;
+            use rand::Rng;
+            let bytes: [u8; 32] = rand::rng().random();
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
         },
-        data: Some([(TOKEN_KEY.to_owned(), ByteString(token.clone().into_bytes()))].into()),
-        ..Default::default()
-    };
-    match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => Ok(token),
-        Err(kube::Error::Api(e)) if e.code == 409 => api
-            .get(&name)
-            .await
-            .map_err(Error::Kube)
-            .map(|s| read(&s).unwrap_or_default()),
-        Err(e) => Err(Error::Kube(e)),
-    }
+    )
+    .await
 }
 
 async fn resolve_upstream<R: ContainerRuntime>(
@@ -532,18 +478,7 @@ async fn cleanup<R: ContainerRuntime>(
             }
         }
     }
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    match secrets
-        .delete(
-            &token_secret_name(&link.name_any()),
-            &DeleteParams::default(),
-        )
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 404 => {}
-        Err(e) => return Err(Error::Kube(e)),
-    }
+    shared::delete_secret(&ctx.client, &ns, &token_secret_name(&link.name_any())).await?;
     ctx.backoff.reset(&link.uid().unwrap_or_default());
     Ok(Action::await_change())
 }

@@ -4,6 +4,7 @@
 pub mod backoff;
 pub mod injection;
 pub mod link;
+pub mod shared;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -24,7 +24,8 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
-use crate::controller::link::{MANAGED_BY, injection_name};
+use crate::controller::link::injection_name;
+use crate::controller::shared::MANAGED_BY;
 use crate::metrics::Metrics;
 use crate::resources::{PreviewLink, Target};
 use errors::ProxyError;
