@@ -353,6 +353,10 @@ impl Clients {
         if parts.status != StatusCode::SWITCHING_PROTOCOLS {
             strip_hop_by_hop(&mut parts.headers);
         }
+        let body = http_body_util::BodyExt::map_err(body, |e| {
+            tracing::debug!(error = %e, source = ?std::error::Error::source(&e), "upstream body failed");
+            e
+        });
         Ok(Response::from_parts(parts, Body::new(body)))
     }
 }
