@@ -642,7 +642,8 @@ async fn without_docker_targets_report_docker_unavailable() {
     );
 }
 
-fn link(name: &str, container: &str, port: i32, extra: serde_json::Value) -> PreviewLink {
+/// A PreviewLink manifest: target container and port, plus `extra` spec fields.
+pub fn link(name: &str, container: &str, port: i32, extra: serde_json::Value) -> PreviewLink {
     let mut spec =
         serde_json::json!({"target": {"docker": {"container": container}}, "port": port});
     if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
@@ -655,7 +656,8 @@ fn link(name: &str, container: &str, port: i32, extra: serde_json::Value) -> Pre
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
-async fn wait_link(api: &Api<PreviewLink>, name: &str, phase: LinkPhase) -> PreviewLink {
+/// Waits until a link reports `phase` (and returns it).
+pub async fn wait_link(api: &Api<PreviewLink>, name: &str, phase: LinkPhase) -> PreviewLink {
     eventually(
         Duration::from_secs(60),
         &format!("link {name} to be {phase:?}"),

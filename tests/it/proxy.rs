@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 
 use crate::common::{Server, eventually};
 use crate::containers::{TestContainer, docker, images};
+use crate::docker::{link, wait_link};
 
 /// An HTTP/1.0 exchange over a fresh connection: status, response head, body.
 async fn exchange(proxy: SocketAddr, raw_request: &str) -> (u16, String, String) {
@@ -43,33 +44,8 @@ async fn get(proxy: SocketAddr, host: &str, path: &str, extra: &str) -> (u16, St
     .await
 }
 
-fn link(name: &str, container: &str, port: i32, extra: serde_json::Value) -> PreviewLink {
-    let mut spec =
-        serde_json::json!({"target": {"docker": {"container": container}}, "port": port});
-    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
-        s.extend(e.clone());
-    }
-    serde_json::from_value(serde_json::json!({"apiVersion": "previewd.dev/v1alpha1", "kind": "PreviewLink", "metadata": {"name": name}, "spec": spec}))
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
 async fn ready(api: &Api<PreviewLink>, name: &str) {
-    eventually(
-        Duration::from_secs(60),
-        &format!("link {name} to be Ready"),
-        || {
-            let api = api.clone();
-            let name = name.to_owned();
-            async move {
-                api.get(&name)
-                    .await
-                    .ok()
-                    .filter(|o| o.status.as_ref().and_then(|s| s.phase) == Some(LinkPhase::Ready))
-                    .map(|_| ())
-            }
-        },
-    )
-    .await;
+    wait_link(api, name, LinkPhase::Ready).await;
 }
 
 fn token_of(server: &Server, link: &str) -> String {
