@@ -17,20 +17,23 @@ pub const BUSYBOX_IMAGE: &str = "previewd-test/busybox:it";
 pub const NOSHELL_IMAGE: &str = "previewd-test/noshell:it";
 const BUSYBOX: &str = "/bin/busybox";
 
-/// The engine, or `None` (with a loud message) when absent and not required.
+/// The engine, or `None` (with a loud message) when it or busybox is absent and the Docker
+/// tests are not required.
 pub async fn docker() -> Option<DockerRuntime> {
-    match DockerRuntime::connect().await {
-        Ok(d) => Some(d),
-        Err(e) => {
-            if std::env::var("PREVIEWD_REQUIRE_DOCKER").as_deref() == Ok("1") {
-                panic!("Docker is required (PREVIEWD_REQUIRE_DOCKER=1) but unavailable: {e}");
-            }
-            eprintln!(
-                "\n!!!!! SKIPPED: no Docker engine ({e}); set PREVIEWD_REQUIRE_DOCKER=1 to make this a failure !!!!!\n"
-            );
-            None
-        }
+    let missing = match DockerRuntime::connect().await {
+        Ok(d) if std::path::Path::new(BUSYBOX).is_file() => return Some(d),
+        Ok(_) => format!("{BUSYBOX} is missing (apt-get install busybox-static)"),
+        Err(e) => format!("no Docker engine ({e})"),
+    };
+    if std::env::var("PREVIEWD_REQUIRE_DOCKER").as_deref() == Ok("1") {
+        panic!(
+            "the Docker tests are required (PREVIEWD_REQUIRE_DOCKER=1) but cannot run: {missing}"
+        );
     }
+    eprintln!(
+        "\n!!!!! SKIPPED: {missing}; set PREVIEWD_REQUIRE_DOCKER=1 to make this a failure !!!!!\n"
+    );
+    None
 }
 
 fn tar_file(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32) {
