@@ -167,7 +167,8 @@ fn stop_same_executable(exe: &Path) -> Result<Stopped, StopError> {
 }
 
 /// Pids (but this process's) whose `/proc/<pid>/exe` is `exe`, including a replaced
-/// (" (deleted)") copy of it.
+/// (" (deleted)") copy of it, except `stdio` tunnels: those are previewd's live connections
+/// (they end with them), not daemons to replace.
 fn same_executable_pids(exe: &Path) -> Vec<i32> {
     let own = std::process::id();
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -182,7 +183,14 @@ fn same_executable_pids(exe: &Path) -> Vec<i32> {
                 Path::new(target.strip_suffix(" (deleted)").unwrap_or(&target)) == exe
             })
         })
+        .filter(|pid| !is_stdio_tunnel(*pid))
         .collect()
+}
+
+/// Whether `pid` runs `… stdio` (its first argument).
+fn is_stdio_tunnel(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|cmdline| cmdline.split(|b| *b == 0).nth(1) == Some(b"stdio"))
 }
 
 /// SIGTERM, wait, SIGKILL, wait.

@@ -427,6 +427,24 @@ async fn inject<R: ContainerRuntime>(
         }
     }
 
+    // An agent reached through exec runs no daemon: if the installed binary still answers
+    // over stdio, there is nothing to (re)do — and re-injecting would stop live tunnels.
+    let was_exec = obj.status.as_ref().and_then(|s| s.endpoint.as_deref()) == Some("exec");
+    if same_container && was_exec && ip.is_none() && daemon.is_none() {
+        let spec = ExecSpec {
+            argv: vec![layout.agent(), "stdio".into()],
+            env: vec![format!("{SECRET_ENV}={secret}")],
+            user: agent_user.clone(),
+        };
+        if let Ok(mut stdio) = docker.exec_stdio(&info.id, &spec).await
+            && let Ok(Ok(h)) =
+                tokio::time::timeout(HEALTH_TIMEOUT, agent::health(&mut stdio, secret)).await
+            && h.version == env!("CARGO_PKG_VERSION")
+        {
+            return running("exec".into(), h.version, false);
+        }
+    }
+
     let binary = match &ctx.agent.contents {
         Ok(b) => b.clone(),
         Err(e) => return Outcome::failed("AgentBinaryMissing", e.clone()),

@@ -461,4 +461,37 @@ async fn containers_without_a_network_are_served_through_exec() {
             "{body}"
         );
     }
+    // Streams that pause keep flowing, also after the shared agent is reconciled again
+    // (re-injection must not stop live stdio tunnels).
+    let mut s = TcpStream::connect(server.proxy)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(format!("GET /p/isolated.default/sse?n=4&ms=500 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{auth}\r\n").as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let injections: Api<previewd::resources::DaemonInjection> =
+        Api::default_namespaced(server.client());
+    let di = injections
+        .list(&Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .items;
+    let di_name = di
+        .first()
+        .and_then(|d| d.metadata.name.clone())
+        .unwrap_or_default();
+    // A label change is a spec-less write that makes the injection reconcile now.
+    injections
+        .patch(
+            &di_name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"metadata": {"labels": {"poke": "1"}}})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut seen = String::new();
+    s.read_to_string(&mut seen)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(seen.contains("data: event 3"), "the stream was cut: {seen}");
 }
