@@ -28,6 +28,15 @@ fn split_id(id: &str) -> Option<(String, String)> {
     (!name.is_empty() && !ns.is_empty()).then(|| (ns.to_owned(), name.to_owned()))
 }
 
+/// The part of `host` before `.{domain}` (compared ignoring ASCII case), without
+/// allocating: this runs on every request.
+fn under_domain<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
+    let (h, d) = (host.as_bytes(), domain.as_bytes());
+    let cut = h.len().checked_sub(d.len() + 1)?;
+    // `cut` sits on the ASCII '.', so slicing there is on a char boundary.
+    (h[cut] == b'.' && h[cut + 1..].eq_ignore_ascii_case(d)).then(|| &host[..cut])
+}
+
 /// Routes by host (`{name}.{namespace}.{domain}`) or by path (`/p/{name}.{namespace}/…`).
 /// Host routing wins when the host is under the preview domain.
 pub fn route(host: Option<&str>, path: &str, domain: &str) -> Option<Routed> {
@@ -36,12 +45,8 @@ pub fn route(host: Option<&str>, path: &str, domain: &str) -> Option<Routed> {
             .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
             .map_or(h, |(h, _)| h)
     });
-    if let Some(id) = host.and_then(|h| {
-        h.to_ascii_lowercase()
-            .strip_suffix(&format!(".{domain}"))
-            .map(str::to_owned)
-    }) {
-        let (namespace, name) = split_id(&id)?;
+    if let Some(id) = host.and_then(|h| under_domain(h, domain)) {
+        let (namespace, name) = split_id(&id.to_ascii_lowercase())?;
         return Some(Routed {
             namespace,
             name,
@@ -159,7 +164,7 @@ pub fn admit(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resources::target::{DockerTarget, Target};
+    use crate::resources::target::Target;
     use crate::resources::{PreviewLinkSpec, PreviewLinkStatus};
 
     #[test]
@@ -187,6 +192,17 @@ mod tests {
         );
         assert_eq!(route(Some("127.0.0.1"), "/p/nodot/", d), None);
         assert_eq!(route(None, "/other", d), None);
+        assert_eq!(
+            route(Some("WEB.Default.Preview.Localhost"), "/", d).map(|r| r.name),
+            Some("web".into())
+        );
+        assert_eq!(route(Some("preview.localhost"), "/", d), None);
+        assert_eq!(route(Some("xpreview.localhost"), "/", d), None);
+        assert_eq!(
+            route(Some("é.preview.localhost"), "/", d),
+            None,
+            "non-ASCII hosts do not panic"
+        );
     }
 
     #[test]
@@ -222,15 +238,7 @@ mod tests {
 
     #[test]
     fn only_ready_unexpired_links_are_admitted() {
-        let mut link = PreviewLink::new(
-            "web",
-            PreviewLinkSpec::new(
-                Target::Docker(DockerTarget {
-                    container: "c".into(),
-                }),
-                3000,
-            ),
-        );
+        let mut link = PreviewLink::new("web", PreviewLinkSpec::new(Target::docker("c"), 3000));
         let now = k8s_openapi::jiff::Timestamp::from_second(1000)
             .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
         assert!(matches!(
