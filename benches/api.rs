@@ -19,19 +19,11 @@ mod common;
 use futures::StreamExt;
 use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
-use previewd::resources::target::{DockerTarget, Target};
+use previewd::resources::target::Target;
 use previewd::resources::{PreviewLink, PreviewLinkSpec};
 
 fn link(name: &str) -> PreviewLink {
-    PreviewLink::new(
-        name,
-        PreviewLinkSpec::new(
-            Target::Docker(DockerTarget {
-                container: "web".into(),
-            }),
-            8080,
-        ),
-    )
+    PreviewLink::new(name, PreviewLinkSpec::new(Target::docker("web"), 8080))
 }
 
 fn percentile(samples: &mut [Duration], p: f64) -> Duration {

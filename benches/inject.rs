@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bollard::models::HostConfig;
 use kube::api::{Api, PostParams};
 use previewd::resources::daemon_injection::DaemonPhase;
-use previewd::resources::target::{DockerTarget, Target};
+use previewd::resources::target::Target;
 use previewd::resources::{DaemonInjection, DaemonInjectionSpec};
 use previewd::runtime::{ContainerRuntime, ExecSpec};
 
@@ -45,15 +45,7 @@ async fn until_running(api: &Api<DaemonInjection>, name: &str) {
 }
 
 fn injection(name: &str, container: &str) -> DaemonInjection {
-    DaemonInjection::new(
-        name,
-        DaemonInjectionSpec {
-            target: Target::Docker(DockerTarget {
-                container: container.into(),
-            }),
-            daemon: None,
-        },
-    )
+    DaemonInjection::new(name, DaemonInjectionSpec::new(Target::docker(container)))
 }
 
 #[tokio::main]

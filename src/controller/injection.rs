@@ -832,18 +832,10 @@ async fn cleanup<R: ContainerRuntime>(
 mod tests {
     use super::*;
     use crate::resources::DaemonInjectionSpec;
-    use crate::resources::target::DockerTarget;
 
     fn obj(status: Option<DaemonInjectionStatus>) -> DaemonInjection {
-        let mut o = DaemonInjection::new(
-            "web-agent",
-            DaemonInjectionSpec {
-                target: Target::Docker(DockerTarget {
-                    container: "web".into(),
-                }),
-                daemon: None,
-            },
-        );
+        let mut o =
+            DaemonInjection::new("web-agent", DaemonInjectionSpec::new(Target::docker("web")));
         o.metadata.generation = Some(3);
         o.status = status;
         o

@@ -431,10 +431,7 @@ async fn ensure_injection<R: ContainerRuntime>(
     }
     let mut di = DaemonInjection::new(
         &name,
-        DaemonInjectionSpec {
-            target: Target::Docker(target.clone()),
-            daemon: None,
-        },
+        DaemonInjectionSpec::new(Target::Docker(target.clone())),
     );
     di.metadata.namespace = Some(ns);
     di.metadata.owner_references = me.map(|m| vec![m]);
@@ -497,15 +494,7 @@ mod tests {
     }
 
     fn link() -> PreviewLink {
-        let mut l = PreviewLink::new(
-            "web",
-            PreviewLinkSpec::new(
-                Target::Docker(DockerTarget {
-                    container: "My_App".into(),
-                }),
-                3000,
-            ),
-        );
+        let mut l = PreviewLink::new("web", PreviewLinkSpec::new(Target::docker("My_App"), 3000));
         l.metadata.namespace = Some("default".into());
         l.metadata.generation = Some(2);
         l

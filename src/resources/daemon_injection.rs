@@ -66,6 +66,16 @@ pub struct DaemonInjectionSpec {
     pub daemon: Option<DaemonSpec>,
 }
 
+impl DaemonInjectionSpec {
+    /// The built-in agent in `target`: what links and the REST shim ask for.
+    pub fn new(target: Target) -> Self {
+        DaemonInjectionSpec {
+            target,
+            daemon: None,
+        }
+    }
+}
+
 /// A user-named static daemon, injected exactly like the built-in agent.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -34,6 +34,13 @@ pub struct PodTarget {
 }
 
 impl Target {
+    /// A Docker container by id or name: the target most objects outside a cluster have.
+    pub fn docker(container: impl Into<String>) -> Self {
+        Target::Docker(DockerTarget {
+            container: container.into(),
+        })
+    }
+
     /// A short human form (`docker/web`, `pod/api/app`) for status and printer columns.
     pub fn display_name(&self) -> String {
         match self {

@@ -300,12 +300,7 @@ mod tests {
     use super::*;
 
     fn link(port: i32) -> PreviewLinkSpec {
-        PreviewLinkSpec::new(
-            Target::Docker(DockerTarget {
-                container: "web".into(),
-            }),
-            port,
-        )
+        PreviewLinkSpec::new(Target::docker("web"), port)
     }
 
     #[test]
@@ -338,18 +333,14 @@ mod tests {
     #[test]
     fn docker_names_with_path_characters_are_refused() {
         for bad in ["../etc", "a/b", "", "-x", "a b"] {
-            let t = Target::Docker(DockerTarget {
-                container: bad.into(),
-            });
+            let t = Target::docker(bad);
             assert_eq!(
                 target("spec.target", &t).len(),
                 1,
                 "{bad:?} should be refused"
             );
         }
-        let ok = Target::Docker(DockerTarget {
-            container: "My_app.1-x".into(),
-        });
+        let ok = Target::docker("My_app.1-x");
         assert!(target("spec.target", &ok).is_empty());
     }
 
@@ -383,9 +374,7 @@ mod tests {
             ..DaemonSpec::default()
         };
         let spec = |d: &DaemonSpec| DaemonInjectionSpec {
-            target: Target::Docker(DockerTarget {
-                container: "web".into(),
-            }),
+            target: Target::docker("web"),
             daemon: Some(d.clone()),
         };
         let fields: Vec<String> = daemon_injection_spec(&spec(&d))
@@ -400,9 +389,7 @@ mod tests {
     #[test]
     fn user_must_be_uid_colon_gid() {
         let spec = |u: &str| DaemonInjectionSpec {
-            target: Target::Docker(DockerTarget {
-                container: "web".into(),
-            }),
+            target: Target::docker("web"),
             daemon: Some(DaemonSpec {
                 user: Some(u.into()),
                 ..DaemonSpec::default()

@@ -11,7 +11,7 @@ use previewd::agent::client as agent;
 use previewd::resources::conditions;
 use previewd::resources::daemon_injection::DaemonPhase;
 use previewd::resources::preview_link::LinkPhase;
-use previewd::resources::target::{DockerTarget, Target};
+use previewd::resources::target::Target;
 use previewd::resources::{DaemonInjection, DaemonInjectionSpec, PreviewLink};
 use previewd::runtime::docker::DockerRuntime;
 use previewd::runtime::{ContainerRuntime, ExecSpec};
@@ -33,15 +33,7 @@ pub fn server(state: &Path) -> Server {
 }
 
 pub fn injection(name: &str, container: &str) -> DaemonInjection {
-    DaemonInjection::new(
-        name,
-        DaemonInjectionSpec {
-            target: Target::Docker(DockerTarget {
-                container: container.into(),
-            }),
-            daemon: None,
-        },
-    )
+    DaemonInjection::new(name, DaemonInjectionSpec::new(Target::docker(container)))
 }
 
 /// Waits until the injection reports `phase` (and returns it).

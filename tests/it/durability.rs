@@ -6,22 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kube::api::{Api, PostParams};
-use previewd::resources::target::{DockerTarget, Target};
+use previewd::resources::target::Target;
 use previewd::resources::{PreviewLink, PreviewLinkSpec};
 use tokio::sync::Mutex;
 
 use crate::common::{API_ONLY, Server};
 
 fn link(name: &str, port: i32) -> PreviewLink {
-    PreviewLink::new(
-        name,
-        PreviewLinkSpec::new(
-            Target::Docker(DockerTarget {
-                container: "web".into(),
-            }),
-            port,
-        ),
-    )
+    PreviewLink::new(name, PreviewLinkSpec::new(Target::docker("web"), port))
 }
 
 fn rv(o: &PreviewLink) -> u64 {

@@ -14,7 +14,7 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
-use previewd::resources::target::{DockerTarget, Target};
+use previewd::resources::target::Target;
 use previewd::resources::{PreviewLink, PreviewLinkSpec, PreviewLinkStatus};
 use previewd::store::{Store, kinds};
 use serde_json::{Value, json};
@@ -31,15 +31,7 @@ fn in_process(dir: &std::path::Path) -> Client {
 }
 
 fn link(name: &str, port: i32) -> PreviewLink {
-    PreviewLink::new(
-        name,
-        PreviewLinkSpec::new(
-            Target::Docker(DockerTarget {
-                container: "web".into(),
-            }),
-            port,
-        ),
-    )
+    PreviewLink::new(name, PreviewLinkSpec::new(Target::docker("web"), port))
 }
 
 #[derive(Debug, thiserror::Error)]
