@@ -45,7 +45,8 @@ const FORBIDDEN_INSTALL_DIRS: [&str; 5] = ["/tmp", "/dev", "/proc", "/sys", "/ru
 pub fn dns1123_subdomain(field: &str, value: &str) -> Result<(), FieldError> {
     let ok = !value.is_empty()
         && value.len() <= 253
-        && value.split('.').all(|part| is_dns1123_label(part, 63));
+        // Kubernetes bounds the whole name, not its dot-separated parts.
+        && value.split('.').all(|part| is_dns1123_label(part, 253));
     if ok {
         Ok(())
     } else {
@@ -314,6 +315,8 @@ mod tests {
     #[test]
     fn subdomain_rules() {
         assert!(dns1123_subdomain("n", "my-link.v1").is_ok());
+        // Long names without dots are fine (Secrets named after long objects).
+        assert!(dns1123_subdomain("n", &"a".repeat(253)).is_ok());
         for bad in [
             "",
             "Upper",

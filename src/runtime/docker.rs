@@ -337,7 +337,13 @@ impl ContainerRuntime for DockerRuntime {
                         seen.extend_from_slice(&bytes);
                     }
                     let text = String::from_utf8_lossy(&seen);
-                    if let Some(line) = text.lines().find(|l| l.starts_with(ready_prefix)) {
+                    // Only whole lines: the announcement may arrive split across chunks.
+                    if let Some(line) = text
+                        .split_inclusive('\n')
+                        .filter_map(|l| l.strip_suffix('\n'))
+                        .find(|l| l.starts_with(ready_prefix))
+                    {
+                        let line = line.trim_end_matches('\r');
                         // Dropping the attached stream detaches; the daemon keeps running.
                         return Ok(line.to_owned());
                     }
