@@ -44,6 +44,14 @@ struct ClientArgs {
         global = true
     )]
     namespace: String,
+    /// Bearer token of an API served beyond loopback.
+    #[arg(
+        long,
+        env = "PREVIEWD_API_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    token: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -93,6 +101,16 @@ enum Command {
             default_value = "subdomain"
         )]
         url_style: UrlStyle,
+        /// Token every API call must carry as `Authorization: Bearer …` (required when
+        /// --api-listen is not a loopback address).
+        #[arg(long, env = "PREVIEWD_API_TOKEN", hide_env_values = true)]
+        api_token: Option<String>,
+        /// Namespace of the objects the REST shim (/api/daemon-proxy) creates.
+        #[arg(long, env = "PREVIEWD_REST_NAMESPACE", default_value = "default")]
+        rest_namespace: String,
+        /// Longest a REST shim call waits for a daemon or link to be ready, in seconds.
+        #[arg(long, env = "PREVIEWD_REST_WAIT_SECONDS", default_value_t = 60)]
+        rest_wait_seconds: u64,
     },
     /// Print a preview link's token.
     Token {
@@ -217,6 +235,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             proxy_listen,
             preview_domain,
             url_style,
+            api_token,
+            rest_namespace,
+            rest_wait_seconds,
         } => {
             init_logging(log_format);
             let state_dir = match state_dir {
@@ -237,12 +258,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 state_dir,
                 links,
                 controller: controllers.then_some(controller),
+                api_token,
+                rest_namespace,
+                rest_wait: std::time::Duration::from_secs(rest_wait_seconds),
             };
             serve::run(config, shutdown_signal()).await?;
         }
         Command::Apply { file, client } => {
             let manifest = read_manifest(&file)?;
-            let conn = Connection::new(&client.server, &client.namespace)?;
+            let conn = Connection::new(&client.server, &client.namespace, client.token.as_deref())?;
             for line in cli::apply::apply(&conn, &manifest).await? {
                 println!("{line}");
             }
@@ -254,7 +278,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             all_namespaces,
             client,
         } => {
-            let conn = Connection::new(&client.server, &client.namespace)?;
+            let conn = Connection::new(&client.server, &client.namespace, client.token.as_deref())?;
             let text = cli::get::get(&conn, &kind, name.as_deref(), all_namespaces, output).await?;
             if text.starts_with("No resources found") {
                 eprintln!("{text}");
@@ -263,15 +287,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Token { name, client } => {
-            let conn = Connection::new(&client.server, &client.namespace)?;
+            let conn = Connection::new(&client.server, &client.namespace, client.token.as_deref())?;
             println!("{}", cli::link::token(&conn, &name).await?);
         }
         Command::Url { name, path, client } => {
-            let conn = Connection::new(&client.server, &client.namespace)?;
+            let conn = Connection::new(&client.server, &client.namespace, client.token.as_deref())?;
             println!("{}", cli::link::url(&conn, &name, path).await?);
         }
         Command::Delete { kind, name, client } => {
-            let conn = Connection::new(&client.server, &client.namespace)?;
+            let conn = Connection::new(&client.server, &client.namespace, client.token.as_deref())?;
             println!("{}", cli::delete::delete(&conn, &kind, &name).await?);
         }
         Command::Crd { write } => match write {

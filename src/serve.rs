@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::api::auth::ApiAuth;
+use crate::api::shim::{Shim, ShimConfig};
 use crate::controller::link::LinkConfig;
 use crate::controller::{self, ControllerConfig};
 use crate::metrics::Metrics;
@@ -22,11 +24,20 @@ pub struct ServeConfig {
     pub links: LinkConfig,
     /// How the controllers run; `None` serves the API (and the proxy) alone.
     pub controller: Option<ControllerConfig>,
+    /// The token API callers must present (required beyond loopback).
+    pub api_token: Option<String>,
+    /// Namespace of the objects the REST shim creates.
+    pub rest_namespace: String,
+    /// Longest a REST shim call waits for status.
+    pub rest_wait: std::time::Duration,
 }
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    /// The API would be open beyond loopback without a token.
+    #[error(transparent)]
+    Auth(#[from] crate::api::auth::AuthConfigError),
     /// The state directory is locked or unusable.
     #[error(transparent)]
     State(#[from] OpenError),
@@ -50,6 +61,7 @@ pub async fn run(
     config: ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let auth = ApiAuth::new(config.api_listen, config.api_token.as_deref())?;
     let store = Arc::new(Store::open(&config.state_dir, kinds::all())?);
     tracing::info!(
         state_dir = %config.state_dir.display(),
@@ -89,8 +101,18 @@ pub async fn run(
     // The proxy reaches containers without a routable address through exec.
     let docker = crate::runtime::docker::DockerRuntime::connect().await.ok();
     let client = kube::Client::new(
-        crate::api::router(store.clone(), metrics.clone()),
+        crate::api::internal_router(store.clone(), metrics.clone()),
         "default",
+    );
+    let shim = Shim::new(
+        client.clone(),
+        docker.clone(),
+        ShimConfig {
+            namespace: config.rest_namespace,
+            wait: config.rest_wait,
+            api_url: format!("http://{addr}"),
+            links: links.clone(),
+        },
     );
     let proxy = tokio::spawn(crate::proxy::run(
         metrics.clone(),
@@ -113,7 +135,7 @@ pub async fn run(
         tracing::info!("controllers are off: serving the API and the proxy only");
     }
 
-    let app = crate::api::router(store.clone(), metrics);
+    let app = crate::api::router(store.clone(), metrics, shim, auth);
     let closing = store.clone();
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {

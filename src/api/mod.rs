@@ -1,4 +1,8 @@
-//! The API listener: the embedded Kubernetes API plus the endpoints operators probe.
+//! The API listener: the embedded Kubernetes API, the REST shim for backends, and the
+//! endpoints operators probe, behind a Bearer token when bound beyond loopback.
+
+pub mod auth;
+pub mod shim;
 
 use std::sync::Arc;
 
@@ -10,8 +14,9 @@ use axum::routing::get;
 use crate::metrics::Metrics;
 use crate::store::{Store, api};
 
-/// Everything served on `--api-listen`.
-pub fn router(store: Arc<Store>, metrics: Arc<Metrics>) -> Router {
+/// The embedded Kubernetes API with health and metrics: what in-process clients (the
+/// controllers, the proxy, the shim) talk to, with no token in between.
+pub fn internal_router(store: Arc<Store>, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/livez", get(|| async { "ok" }))
@@ -33,4 +38,17 @@ pub fn router(store: Arc<Store>, metrics: Arc<Metrics>) -> Router {
             }),
         )
         .merge(api::router(store))
+}
+
+/// Everything served on `--api-listen`: the internal router plus the REST shim, all behind
+/// `auth`.
+pub fn router(
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    shim: shim::Shim,
+    auth: auth::ApiAuth,
+) -> Router {
+    internal_router(store, metrics)
+        .merge(shim::router(shim))
+        .layer(axum::middleware::from_fn_with_state(auth, auth::require))
 }

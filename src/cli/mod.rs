@@ -53,12 +53,14 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects to `server` (e.g. `http://127.0.0.1:8001`), defaulting to `namespace`.
-    pub fn new(server: &str, namespace: &str) -> Result<Self, CliError> {
+    /// Connects to `server` (e.g. `http://127.0.0.1:8001`), defaulting to `namespace`, with
+    /// the Bearer `token` of an API served beyond loopback.
+    pub fn new(server: &str, namespace: &str, token: Option<&str>) -> Result<Self, CliError> {
         let uri = server
             .parse::<http::Uri>()
             .map_err(|e| CliError::Input(format!("invalid --server {server:?}: {e}")))?;
-        let config = kube::Config::new(uri);
+        let mut config = kube::Config::new(uri);
+        config.auth_info.token = token.map(|t| t.to_owned().into());
         let client = kube::Client::try_from(config).map_err(|source| CliError::Connect {
             server: server.to_owned(),
             source,

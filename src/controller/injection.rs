@@ -33,7 +33,7 @@ const CONTROLLER: &str = "daemoninjection";
 /// The agent prints this (then its address) once it listens.
 const READY_PREFIX: &str = "listening on ";
 /// Key of the agent secret in its Secret object.
-const SECRET_KEY: &str = "secret";
+pub const SECRET_KEY: &str = "secret";
 /// How often a Running injection is health-checked when nothing else happens.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -267,15 +267,23 @@ async fn agent_secret<R: ContainerRuntime>(
     ctx: &Context<R>,
     obj: &DaemonInjection,
 ) -> Result<String, Error> {
-    shared::secret_value(&ctx.client, obj, &secret_name(obj), SECRET_KEY, || {
-        use rand::Rng;
-        let bytes: [u8; 32] = rand::rng().random();
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    })
+    shared::secret_value(
+        &ctx.client,
+        obj,
+        &agent_secret_name(obj),
+        SECRET_KEY,
+        || {
+            use rand::Rng;
+            let bytes: [u8; 32] = rand::rng().random();
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        },
+    )
     .await
 }
 
-fn secret_name(obj: &DaemonInjection) -> String {
+/// Name of the Secret holding an injection's agent secret (the proxy and the REST shim read
+/// it to talk to the agent).
+pub fn agent_secret_name(obj: &DaemonInjection) -> String {
     format!("previewd-agent-{}", obj.name_any())
 }
 
@@ -821,7 +829,7 @@ async fn cleanup<R: ContainerRuntime>(
     shared::delete_secret(
         &ctx.client,
         &obj.namespace().unwrap_or_default(),
-        &secret_name(&obj),
+        &agent_secret_name(&obj),
     )
     .await?;
     ctx.backoff.reset(&obj.uid().unwrap_or_default());

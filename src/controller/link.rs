@@ -34,6 +34,9 @@ use crate::runtime::{ContainerRuntime, RuntimeError};
 /// Finalizer that releases a link's token and shared injection before it goes.
 pub const FINALIZER: &str = "previewd.dev/link-cleanup";
 const CONTROLLER: &str = "previewlink";
+/// Label of an injection asked for on its own (not only for links): it stays when its last
+/// link goes.
+pub const REQUESTED_LABEL: &str = "previewd.dev/requested";
 /// Key of the token in its Secret.
 pub const TOKEN_KEY: &str = "token";
 /// How often a Ready link is re-checked when nothing else happens.
@@ -66,49 +69,60 @@ impl LinkConfig {
         format!("{name}.{namespace}")
     }
 
+    /// `http://{host}:{port}`: the proxy's address as clients reach it (a wildcard listen
+    /// address is reached at loopback).
+    pub fn proxy_base_url(&self) -> String {
+        let port = self.proxy_addr.port();
+        match self.proxy_addr.ip() {
+            ip if ip.is_unspecified() => format!("http://127.0.0.1:{port}"),
+            std::net::IpAddr::V6(ip) => format!("http://[{ip}]:{port}"),
+            std::net::IpAddr::V4(ip) => format!("http://{ip}:{port}"),
+        }
+    }
+
     /// The URL in the configured style and the path-routed URL, both ending in `/`.
     pub fn urls(&self, namespace: &str, name: &str) -> (String, String) {
         let id = Self::link_id(namespace, name);
-        let port = self.proxy_addr.port();
-        let host = if self.proxy_addr.ip().is_unspecified() {
-            "127.0.0.1".to_owned()
-        } else {
-            self.proxy_addr.ip().to_string()
-        };
-        let host = if host.contains(':') {
-            format!("[{host}]")
-        } else {
-            host
-        };
-        let path_url = format!("http://{host}:{port}/p/{id}/");
+        let path_url = format!("{}/p/{id}/", self.proxy_base_url());
         let url = match self.url_style {
-            UrlStyle::Subdomain => format!("http://{id}.{}:{port}/", self.preview_domain),
+            UrlStyle::Subdomain => format!(
+                "http://{id}.{}:{}/",
+                self.preview_domain,
+                self.proxy_addr.port()
+            ),
             UrlStyle::Path => path_url.clone(),
         };
         (url, path_url)
     }
 }
 
-/// The DaemonInjection links to a Docker container share: a DNS-1123 name derived from the
-/// container, with a hash so different ids or names never collide.
-pub fn injection_name(target: &DockerTarget) -> String {
-    let cleaned: String = target
-        .container
+/// A DNS-1123 label fragment naming a container: up to `max_len` characters of its id or
+/// name, then a hash of the whole of it, so different ids or names never collide.
+pub fn container_key(container: &str, max_len: usize) -> String {
+    let cleaned: String = container
         .to_ascii_lowercase()
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
     let cleaned = cleaned.trim_matches('-');
-    let short: String = cleaned.chars().take(40).collect();
-    let hash = Sha256::digest(target.container.as_bytes());
-    format!(
-        "link-{}-{:02x}{:02x}{:02x}{:02x}",
-        short.trim_end_matches('-'),
-        hash[0],
-        hash[1],
-        hash[2],
-        hash[3]
-    )
+    let short: String = cleaned.chars().take(max_len).collect();
+    let hash = Sha256::digest(container.as_bytes());
+    let short = short.trim_end_matches('-');
+    let hash = format!(
+        "{:02x}{:02x}{:02x}{:02x}",
+        hash[0], hash[1], hash[2], hash[3]
+    );
+    if short.is_empty() {
+        hash
+    } else {
+        format!("{short}-{hash}")
+    }
+}
+
+/// The DaemonInjection links to a Docker container share (the REST shim's `inject` uses it
+/// too, so a container has one agent however it was asked for).
+pub fn injection_name(target: &DockerTarget) -> String {
+    format!("link-{}", container_key(&target.container, 40))
 }
 
 /// Name of the Secret holding a link's token.
@@ -460,7 +474,9 @@ async fn cleanup<R: ContainerRuntime>(
                 .into_iter()
                 .filter(|o| o.uid != uid)
                 .collect();
-            let managed = di.labels().get(MANAGED_BY).map(String::as_str) == Some("previewd");
+            // Injections asked for explicitly (the REST shim's `inject`) outlive their links.
+            let managed = di.labels().get(MANAGED_BY).map(String::as_str) == Some("previewd")
+                && !di.labels().contains_key(REQUESTED_LABEL);
             if owners.is_empty() && managed {
                 match api.delete(&name, &DeleteParams::default()).await {
                     Ok(_) => {}

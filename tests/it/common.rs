@@ -67,11 +67,21 @@ impl Server {
 
     /// Starts a server, or returns what it printed when it exits instead of listening.
     pub fn try_start(state_dir: &Path, env: &[(&str, &str)]) -> Result<Server, String> {
+        Server::try_start_on(state_dir, "127.0.0.1:0", env)
+    }
+
+    /// Starts a server with its API on `api_listen`, or returns what it printed when it exits
+    /// instead of listening.
+    pub fn try_start_on(
+        state_dir: &Path,
+        api_listen: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Server, String> {
         let mut child = Command::new(previewd_bin())
             .args([
                 "serve",
                 "--api-listen",
-                "127.0.0.1:0",
+                api_listen,
                 "--proxy-listen",
                 "127.0.0.1:0",
                 "--log-format",

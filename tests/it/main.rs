@@ -9,3 +9,4 @@ mod durability;
 mod embedded_api;
 mod kubectl;
 mod proxy;
+mod rest;
