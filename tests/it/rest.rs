@@ -491,7 +491,8 @@ async fn every_documented_call_answers_as_its_openapi_document_says() {
     // Everything the document allows and forbids, with generated ids (mostly unknown
     // containers), then valid calls on a real container (its id given in a config file).
     let work = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let config = work.path().join("schemathesis.toml");
+    // Not named schemathesis.toml: that name is picked up from the working directory.
+    let config = work.path().join("fixed-container.toml");
     std::fs::write(
         &config,
         format!("[parameters]\n\"id\" = \"{}\"\n", app.name),
