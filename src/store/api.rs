@@ -25,7 +25,9 @@ use super::kinds::Kind;
 use super::openapi;
 use super::patch::{Patch, PatchKind};
 use super::selector::Selectors;
-use super::state::{Change, ChangeType, FieldValidation, Preconditions, Store, Target, Written};
+use super::state::{
+    Change, ChangeType, FieldValidation, Preconditions, Store, Target, Writer, Written,
+};
 use super::status::ApiError;
 use super::table::{self, IncludeObject};
 use crate::resources::validation;
@@ -237,7 +239,15 @@ async fn resource(
                     name,
                 },
                 target,
-                fields,
+                Writer {
+                    manager: q
+                        .get("fieldManager")
+                        .filter(|m| !m.is_empty())
+                        .cloned()
+                        .unwrap_or_else(|| "unknown".into()),
+                    force: is_true(q.get("force")),
+                    validation: fields,
+                },
                 &headers,
                 body,
             )
@@ -379,7 +389,7 @@ async fn patch(
     store: Arc<Store>,
     item: Item,
     target: Target,
-    fields: FieldValidation,
+    writer: Writer,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Written), ApiError> {
@@ -403,7 +413,7 @@ async fn patch(
         name,
     } = item;
     let existed = store.get(&kind, &ns, &name).is_ok();
-    let obj = blocking(move || store.patch(&kind, &ns, &name, target, &patch, fields)).await?;
+    let obj = blocking(move || store.patch(&kind, &ns, &name, target, &patch, &writer)).await?;
     Ok((
         if create && !existed {
             StatusCode::CREATED

@@ -126,7 +126,8 @@ fn custom_resource(
 }
 
 /// Every kind the embedded API serves: the two previewd resources, and the core objects the
-/// controllers use (Secrets for link tokens, events.k8s.io Events from kube's `Recorder`).
+/// controllers use (Secrets for link tokens, Leases for leader election, events.k8s.io
+/// Events from kube's `Recorder`).
 pub fn all() -> Vec<Kind> {
     let [links, injections] = resources::crd::all();
     vec![
@@ -156,6 +157,22 @@ pub fn all() -> Vec<Kind> {
             categories: &[],
             has_status: false,
             columns: vec![column("Type", "string", ".type"), age_column()],
+            crd: None,
+            validate: None,
+        },
+        Kind {
+            group: "coordination.k8s.io",
+            version: "v1",
+            kind: "Lease",
+            plural: "leases",
+            singular: "lease",
+            short_names: &[],
+            categories: &[],
+            has_status: false,
+            columns: vec![
+                column("Holder", "string", ".spec.holderIdentity"),
+                age_column(),
+            ],
             crd: None,
             validate: None,
         },

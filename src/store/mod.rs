@@ -8,6 +8,7 @@ pub mod api;
 pub mod discovery;
 pub mod disk;
 pub mod error;
+pub mod fields;
 pub mod kinds;
 pub mod meta;
 pub mod openapi;

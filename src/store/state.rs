@@ -14,6 +14,7 @@ use tokio::sync::broadcast;
 
 use super::disk::{Disk, ObjectKey, OpenError, SkippedFile};
 use super::error::StoreError;
+use super::fields::{self, Operation};
 use super::kinds::Kind;
 use super::meta;
 use super::patch::Patch;
@@ -374,8 +375,20 @@ impl Store {
         &self,
         kind: &Kind,
         namespace: &str,
+        body: Value,
+        fields: FieldValidation,
+    ) -> Result<Written, StoreError> {
+        self.create_owned(kind, namespace, body, fields, None)
+    }
+
+    /// Creates an object; an apply that creates records its manager's ownership.
+    fn create_owned(
+        &self,
+        kind: &Kind,
+        namespace: &str,
         mut body: Value,
         fields: FieldValidation,
+        owner: Option<Owner<'_>>,
     ) -> Result<Written, StoreError> {
         check_type(kind, &body)?;
         let body_ns = meta::namespace(&body).to_owned();
@@ -435,6 +448,17 @@ impl Store {
             meta::set_meta(&mut body, server_owned, None);
         }
         let warnings = run_validation(kind, &name, &mut body, fields)?;
+        if let Some(o) = owner {
+            let empty = json!({"metadata": {}});
+            fields::record(
+                &empty,
+                &mut body,
+                o.manager,
+                o.operation,
+                o.applied,
+                &meta::now_rfc3339(),
+            );
+        }
         let key = Self::key(kind, namespace, &name);
         let mut inner = self.lock();
         self.check_readable(&inner, &key)?;
@@ -488,7 +512,7 @@ impl Store {
             return Err(modified_conflict(kind, name));
         }
         let next = compose(kind, &current, body, target);
-        self.update_locked(&mut inner, kind, key, current, next, fields)
+        self.update_locked(&mut inner, kind, key, current, next, (fields, None))
     }
 
     /// Patches an object. An apply patch creates the object when it does not exist.
@@ -499,8 +523,9 @@ impl Store {
         name: &str,
         target: Target,
         patch: &Patch,
-        fields: FieldValidation,
+        writer: &Writer,
     ) -> Result<Written, StoreError> {
+        let fields = writer.validation;
         let key = Self::key(kind, namespace, name);
         let current = {
             let inner = self.lock();
@@ -519,7 +544,15 @@ impl Store {
                     meta::name(&doc)
                 )));
             }
-            return self.create(kind, namespace, doc, fields);
+            let owner = match patch {
+                Patch::Apply(applied) => Some(Owner {
+                    manager: &writer.manager,
+                    operation: Operation::Apply,
+                    applied: Some(applied),
+                }),
+                _ => None,
+            };
+            return self.create_owned(kind, namespace, doc, fields, owner);
         };
         let mut doc = (*current).clone();
         patch.apply_to(&mut doc)?;
@@ -539,8 +572,26 @@ impl Store {
         {
             return Err(modified_conflict(kind, name));
         }
+        if let Patch::Apply(applied) = patch {
+            let conflicts = fields::apply_conflicts(&latest, applied, &writer.manager);
+            if !conflicts.is_empty() && !writer.force {
+                return Err(apply_conflict(kind, name, &conflicts));
+            }
+            fields::prune_dropped(&latest, applied, &writer.manager, &mut doc);
+        }
         let next = compose(kind, &latest, doc, target);
-        self.update_locked(&mut inner, kind, key, latest, next, fields)
+        let owner = Owner {
+            manager: &writer.manager,
+            operation: match patch {
+                Patch::Apply(_) => Operation::Apply,
+                _ => Operation::Update,
+            },
+            applied: match patch {
+                Patch::Apply(a) => Some(a),
+                _ => None,
+            },
+        };
+        self.update_locked(&mut inner, kind, key, latest, next, (fields, Some(owner)))
     }
 
     /// Deletes an object: with finalizers it only gets a `deletionTimestamp` (and goes once
@@ -618,9 +669,23 @@ impl Store {
         key: ObjectKey,
         current: Arc<Value>,
         mut next: Value,
-        fields: FieldValidation,
+        (fields, owner): (FieldValidation, Option<Owner<'_>>),
     ) -> Result<Written, StoreError> {
         let warnings = run_validation(kind, &key.name, &mut next, fields)?;
+        // Ownership follows what really changed, defaults and pruning included, so a no-op
+        // write stays a no-op.
+        if let Some(o) = owner
+            && !fields::changed(&current, &next).is_empty()
+        {
+            fields::record(
+                &current,
+                &mut next,
+                o.manager,
+                o.operation,
+                o.applied,
+                &meta::now_rfc3339(),
+            );
+        }
         if meta::is_terminating(&current) {
             let added = finalizer_names(&next)
                 .into_iter()
@@ -832,6 +897,53 @@ fn set_type(kind: &Kind, obj: &mut Value) {
 /// The object a write produces: for the main resource, the body with server-owned metadata
 /// (and status, when a subresource owns it) kept from `current`; for `/status`, `current`
 /// with only the body's status.
+/// Who writes a patch and how strictly it is checked (`?fieldManager=`, `?force=`,
+/// `?fieldValidation=`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Writer {
+    /// The field manager's name.
+    pub manager: String,
+    /// Whether an apply takes fields other managers own instead of conflicting.
+    pub force: bool,
+    /// What unknown fields do.
+    pub validation: FieldValidation,
+}
+
+impl Default for Writer {
+    fn default() -> Self {
+        Writer {
+            manager: "unknown".into(),
+            force: false,
+            validation: FieldValidation::Strict,
+        }
+    }
+}
+
+/// A patch's writer, for the ownership it records.
+struct Owner<'a> {
+    manager: &'a str,
+    operation: Operation,
+    applied: Option<&'a Value>,
+}
+
+/// The API server's refusal of an apply that would change fields other managers own.
+fn apply_conflict(kind: &Kind, name: &str, conflicts: &[(String, String)]) -> StoreError {
+    let list: Vec<String> = conflicts
+        .iter()
+        .map(|(manager, path)| format!("conflict with \"{manager}\": {path}"))
+        .collect();
+    StoreError::Conflict {
+        resource: kind.resource_name(),
+        name: name.to_owned(),
+        reason: format!(
+            "Apply failed with {} conflict{}: {}",
+            conflicts.len(),
+            if conflicts.len() == 1 { "" } else { "s" },
+            list.join(", ")
+        ),
+    }
+}
+
 fn compose(kind: &Kind, current: &Value, body: Value, target: Target) -> Value {
     match target {
         Target::Status => {
@@ -962,6 +1074,80 @@ mod tests {
     }
 
     #[test]
+    fn applies_by_two_managers_conflict_unless_forced() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = open(dir.path());
+        let leases = kind("leases");
+        let writer = |manager: &str, force: bool| Writer {
+            manager: manager.into(),
+            force,
+            ..Writer::default()
+        };
+        let hold = |who: &str| {
+            Patch::Apply(
+                json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                                "spec": {"holderIdentity": who}}),
+            )
+        };
+        let created = ok(store.patch(
+            &leases,
+            "default",
+            "l",
+            Target::Main,
+            &hold("a"),
+            &writer("a", false),
+        ));
+        assert_eq!(created.object["spec"]["holderIdentity"], "a");
+        let refused = store.patch(
+            &leases,
+            "default",
+            "l",
+            Target::Main,
+            &hold("b"),
+            &writer("b", false),
+        );
+        match refused {
+            Err(StoreError::Conflict { reason, .. }) => {
+                assert!(
+                    reason.contains(r#"conflict with "a": .spec.holderIdentity"#),
+                    "{reason}"
+                );
+            }
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        // Re-applying its own value is fine; forcing takes the field over.
+        ok(store.patch(
+            &leases,
+            "default",
+            "l",
+            Target::Main,
+            &hold("a"),
+            &writer("a", false),
+        ));
+        let forced = ok(store.patch(
+            &leases,
+            "default",
+            "l",
+            Target::Main,
+            &hold("b"),
+            &writer("b", true),
+        ));
+        assert_eq!(forced.object["spec"]["holderIdentity"], "b");
+        assert!(
+            store
+                .patch(
+                    &leases,
+                    "default",
+                    "l",
+                    Target::Main,
+                    &hold("a"),
+                    &writer("a", false)
+                )
+                .is_err()
+        );
+    }
+
+    #[test]
     fn generation_tracks_spec_and_status_goes_through_its_subresource() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let store = open(dir.path());
@@ -974,7 +1160,7 @@ mod tests {
             "a",
             Target::Status,
             &status,
-            FieldValidation::Strict,
+            &Writer::default(),
         ))
         .object;
         assert_eq!(after_status["status"]["phase"], "Ready");
@@ -984,15 +1170,8 @@ mod tests {
         );
         assert_eq!(after_status["metadata"]["generation"], 1);
         let spec = Patch::Merge(json!({"spec": {"port": 81}, "status": {"phase": "Failed"}}));
-        let after_spec = ok(store.patch(
-            &pl,
-            "default",
-            "a",
-            Target::Main,
-            &spec,
-            FieldValidation::Strict,
-        ))
-        .object;
+        let after_spec =
+            ok(store.patch(&pl, "default", "a", Target::Main, &spec, &Writer::default())).object;
         assert_eq!(after_spec["metadata"]["generation"], 2);
         assert_eq!(
             after_spec["status"]["phase"], "Ready",
@@ -1005,7 +1184,7 @@ mod tests {
             "a",
             Target::Main,
             &label,
-            FieldValidation::Strict,
+            &Writer::default(),
         ))
         .object;
         assert_eq!(
@@ -1023,15 +1202,8 @@ mod tests {
             ok(store.create(&pl, "default", link("a", 80), FieldValidation::Strict)).object;
         let mut w = ok(store.watch(&pl, None, Some(store.revision())));
         let same = Patch::Merge(json!({"spec": {"port": 80}}));
-        let after = ok(store.patch(
-            &pl,
-            "default",
-            "a",
-            Target::Main,
-            &same,
-            FieldValidation::Strict,
-        ))
-        .object;
+        let after =
+            ok(store.patch(&pl, "default", "a", Target::Main, &same, &Writer::default())).object;
         assert_eq!(
             after["metadata"]["resourceVersion"],
             created["metadata"]["resourceVersion"]
@@ -1088,7 +1260,7 @@ mod tests {
                 "a",
                 Target::Main,
                 &stale_patch,
-                FieldValidation::Strict
+                &Writer::default()
             ),
             Err(StoreError::Conflict { .. })
         ));
@@ -1111,14 +1283,7 @@ mod tests {
         let add =
             Patch::Merge(json!({"metadata": {"finalizers": ["previewd.dev/cleanup", "other"]}}));
         assert!(matches!(
-            store.patch(
-                &pl,
-                "default",
-                "a",
-                Target::Main,
-                &add,
-                FieldValidation::Strict
-            ),
+            store.patch(&pl, "default", "a", Target::Main, &add, &Writer::default()),
             Err(StoreError::Invalid { .. })
         ));
         let remove = Patch::Json(
@@ -1131,7 +1296,7 @@ mod tests {
             "a",
             Target::Main,
             &remove,
-            FieldValidation::Strict,
+            &Writer::default(),
         ));
         assert!(matches!(
             store.get(&pl, "default", "a"),
