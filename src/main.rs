@@ -4,14 +4,16 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use previewd::cli::{self, Connection, get::Output};
+use previewd::controller::leader::LeaseConfig;
 use previewd::controller::link::{LinkConfig, UrlStyle};
 use previewd::controller::{AgentBinary, ControllerConfig};
 use previewd::resources::crd;
-use previewd::serve::{self, ServeConfig};
+use previewd::serve::{self, ServeConfig, StoreChoice};
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +54,13 @@ struct ClientArgs {
         global = true
     )]
     token: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StoreKind {
+    Auto,
+    Local,
+    Kube,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -111,6 +120,29 @@ enum Command {
         /// Longest a REST shim call waits for a daemon or link to be ready, in seconds.
         #[arg(long, env = "PREVIEWD_REST_WAIT_SECONDS", default_value_t = 60)]
         rest_wait_seconds: u64,
+        /// Where objects live: `local` (the embedded API over the YAML store), `kube` (a
+        /// Kubernetes API server), or `auto` (kube in a pod or with --kubeconfig, else local).
+        #[arg(long, env = "PREVIEWD_STORE", value_enum, default_value = "auto")]
+        store: StoreKind,
+        /// Kubeconfig of the Kubernetes API server (implies --store kube under auto).
+        #[arg(long, env = "PREVIEWD_KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// Reconcile this namespace only [default: all namespaces].
+        #[arg(long = "namespace", env = "PREVIEWD_WATCH_NAMESPACE")]
+        watch_namespace: Option<String>,
+        /// This replica's identity in leader election [default: $POD_NAME, else host and pid].
+        #[arg(long, env = "PREVIEWD_IDENTITY")]
+        identity: Option<String>,
+        /// Namespace of the leader-election Lease [default: $POD_NAMESPACE, else --namespace,
+        /// else default].
+        #[arg(long, env = "PREVIEWD_LEASE_NAMESPACE")]
+        lease_namespace: Option<String>,
+        /// Seconds a leader's lease lasts unrenewed: a crashed leader is replaced after this.
+        #[arg(long, env = "PREVIEWD_LEASE_DURATION_SECONDS", default_value_t = 15)]
+        lease_duration_seconds: u64,
+        /// Seconds before expiry the leader renews (less than the duration).
+        #[arg(long, env = "PREVIEWD_LEASE_GRACE_SECONDS", default_value_t = 5)]
+        lease_grace_seconds: u64,
     },
     /// Print a preview link's token.
     Token {
@@ -238,15 +270,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             api_token,
             rest_namespace,
             rest_wait_seconds,
+            store,
+            kubeconfig,
+            watch_namespace,
+            identity,
+            lease_namespace,
+            lease_duration_seconds,
+            lease_grace_seconds,
         } => {
             init_logging(log_format);
-            let state_dir = match state_dir {
-                Some(d) => d,
-                None => default_state_dir()?,
+            let local_dir = || match &state_dir {
+                Some(d) => Ok(d.clone()),
+                None => default_state_dir(),
+            };
+            let store = match store {
+                StoreKind::Local => StoreChoice::Local(local_dir()?),
+                StoreKind::Kube => StoreChoice::Kube { kubeconfig },
+                StoreKind::Auto if kubeconfig.is_some() => StoreChoice::Kube { kubeconfig },
+                StoreKind::Auto => StoreChoice::detect(None, local_dir()?),
+            };
+            let lease = LeaseConfig {
+                namespace: lease_namespace
+                    .or_else(|| {
+                        std::env::var("POD_NAMESPACE")
+                            .ok()
+                            .filter(|n| !n.is_empty())
+                    })
+                    .or_else(|| watch_namespace.clone())
+                    .unwrap_or_else(|| "default".into()),
+                name: LeaseConfig::NAME.into(),
+                identity: identity.unwrap_or_else(LeaseConfig::default_identity),
+                duration: Duration::from_secs(lease_duration_seconds),
+                grace: Duration::from_secs(lease_grace_seconds),
             };
             let controller = ControllerConfig {
                 agent_binary: agent_binary.unwrap_or_else(AgentBinary::default_path),
                 agent_port,
+                namespace: watch_namespace,
             };
             let links = LinkConfig {
                 preview_domain,
@@ -255,12 +315,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let config = ServeConfig {
                 api_listen,
-                state_dir,
+                store,
                 links,
                 controller: controllers.then_some(controller),
+                lease,
                 api_token,
                 rest_namespace,
-                rest_wait: std::time::Duration::from_secs(rest_wait_seconds),
+                rest_wait: Duration::from_secs(rest_wait_seconds),
             };
             serve::run(config, shutdown_signal()).await?;
         }

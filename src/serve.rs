@@ -1,5 +1,6 @@
-//! `previewd serve`: open the state directory, serve the API, and run the controllers
-//! against it in-process, until told to stop.
+//! `previewd serve`: find where objects live (the embedded API over the local YAML store, or
+//! a Kubernetes API server), serve the API listener and the proxy, and run the controllers
+//! (under leader election against a real API server), until told to stop.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,23 +8,50 @@ use std::sync::Arc;
 
 use crate::api::auth::ApiAuth;
 use crate::api::shim::{Shim, ShimConfig};
+use crate::controller::leader::{self, LeaseConfig};
 use crate::controller::link::LinkConfig;
 use crate::controller::{self, ControllerConfig};
 use crate::metrics::Metrics;
 use crate::store::disk::OpenError;
 use crate::store::{Store, kinds};
 
+/// Where the objects live.
+#[derive(Clone, Debug)]
+pub enum StoreChoice {
+    /// The embedded API over the local YAML store in this directory.
+    Local(PathBuf),
+    /// A Kubernetes API server: this kubeconfig, or the in-cluster service account.
+    Kube {
+        /// The kubeconfig file; `None` uses the in-cluster configuration.
+        kubeconfig: Option<PathBuf>,
+    },
+}
+
+impl StoreChoice {
+    /// Auto-detection: an explicit kubeconfig, or a pod's service-account environment, means
+    /// a real API server; otherwise the local store.
+    pub fn detect(kubeconfig: Option<PathBuf>, state_dir: PathBuf) -> Self {
+        if kubeconfig.is_some() || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+            StoreChoice::Kube { kubeconfig }
+        } else {
+            StoreChoice::Local(state_dir)
+        }
+    }
+}
+
 /// What `serve` needs to run.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
-    /// Address of the API listener (Kubernetes API, health, metrics).
+    /// Address of the API listener (Kubernetes API when local, REST shim, health, metrics).
     pub api_listen: SocketAddr,
-    /// The local YAML store's directory.
-    pub state_dir: PathBuf,
+    /// Where the objects live.
+    pub store: StoreChoice,
     /// Where and how preview links are served (the proxy's listen address and domain).
     pub links: LinkConfig,
     /// How the controllers run; `None` serves the API (and the proxy) alone.
     pub controller: Option<ControllerConfig>,
+    /// Leader election (used with a Kubernetes API server, where replicas share objects).
+    pub lease: LeaseConfig,
     /// The token API callers must present (required beyond loopback).
     pub api_token: Option<String>,
     /// Namespace of the objects the REST shim creates.
@@ -41,6 +69,12 @@ pub enum ServeError {
     /// The state directory is locked or unusable.
     #[error(transparent)]
     State(#[from] OpenError),
+    /// The Kubernetes client could not be configured.
+    #[error("cannot configure the Kubernetes client: {0}")]
+    Kube(String),
+    /// Leader election is misconfigured.
+    #[error(transparent)]
+    Leader(#[from] leader::LeaderError),
     /// The listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -55,35 +89,68 @@ pub enum ServeError {
     Serve(#[source] std::io::Error),
 }
 
-/// Serves until `shutdown` resolves, then stops the controllers, ends open watches and stops
-/// accepting requests.
+async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client, ServeError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| ServeError::Kube(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| ServeError::Kube(format!("{}: {e}", path.display())))?
+        }
+        None => kube::Config::incluster()
+            .map_err(|e| ServeError::Kube(format!("in-cluster configuration: {e}")))?,
+    };
+    kube::Client::try_from(config).map_err(|e| ServeError::Kube(e.to_string()))
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// Serves until `shutdown` resolves, then stops the controllers (releasing the lease), ends
+/// open watches and stops accepting requests.
 pub async fn run(
     config: ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let auth = ApiAuth::new(config.api_listen, config.api_token.as_deref())?;
-    let store = Arc::new(Store::open(&config.state_dir, kinds::all())?);
-    tracing::info!(
-        state_dir = %config.state_dir.display(),
-        objects_revision = store.revision(),
-        skipped_files = store.skipped().len(),
-        "state directory loaded"
-    );
+    config.lease.validate()?;
     let metrics = Metrics::new();
-    let listener = tokio::net::TcpListener::bind(config.api_listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: config.api_listen,
-            source,
-        })?;
+    // Locally, the controllers, the proxy and the shim talk to the embedded API in-process
+    // (no socket, one implementation); in a cluster, to the API server.
+    let (client, store, base) = match &config.store {
+        StoreChoice::Local(dir) => {
+            let store = Arc::new(Store::open(dir, kinds::all())?);
+            tracing::info!(
+                state_dir = %dir.display(),
+                objects_revision = store.revision(),
+                skipped_files = store.skipped().len(),
+                "state directory loaded"
+            );
+            let internal = crate::api::internal_router(store.clone(), metrics.clone());
+            let client = kube::Client::new(internal.clone(), "default");
+            (client, Some(store), internal)
+        }
+        StoreChoice::Kube { kubeconfig } => {
+            let client = kube_client(kubeconfig.as_ref()).await?;
+            tracing::info!(
+                kubeconfig = kubeconfig.as_ref().map(|p| p.display().to_string()),
+                "objects live on the Kubernetes API server"
+            );
+            (client, None, crate::api::probes(metrics.clone()))
+        }
+    };
+    let listener = bind(config.api_listen).await?;
     let addr = listener.local_addr().map_err(ServeError::Serve)?;
-    tracing::info!(%addr, "API listening (kubectl --server http://{addr})");
-    let proxy_listener = tokio::net::TcpListener::bind(config.links.proxy_addr)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: config.links.proxy_addr,
-            source,
-        })?;
+    if store.is_some() {
+        tracing::info!(%addr, "API listening (kubectl --server http://{addr})");
+    } else {
+        tracing::info!(%addr, "API listening (REST shim, health, metrics)");
+    }
+    let proxy_listener = bind(config.links.proxy_addr).await?;
     let proxy_addr = proxy_listener.local_addr().map_err(ServeError::Serve)?;
     tracing::info!(%proxy_addr, "preview proxy listening");
     // Link URLs name the address actually bound (port 0 picks one).
@@ -96,14 +163,8 @@ pub async fn run(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    // The controllers and the proxy talk to the same router in-process: no socket, one
-    // implementation.
     // The proxy reaches containers without a routable address through exec.
     let docker = crate::runtime::docker::DockerRuntime::connect().await.ok();
-    let client = kube::Client::new(
-        crate::api::internal_router(store.clone(), metrics.clone()),
-        "default",
-    );
     let shim = Shim::new(
         client.clone(),
         docker.clone(),
@@ -123,26 +184,47 @@ pub async fn run(
         stopped(stop_rx.clone()),
     ));
     let controllers = config.controller.map(|c| {
-        tokio::spawn(controller::run(
-            client,
-            c,
-            links,
-            metrics.clone(),
-            stopped(stop_rx.clone()),
-        ))
+        let metrics = metrics.clone();
+        let stop = stopped(stop_rx.clone());
+        if store.is_some() {
+            // The store's lock already makes this the only server of its objects.
+            tokio::spawn(async move {
+                controller::run(client, c, links, metrics, stop).await;
+            })
+        } else {
+            let lease = config.lease.clone();
+            let elector = client.clone();
+            tokio::spawn(async move {
+                let work = move |mut stop: tokio::sync::watch::Receiver<bool>| {
+                    let (client, c, links, metrics) =
+                        (client.clone(), c.clone(), links.clone(), metrics.clone());
+                    async move {
+                        let stop = async move {
+                            let _ = stop.wait_for(|s| *s).await;
+                        };
+                        controller::run(client, c, links, metrics, stop).await;
+                    }
+                };
+                if let Err(e) = leader::run_while_leader(elector, lease, stop, work).await {
+                    tracing::error!(error = %e, "leader election failed: this replica does not reconcile");
+                }
+            })
+        }
     });
     if controllers.is_none() {
         tracing::info!("controllers are off: serving the API and the proxy only");
     }
 
-    let app = crate::api::router(store.clone(), metrics, shim, auth);
+    let app = crate::api::router(base, shim, auth);
     let closing = store.clone();
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down");
             let _ = stop_tx.send(true);
-            closing.close();
+            if let Some(s) = closing {
+                s.close();
+            }
         })
         .await
         .map_err(ServeError::Serve);

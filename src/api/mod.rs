@@ -14,9 +14,8 @@ use axum::routing::get;
 use crate::metrics::Metrics;
 use crate::store::{Store, api};
 
-/// The embedded Kubernetes API with health and metrics: what in-process clients (the
-/// controllers, the proxy, the shim) talk to, with no token in between.
-pub fn internal_router(store: Arc<Store>, metrics: Arc<Metrics>) -> Router {
+/// Health probes and metrics: served in every mode.
+pub fn probes(metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/livez", get(|| async { "ok" }))
@@ -37,18 +36,17 @@ pub fn internal_router(store: Arc<Store>, metrics: Arc<Metrics>) -> Router {
                 }
             }),
         )
-        .merge(api::router(store))
 }
 
-/// Everything served on `--api-listen`: the internal router plus the REST shim, all behind
-/// `auth`.
-pub fn router(
-    store: Arc<Store>,
-    metrics: Arc<Metrics>,
-    shim: shim::Shim,
-    auth: auth::ApiAuth,
-) -> Router {
-    internal_router(store, metrics)
-        .merge(shim::router(shim))
+/// The embedded Kubernetes API with the probes: what in-process clients (the controllers,
+/// the proxy, the shim) talk to outside a cluster, with no token in between.
+pub fn internal_router(store: Arc<Store>, metrics: Arc<Metrics>) -> Router {
+    probes(metrics).merge(api::router(store))
+}
+
+/// Everything served on `--api-listen`: `base` (the probes, plus the embedded API outside a
+/// cluster) and the REST shim, all behind `auth`.
+pub fn router(base: Router, shim: shim::Shim, auth: auth::ApiAuth) -> Router {
+    base.merge(shim::router(shim))
         .layer(axum::middleware::from_fn_with_state(auth, auth::require))
 }

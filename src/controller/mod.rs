@@ -3,6 +3,7 @@
 
 pub mod backoff;
 pub mod injection;
+pub mod leader;
 pub mod link;
 pub mod shared;
 
@@ -112,6 +113,8 @@ pub struct ControllerConfig {
     pub agent_binary: PathBuf,
     /// Port the built-in agent listens on inside containers (0: a free one, chosen by the kernel).
     pub agent_port: u16,
+    /// Reconcile objects of this namespace only (`None`: all namespaces).
+    pub namespace: Option<String>,
 }
 
 /// Connects to Docker (when reachable) and runs the controllers until
@@ -152,17 +155,25 @@ pub async fn run(
         agent_port: config.agent_port,
         links,
     });
-    run_with(ctx, shutdown).await
+    run_with(ctx, config.namespace.as_deref(), shutdown).await
 }
 
 /// Runs the DaemonInjection and PreviewLink controllers with a given context until
-/// `shutdown` resolves.
+/// `shutdown` resolves, over one namespace or all.
 pub async fn run_with<R: ContainerRuntime + Clone>(
     ctx: Arc<Context<R>>,
+    namespace: Option<&str>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let shutdown = shutdown.shared();
-    let injections: Api<DaemonInjection> = Api::all(ctx.client.clone());
+    let api = |client: Client| match namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client, ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client)),
+    };
+    let (injections, links): (Api<DaemonInjection>, Api<PreviewLink>) = api(ctx.client.clone());
     // Container lifecycle events re-check every injection (there are few per machine).
     let triggers = match &ctx.docker {
         Ok(d) => d
@@ -177,14 +188,11 @@ pub async fn run_with<R: ContainerRuntime + Clone>(
         .run(injection::reconcile, injection::error_policy, ctx.clone())
         .for_each(report);
     // Links follow their shared injection (they are among its owners).
-    let link_controller = Controller::new(
-        Api::<PreviewLink>::all(ctx.client.clone()),
-        watcher::Config::default(),
-    )
-    .owns(injections, watcher::Config::default())
-    .graceful_shutdown_on(shutdown)
-    .run(link::reconcile, link::error_policy, ctx)
-    .for_each(report);
+    let link_controller = Controller::new(links, watcher::Config::default())
+        .owns(injections, watcher::Config::default())
+        .graceful_shutdown_on(shutdown)
+        .run(link::reconcile, link::error_policy, ctx)
+        .for_each(report);
     futures::join!(injection_controller, link_controller);
 }
 

@@ -8,5 +8,6 @@ mod docker;
 mod durability;
 mod embedded_api;
 mod kubectl;
+mod leader;
 mod proxy;
 mod rest;

@@ -1,0 +1,164 @@
+//! Kubernetes mode with several replicas: two (then three) `previewd serve --store kube`
+//! processes share one API server (a previewd serving only its embedded API stands in for
+//! kube-apiserver) and elect a leader with a Lease. Only the leader reconciles; a killed
+//! leader is replaced within the lease duration; a terminated one releases the lease.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Api, PostParams};
+use previewd::resources::{PreviewLink, PreviewLinkSpec, Target};
+
+use crate::common::{Server, eventually};
+
+const LEASE_SECONDS: u64 = 4;
+
+fn kubeconfig(dir: &Path, server: &str) -> std::path::PathBuf {
+    let path = dir.join("kubeconfig");
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: previewd\n  cluster: {{server: \"{server}\"}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: previewd, user: u, namespace: default}}\ncurrent-context: c\n"
+    );
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+    path
+}
+
+fn replica(dir: &Path, kubeconfig: &Path, identity: &str) -> Server {
+    let kc = kubeconfig.to_string_lossy().into_owned();
+    let lease = LEASE_SECONDS.to_string();
+    Server::start_with(
+        &dir.join(identity),
+        &[
+            ("PREVIEWD_STORE", "kube"),
+            ("PREVIEWD_KUBECONFIG", kc.as_str()),
+            ("PREVIEWD_IDENTITY", identity),
+            ("PREVIEWD_LEASE_DURATION_SECONDS", lease.as_str()),
+            ("PREVIEWD_LEASE_GRACE_SECONDS", "1"),
+            (
+                "PREVIEWD_AGENT_BINARY",
+                env!("CARGO_BIN_EXE_previewd-agent"),
+            ),
+        ],
+    )
+}
+
+async fn holder(leases: &Api<Lease>) -> Option<String> {
+    leases
+        .get_opt("previewd-controller")
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec?.holder_identity)
+}
+
+fn leads(server: &Server) -> bool {
+    server.log_text().contains("leading: reconciling")
+}
+
+/// How many reconciles a replica ran, from its /metrics.
+fn reconciles(server: &Server) -> u64 {
+    let port = server.url.rsplit(':').next().unwrap_or("");
+    let out = std::process::Command::new("curl")
+        .args(["-sf", &format!("http://127.0.0.1:{port}/metrics")])
+        .output()
+        .unwrap_or_else(|e| panic!("curl: {e}"));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("previewd_reconciles_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Creates a link and waits until some controller wrote its status.
+async fn reconciled(links: &Api<PreviewLink>, name: &str) {
+    let mut link = PreviewLink::new(name, PreviewLinkSpec::new(Target::docker("nowhere"), 80));
+    link.metadata.namespace = Some("default".into());
+    links
+        .create(&PostParams::default(), &link)
+        .await
+        .unwrap_or_else(|e| panic!("create {name}: {e}"));
+    eventually(Duration::from_secs(20), "the link is reconciled", || {
+        let links = links.clone();
+        let name = name.to_owned();
+        async move { links.get(&name).await.ok().and_then(|l| l.status?.phase) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_reconciles_and_another_takes_over() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let apiserver = Server::api_only(&dir.path().join("apiserver"));
+    let kc = kubeconfig(dir.path(), &apiserver.url);
+    let client = apiserver.client();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    let links: Api<PreviewLink> = Api::namespaced(client, "default");
+
+    let mut replicas = vec![replica(dir.path(), &kc, "b"), replica(dir.path(), &kc, "c")];
+    let first = eventually(Duration::from_secs(20), "a leader is elected", || {
+        let leases = leases.clone();
+        async move { holder(&leases).await }
+    })
+    .await;
+    reconciled(&links, "one").await;
+    let leader = usize::from(first == "c");
+    assert_eq!(
+        replicas.iter().map(leads).collect::<Vec<_>>(),
+        [leader == 0, leader == 1],
+        "only {first} leads"
+    );
+    assert!(reconciles(&replicas[leader]) > 0);
+    assert_eq!(
+        reconciles(&replicas[1 - leader]),
+        0,
+        "the follower reconciled"
+    );
+
+    // A killed leader keeps its lease until it expires; then the other replica takes over.
+    let killed_at = Instant::now();
+    replicas.remove(leader).kill9();
+    let survivor = &replicas[0];
+    let second = eventually(
+        Duration::from_secs(3 * LEASE_SECONDS),
+        "the survivor leads",
+        || {
+            let leases = leases.clone();
+            let first = first.clone();
+            async move { holder(&leases).await.filter(|h| *h != first) }
+        },
+    )
+    .await;
+    let took = killed_at.elapsed();
+    eprintln!("{second} took over from {first} after {took:?}");
+    assert!(
+        took <= Duration::from_secs(2 * LEASE_SECONDS),
+        "took over after {took:?}"
+    );
+    eventually(
+        Duration::from_secs(5),
+        "the survivor reconciles",
+        || async { leads(survivor).then_some(()) },
+    )
+    .await;
+    reconciled(&links, "two").await;
+
+    // A terminated leader releases the lease on its way out.
+    let standby = replica(dir.path(), &kc, "d");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!leads(&standby));
+    assert_eq!(reconciles(&standby), 0);
+    assert!(replicas.remove(0).terminate(Duration::from_secs(10)));
+    let after = holder(&leases).await;
+    assert_ne!(
+        after.as_deref(),
+        Some(second.as_str()),
+        "the lease was not released"
+    );
+    eventually(
+        Duration::from_secs(3 * LEASE_SECONDS),
+        "the standby leads",
+        || async { leads(&standby).then_some(()) },
+    )
+    .await;
+    reconciled(&links, "three").await;
+}
