@@ -19,6 +19,7 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
+use super::audit::{self, AuditEntry, AuditLog};
 use super::discovery;
 use super::error::StoreError;
 use super::kinds::Kind;
@@ -40,10 +41,16 @@ const BOOKMARK_INTERVAL: Duration = Duration::from_secs(15);
 #[derive(Clone)]
 struct ApiState {
     store: Arc<Store>,
+    audit: Option<Arc<AuditLog>>,
 }
 
 /// Builds the API router over a store.
 pub fn router(store: Arc<Store>) -> Router {
+    audited_router(store, None)
+}
+
+/// Builds the API router over a store, recording resource requests in `audit`.
+pub fn audited_router(store: Arc<Store>, audit: Option<Arc<AuditLog>>) -> Router {
     Router::new()
         .route("/version", get(|| async { Json(discovery::version()) }))
         .route("/api", get(core_versions))
@@ -52,7 +59,7 @@ pub fn router(store: Arc<Store>) -> Router {
         .route("/openapi/v3/{*path}", get(openapi_document))
         .route("/openapi/v2", get(|| async { ApiError::no_resource() }))
         .fallback(resource)
-        .with_state(ApiState { store })
+        .with_state(ApiState { store, audit })
 }
 
 async fn core_versions(headers: HeaderMap) -> Json<Value> {
@@ -170,6 +177,21 @@ async fn resource(
     }
     let kind = req.kind.clone();
     let (namespace, name, status) = (req.namespace, req.name, req.status);
+    if let Some(audit) = &s.audit {
+        audit.record(&AuditEntry {
+            verb: audit::verb(&method, name.is_some(), is_true(q.get("watch"))).to_owned(),
+            api_group: kind.group.to_owned(),
+            resource: kind.plural.to_owned(),
+            subresource: if status { "status".into() } else { String::new() },
+            namespace: namespace.clone().unwrap_or_default(),
+            name: name.clone().unwrap_or_default(),
+            user_agent: headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned(),
+        });
+    }
     let Some(fields) = FieldValidation::parse(q.get("fieldValidation").map(String::as_str)) else {
         return ApiError::new(
             400,

@@ -5,6 +5,7 @@
 //! unmodified on `kube::Client` over [`api::router`], and users use plain `kubectl`.
 
 pub mod api;
+pub mod audit;
 pub mod discovery;
 pub mod disk;
 pub mod error;
