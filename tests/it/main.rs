@@ -4,6 +4,7 @@ mod agent;
 mod cli;
 mod common;
 mod containers;
+mod deploy;
 mod docker;
 mod durability;
 mod embedded_api;
