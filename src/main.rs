@@ -69,81 +69,90 @@ enum LogFormat {
     Json,
 }
 
+/// `previewd serve`'s flags.
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address of the API listener (Kubernetes API, health checks).
+    #[arg(long, env = "PREVIEWD_API_LISTEN", default_value = "127.0.0.1:8001")]
+    api_listen: SocketAddr,
+    /// Directory of the local YAML store [default: $XDG_STATE_HOME/previewd or ~/.local/state/previewd].
+    #[arg(long, env = "PREVIEWD_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Log line format (filter with RUST_LOG).
+    #[arg(long, env = "PREVIEWD_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// The previewd-agent binary injected into containers [default: beside this executable].
+    #[arg(long, env = "PREVIEWD_AGENT_BINARY")]
+    agent_binary: Option<PathBuf>,
+    /// Port the injected agent listens on inside each container (0: a free one).
+    #[arg(long, env = "PREVIEWD_AGENT_PORT", default_value_t = 0)]
+    agent_port: u16,
+    /// Run the controllers (false: serve only the API, e.g. while another previewd
+    /// reconciles, or to exercise the API alone).
+    #[arg(long, env = "PREVIEWD_CONTROLLERS", default_value_t = true, action = clap::ArgAction::Set)]
+    controllers: bool,
+    /// Address of the preview proxy (link URLs point here).
+    #[arg(long, env = "PREVIEWD_PROXY_LISTEN", default_value = "127.0.0.1:8002")]
+    proxy_listen: SocketAddr,
+    /// Wildcard domain of host-routed links (`*.localhost` resolves to loopback).
+    #[arg(
+        long,
+        env = "PREVIEWD_PREVIEW_DOMAIN",
+        default_value = "preview.localhost"
+    )]
+    preview_domain: String,
+    /// Form of `status.url`: `{link}.{domain}` hosts, or `/p/{link}/` paths.
+    #[arg(
+        long,
+        env = "PREVIEWD_URL_STYLE",
+        value_enum,
+        default_value = "subdomain"
+    )]
+    url_style: UrlStyle,
+    /// Token every API call must carry as `Authorization: Bearer …` (required when
+    /// --api-listen is not a loopback address).
+    #[arg(long, env = "PREVIEWD_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+    /// Namespace of the objects the REST shim (/api/daemon-proxy) creates.
+    #[arg(long, env = "PREVIEWD_REST_NAMESPACE", default_value = "default")]
+    rest_namespace: String,
+    /// Longest a REST shim call waits for a daemon or link to be ready, in seconds.
+    #[arg(long, env = "PREVIEWD_REST_WAIT_SECONDS", default_value_t = 60)]
+    rest_wait_seconds: u64,
+    /// Where objects live: `local` (the embedded API over the YAML store), `kube` (a
+    /// Kubernetes API server), or `auto` (kube in a pod or with --kubeconfig, else local).
+    #[arg(long, env = "PREVIEWD_STORE", value_enum, default_value = "auto")]
+    store: StoreKind,
+    /// Kubeconfig of the Kubernetes API server (implies --store kube under auto).
+    #[arg(long, env = "PREVIEWD_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Reconcile this namespace only [default: all namespaces].
+    #[arg(long = "namespace", env = "PREVIEWD_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// This replica's identity in leader election [default: $POD_NAME, else host and pid].
+    #[arg(long, env = "PREVIEWD_IDENTITY")]
+    identity: Option<String>,
+    /// Namespace of the leader-election Lease [default: $POD_NAMESPACE, else --namespace,
+    /// else default].
+    #[arg(long, env = "PREVIEWD_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Seconds a leader's lease lasts unrenewed: a crashed leader is replaced after this.
+    #[arg(long, env = "PREVIEWD_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// Record every request to the embedded API in this file, one JSON line each (verb,
+    /// group, resource: what RBAC would have to allow).
+    #[arg(long, env = "PREVIEWD_AUDIT_LOG")]
+    audit_log: Option<PathBuf>,
+    /// Seconds before expiry the leader renews (less than the duration).
+    #[arg(long, env = "PREVIEWD_LEASE_GRACE_SECONDS", default_value_t = 5)]
+    lease_grace_seconds: u64,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run the server: the embedded Kubernetes API over the local YAML store.
-    Serve {
-        /// Address of the API listener (Kubernetes API, health checks).
-        #[arg(long, env = "PREVIEWD_API_LISTEN", default_value = "127.0.0.1:8001")]
-        api_listen: SocketAddr,
-        /// Directory of the local YAML store [default: $XDG_STATE_HOME/previewd or ~/.local/state/previewd].
-        #[arg(long, env = "PREVIEWD_STATE_DIR")]
-        state_dir: Option<PathBuf>,
-        /// Log line format (filter with RUST_LOG).
-        #[arg(long, env = "PREVIEWD_LOG_FORMAT", value_enum, default_value = "text")]
-        log_format: LogFormat,
-        /// The previewd-agent binary injected into containers [default: beside this executable].
-        #[arg(long, env = "PREVIEWD_AGENT_BINARY")]
-        agent_binary: Option<PathBuf>,
-        /// Port the injected agent listens on inside each container (0: a free one).
-        #[arg(long, env = "PREVIEWD_AGENT_PORT", default_value_t = 0)]
-        agent_port: u16,
-        /// Run the controllers (false: serve only the API, e.g. while another previewd
-        /// reconciles, or to exercise the API alone).
-        #[arg(long, env = "PREVIEWD_CONTROLLERS", default_value_t = true, action = clap::ArgAction::Set)]
-        controllers: bool,
-        /// Address of the preview proxy (link URLs point here).
-        #[arg(long, env = "PREVIEWD_PROXY_LISTEN", default_value = "127.0.0.1:8002")]
-        proxy_listen: SocketAddr,
-        /// Wildcard domain of host-routed links (`*.localhost` resolves to loopback).
-        #[arg(
-            long,
-            env = "PREVIEWD_PREVIEW_DOMAIN",
-            default_value = "preview.localhost"
-        )]
-        preview_domain: String,
-        /// Form of `status.url`: `{link}.{domain}` hosts, or `/p/{link}/` paths.
-        #[arg(
-            long,
-            env = "PREVIEWD_URL_STYLE",
-            value_enum,
-            default_value = "subdomain"
-        )]
-        url_style: UrlStyle,
-        /// Token every API call must carry as `Authorization: Bearer …` (required when
-        /// --api-listen is not a loopback address).
-        #[arg(long, env = "PREVIEWD_API_TOKEN", hide_env_values = true)]
-        api_token: Option<String>,
-        /// Namespace of the objects the REST shim (/api/daemon-proxy) creates.
-        #[arg(long, env = "PREVIEWD_REST_NAMESPACE", default_value = "default")]
-        rest_namespace: String,
-        /// Longest a REST shim call waits for a daemon or link to be ready, in seconds.
-        #[arg(long, env = "PREVIEWD_REST_WAIT_SECONDS", default_value_t = 60)]
-        rest_wait_seconds: u64,
-        /// Where objects live: `local` (the embedded API over the YAML store), `kube` (a
-        /// Kubernetes API server), or `auto` (kube in a pod or with --kubeconfig, else local).
-        #[arg(long, env = "PREVIEWD_STORE", value_enum, default_value = "auto")]
-        store: StoreKind,
-        /// Kubeconfig of the Kubernetes API server (implies --store kube under auto).
-        #[arg(long, env = "PREVIEWD_KUBECONFIG")]
-        kubeconfig: Option<PathBuf>,
-        /// Reconcile this namespace only [default: all namespaces].
-        #[arg(long = "namespace", env = "PREVIEWD_WATCH_NAMESPACE")]
-        watch_namespace: Option<String>,
-        /// This replica's identity in leader election [default: $POD_NAME, else host and pid].
-        #[arg(long, env = "PREVIEWD_IDENTITY")]
-        identity: Option<String>,
-        /// Namespace of the leader-election Lease [default: $POD_NAMESPACE, else --namespace,
-        /// else default].
-        #[arg(long, env = "PREVIEWD_LEASE_NAMESPACE")]
-        lease_namespace: Option<String>,
-        /// Seconds a leader's lease lasts unrenewed: a crashed leader is replaced after this.
-        #[arg(long, env = "PREVIEWD_LEASE_DURATION_SECONDS", default_value_t = 15)]
-        lease_duration_seconds: u64,
-        /// Seconds before expiry the leader renews (less than the duration).
-        #[arg(long, env = "PREVIEWD_LEASE_GRACE_SECONDS", default_value_t = 5)]
-        lease_grace_seconds: u64,
-    },
+    /// Run the server: the API (the embedded Kubernetes API over the local YAML store, or
+    /// a Kubernetes API server), the preview proxy, the REST shim and the controllers.
+    Serve(Box<ServeArgs>),
     /// Print a preview link's token.
     Token {
         /// The PreviewLink's name.
@@ -257,27 +266,29 @@ fn read_manifest(file: &str) -> anyhow::Result<String> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve {
-            api_listen,
-            state_dir,
-            log_format,
-            agent_binary,
-            agent_port,
-            controllers,
-            proxy_listen,
-            preview_domain,
-            url_style,
-            api_token,
-            rest_namespace,
-            rest_wait_seconds,
-            store,
-            kubeconfig,
-            watch_namespace,
-            identity,
-            lease_namespace,
-            lease_duration_seconds,
-            lease_grace_seconds,
-        } => {
+        Command::Serve(args) => {
+            let ServeArgs {
+                api_listen,
+                state_dir,
+                log_format,
+                agent_binary,
+                agent_port,
+                controllers,
+                proxy_listen,
+                preview_domain,
+                url_style,
+                api_token,
+                rest_namespace,
+                rest_wait_seconds,
+                store,
+                kubeconfig,
+                watch_namespace,
+                identity,
+                lease_namespace,
+                lease_duration_seconds,
+                lease_grace_seconds,
+                audit_log,
+            } = *args;
             init_logging(log_format);
             let local_dir = || match &state_dir {
                 Some(d) => Ok(d.clone()),
@@ -322,6 +333,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 api_token,
                 rest_namespace,
                 rest_wait: Duration::from_secs(rest_wait_seconds),
+                audit_log,
             };
             serve::run(config, shutdown_signal()).await?;
         }

@@ -12,6 +12,7 @@ use crate::controller::leader::{self, LeaseConfig};
 use crate::controller::link::LinkConfig;
 use crate::controller::{self, ControllerConfig};
 use crate::metrics::Metrics;
+use crate::store::audit::AuditLog;
 use crate::store::disk::OpenError;
 use crate::store::{Store, kinds};
 
@@ -58,6 +59,8 @@ pub struct ServeConfig {
     pub rest_namespace: String,
     /// Longest a REST shim call waits for status.
     pub rest_wait: std::time::Duration,
+    /// Where the embedded API records each resource request (local store only).
+    pub audit_log: Option<PathBuf>,
 }
 
 /// Why the server could not start or stopped with an error.
@@ -72,6 +75,15 @@ pub enum ServeError {
     /// The Kubernetes client could not be configured.
     #[error("cannot configure the Kubernetes client: {0}")]
     Kube(String),
+    /// The audit log cannot be opened.
+    #[error("cannot open the audit log {path}: {source}")]
+    Audit {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// Leader election is misconfigured.
     #[error(transparent)]
     Leader(#[from] leader::LeaderError),
@@ -130,7 +142,16 @@ pub async fn run(
                 skipped_files = store.skipped().len(),
                 "state directory loaded"
             );
-            let internal = crate::api::internal_router(store.clone(), metrics.clone());
+            let audit = match &config.audit_log {
+                Some(path) => Some(Arc::new(AuditLog::open(path).map_err(|source| {
+                    ServeError::Audit {
+                        path: path.clone(),
+                        source,
+                    }
+                })?)),
+                None => None,
+            };
+            let internal = crate::api::internal_router(store.clone(), metrics.clone(), audit);
             let client = kube::Client::new(internal.clone(), "default");
             (client, Some(store), internal)
         }

@@ -12,6 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 
 use crate::metrics::Metrics;
+use crate::store::audit::AuditLog;
 use crate::store::{Store, api};
 
 /// Health probes and metrics: served in every mode.
@@ -40,8 +41,13 @@ pub fn probes(metrics: Arc<Metrics>) -> Router {
 
 /// The embedded Kubernetes API with the probes: what in-process clients (the controllers,
 /// the proxy, the shim) talk to outside a cluster, with no token in between.
-pub fn internal_router(store: Arc<Store>, metrics: Arc<Metrics>) -> Router {
-    probes(metrics).merge(api::router(store))
+/// `audit` records every resource request (`--audit-log`).
+pub fn internal_router(
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    audit: Option<Arc<AuditLog>>,
+) -> Router {
+    probes(metrics).merge(api::audited_router(store, audit))
 }
 
 /// Everything served on `--api-listen`: `base` (the probes, plus the embedded API outside a

@@ -182,7 +182,11 @@ async fn resource(
             verb: audit::verb(&method, name.is_some(), is_true(q.get("watch"))).to_owned(),
             api_group: kind.group.to_owned(),
             resource: kind.plural.to_owned(),
-            subresource: if status { "status".into() } else { String::new() },
+            subresource: if status {
+                "status".into()
+            } else {
+                String::new()
+            },
             namespace: namespace.clone().unwrap_or_default(),
             name: name.clone().unwrap_or_default(),
             user_agent: headers

@@ -14,7 +14,7 @@ use crate::common::{Server, eventually};
 
 const LEASE_SECONDS: u64 = 4;
 
-fn kubeconfig(dir: &Path, server: &str) -> std::path::PathBuf {
+pub fn kubeconfig(dir: &Path, server: &str) -> std::path::PathBuf {
     let path = dir.join("kubeconfig");
     let text = format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: previewd\n  cluster: {{server: \"{server}\"}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: previewd, user: u, namespace: default}}\ncurrent-context: c\n"

@@ -1,0 +1,141 @@
+//! `previewd serve --store kube` end to end on a real Docker engine: a replica talks to an
+//! API server over HTTP (a previewd serving only its embedded API, with an audit log, stands
+//! in for kube-apiserver), serves a backend's preview of a loopback-only app, writes the same
+//! status as in local mode, and makes only calls that deploy/'s RBAC allows.
+
+use std::time::Duration;
+
+use bollard::models::HostConfig;
+use kube::api::Api;
+use previewd::resources::PreviewLink;
+use previewd::resources::preview_link::LinkPhase;
+use previewd::store::audit::AuditEntry;
+
+use crate::common::{API_ONLY, Server};
+use crate::containers::{TestContainer, docker, images};
+use crate::deploy::{Call, not_allowed, own_namespace_rules};
+
+fn http(addr: &str, method: &str, path: &str, host: &str) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+        .args(["-H", &format!("Host: {host}")])
+        .arg(format!("http://{addr}{path}"))
+        .output()
+        .unwrap_or_else(|e| panic!("curl: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kube_mode_replica_serves_previews_within_its_rbac() {
+    let Some(rt) = docker().await else { return };
+    images(rt.client()).await;
+    let app = TestContainer::testapp(rt.client(), "127.0.0.1:8080", HostConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let audit = dir.path().join("audit.jsonl");
+    let audit_env = audit.to_string_lossy().into_owned();
+    let apiserver = Server::start_with(
+        &dir.path().join("apiserver"),
+        &[API_ONLY, ("PREVIEWD_AUDIT_LOG", audit_env.as_str())],
+    );
+    let kc = crate::leader::kubeconfig(dir.path(), &apiserver.url);
+    let kc = kc.to_string_lossy().into_owned();
+    let replica = Server::start_with(
+        &dir.path().join("replica"),
+        &[
+            ("PREVIEWD_STORE", "kube"),
+            ("PREVIEWD_KUBECONFIG", kc.as_str()),
+            ("PREVIEWD_IDENTITY", "replica-0"),
+            ("POD_NAMESPACE", "previewd"),
+            (
+                "PREVIEWD_AGENT_BINARY",
+                env!("CARGO_BIN_EXE_previewd-agent"),
+            ),
+        ],
+    );
+    assert!(
+        !dir.path().join("replica").join("objects").exists(),
+        "kube mode wrote a local store"
+    );
+    let api = replica.url.trim_start_matches("http://").to_owned();
+    let host = api.clone();
+    let base = format!("/api/daemon-proxy/container/{}", app.name);
+
+    // The backend's calls, answered by the replica from the API server's objects.
+    let (code, body) = http(&api, "POST", &format!("{base}/preview/8080"), &host);
+    assert_eq!(code, 200, "{body}\n{}", replica.log_text());
+    let preview: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let path_url = preview["path_url"].as_str().unwrap_or("").to_owned();
+    let rest = path_url.trim_start_matches("http://");
+    let (proxy_host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (code, page) = http(proxy_host, "GET", &format!("/{path}"), proxy_host);
+    assert_eq!((code, page.as_str()), (200, "hello from testapp\n"));
+    let (code, body) = http(&api, "GET", &format!("{base}/status"), &host);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(r#""daemon_status":"running""#), "{body}");
+
+    // The same status as in local mode: Ready through the agent, token only as a hash.
+    let links: Api<PreviewLink> = Api::default_namespaced(apiserver.client());
+    let name = preview["link"].as_str().unwrap_or("");
+    let link = links.get(name).await.unwrap_or_else(|e| panic!("{e}"));
+    let st = link.status.unwrap_or_default();
+    assert_eq!(st.phase, Some(LinkPhase::Ready));
+    assert!(
+        st.upstream
+            .as_deref()
+            .is_some_and(|u| u.starts_with("agent://")),
+        "{:?}",
+        st.upstream
+    );
+    assert_eq!(
+        st.path_url.as_deref().map(|u| format!(
+            "{u}?previewd_token={}",
+            preview["token"].as_str().unwrap_or("")
+        )),
+        Some(path_url.clone())
+    );
+    assert!(st.token_hash.is_some_and(|h| h.len() == 64));
+
+    let (code, body) = http(&api, "POST", &format!("{base}/remove"), &host);
+    assert_eq!((code, body.contains("removed")), (200, true), "{body}");
+    assert!(replica.terminate(Duration::from_secs(10)));
+
+    // Every call the replica made is one deploy/'s roles allow.
+    let text = std::fs::read_to_string(&audit).unwrap_or_else(|e| panic!("{e}"));
+    let entries: Vec<AuditEntry> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let calls: Vec<(String, String, String)> = entries
+        .iter()
+        .filter(|e| !e.user_agent.starts_with("kubectl"))
+        .map(|e| {
+            let resource = if e.subresource.is_empty() {
+                e.resource.clone()
+            } else {
+                format!("{}/{}", e.resource, e.subresource)
+            };
+            (e.api_group.clone(), resource, e.verb.clone())
+        })
+        .collect();
+    assert!(calls.len() > 20, "too few calls recorded: {calls:?}");
+    let calls: Vec<Call<'_>> = calls
+        .iter()
+        .map(|(g, r, v)| (g.as_str(), r.as_str(), v.as_str()))
+        .collect();
+    let mut missing = not_allowed(&own_namespace_rules(), &calls);
+    missing.sort();
+    missing.dedup();
+    assert!(missing.is_empty(), "calls RBAC does not allow: {missing:?}");
+    for e in entries.iter().filter(|e| e.resource == "leases") {
+        assert_eq!(e.namespace, "previewd", "{e:?}");
+    }
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.resource == "leases" && e.verb == "patch"),
+        "the replica took no lease"
+    );
+}
