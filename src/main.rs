@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use previewd::cli::{self, Connection, get::Output};
 use previewd::controller::leader::LeaseConfig;
-use previewd::controller::link::{LinkConfig, UrlStyle};
+use previewd::controller::link::{LinkConfig, PublicUrl, UrlStyle};
 use previewd::controller::{AgentBinary, ControllerConfig};
 use previewd::resources::crd;
 use previewd::serve::{self, ServeConfig, StoreChoice};
@@ -109,6 +109,10 @@ struct ServeArgs {
         default_value = "subdomain"
     )]
     url_style: UrlStyle,
+    /// How users reach the proxy, when not at its listen address (behind an Ingress or a
+    /// load balancer): `https://preview.example.com`. Link URLs use it.
+    #[arg(long, env = "PREVIEWD_PUBLIC_URL")]
+    public_url: Option<PublicUrl>,
     /// Token every API call must carry as `Authorization: Bearer …` (required when
     /// --api-listen is not a loopback address).
     #[arg(long, env = "PREVIEWD_API_TOKEN", hide_env_values = true)]
@@ -277,6 +281,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 proxy_listen,
                 preview_domain,
                 url_style,
+                public_url,
                 api_token,
                 rest_namespace,
                 rest_wait_seconds,
@@ -323,6 +328,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 preview_domain,
                 url_style,
                 proxy_addr: proxy_listen,
+                public_url,
             };
             let config = ServeConfig {
                 api_listen,

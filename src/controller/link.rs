@@ -60,6 +60,51 @@ pub struct LinkConfig {
     pub url_style: UrlStyle,
     /// The proxy's listen address.
     pub proxy_addr: SocketAddr,
+    /// How users reach the proxy when that is not its listen address (behind an Ingress or
+    /// load balancer); `None` uses the listen address.
+    pub public_url: Option<PublicUrl>,
+}
+
+/// The proxy's public base URL (`--public-url`): scheme, host and optional port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublicUrl {
+    scheme: String,
+    host: String,
+    port: Option<u16>,
+}
+
+/// Why a public URL is unusable.
+#[derive(Debug, thiserror::Error)]
+#[error("--public-url {url:?}: {why}")]
+pub struct PublicUrlError {
+    url: String,
+    why: String,
+}
+
+impl std::str::FromStr for PublicUrl {
+    type Err = PublicUrlError;
+
+    /// Accepts `http(s)://host[:port]` with nothing after the authority but `/`.
+    fn from_str(url: &str) -> Result<Self, Self::Err> {
+        let err = |why: &str| PublicUrlError {
+            url: url.to_owned(),
+            why: why.to_owned(),
+        };
+        let uri: http::Uri = url.parse().map_err(|e| err(&format!("{e}")))?;
+        let scheme = match uri.scheme_str() {
+            Some(s @ ("http" | "https")) => s.to_owned(),
+            _ => return Err(err("the scheme must be http or https")),
+        };
+        let authority = uri.authority().ok_or_else(|| err("a host is needed"))?;
+        if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
+            return Err(err("only scheme, host and port are allowed"));
+        }
+        Ok(PublicUrl {
+            scheme,
+            host: authority.host().to_owned(),
+            port: authority.port_u16(),
+        })
+    }
 }
 
 impl LinkConfig {
@@ -69,9 +114,15 @@ impl LinkConfig {
         format!("{name}.{namespace}")
     }
 
-    /// `http://{host}:{port}`: the proxy's address as clients reach it (a wildcard listen
-    /// address is reached at loopback).
+    /// The proxy's base URL as clients reach it: the public URL, else the listen address (a
+    /// wildcard one is reached at loopback).
     pub fn proxy_base_url(&self) -> String {
+        if let Some(p) = &self.public_url {
+            return match p.port {
+                Some(port) => format!("{}://{}:{port}", p.scheme, p.host),
+                None => format!("{}://{}", p.scheme, p.host),
+            };
+        }
         let port = self.proxy_addr.port();
         match self.proxy_addr.ip() {
             ip if ip.is_unspecified() => format!("http://127.0.0.1:{port}"),
@@ -84,13 +135,17 @@ impl LinkConfig {
     pub fn urls(&self, namespace: &str, name: &str) -> (String, String) {
         let id = Self::link_id(namespace, name);
         let path_url = format!("{}/p/{id}/", self.proxy_base_url());
-        let url = match self.url_style {
-            UrlStyle::Subdomain => format!(
+        let url = match (self.url_style, &self.public_url) {
+            (UrlStyle::Subdomain, Some(p)) => match p.port {
+                Some(port) => format!("{}://{id}.{}:{port}/", p.scheme, self.preview_domain),
+                None => format!("{}://{id}.{}/", p.scheme, self.preview_domain),
+            },
+            (UrlStyle::Subdomain, None) => format!(
                 "http://{id}.{}:{}/",
                 self.preview_domain,
                 self.proxy_addr.port()
             ),
-            UrlStyle::Path => path_url.clone(),
+            (UrlStyle::Path, _) => path_url.clone(),
         };
         (url, path_url)
     }
@@ -506,6 +561,25 @@ mod tests {
             preview_domain: "preview.localhost".into(),
             url_style: style,
             proxy_addr: "127.0.0.1:8002".parse().unwrap_or_else(|e| panic!("{e}")),
+            public_url: None,
+        }
+    }
+
+    #[test]
+    fn a_public_url_replaces_the_listen_address() {
+        let mut c = cfg(UrlStyle::Subdomain);
+        c.public_url = "https://preview.example.com".parse().ok();
+        assert_eq!(
+            c.urls("default", "web"),
+            (
+                "https://web.default.preview.localhost/".to_owned(),
+                "https://preview.example.com/p/web.default/".to_owned()
+            )
+        );
+        c.public_url = "http://10.0.0.5:30080/".parse().ok();
+        assert_eq!(c.urls("dev", "a").1, "http://10.0.0.5:30080/p/a.dev/");
+        for bad in ["ftp://x", "https://x/base", "x", "https://x/?q=1"] {
+            assert!(bad.parse::<PublicUrl>().is_err(), "{bad}");
         }
     }
 

@@ -930,6 +930,7 @@ fn the_example_ingress_reaches_links_by_host_and_by_path() {
         preview_domain: domain.to_owned(),
         url_style: UrlStyle::Subdomain,
         proxy_addr: "0.0.0.0:8002".parse().unwrap_or_else(|e| panic!("{e}")),
+        public_url: None,
     };
     let (url, path_url) = links.urls("default", "demo");
     let split = |u: &str| {
