@@ -236,25 +236,19 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {},
-                    _ = term.recv() => {},
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on SIGINT only");
-                let _ = ctrl_c.await;
-            }
+/// Resolves on SIGTERM or SIGINT. The handlers are installed now, not when the future is
+/// first polled: as PID 1 in a container, a signal that arrives before its handler exists is
+/// ignored, and the container is then killed instead of stopping cleanly.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
         }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    })
 }
 
 fn read_manifest(file: &str) -> anyhow::Result<String> {
@@ -294,6 +288,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 lease_grace_seconds,
                 audit_log,
             } = *args;
+            let shutdown = shutdown_signal()?;
             init_logging(log_format);
             let local_dir = || match &state_dir {
                 Some(d) => Ok(d.clone()),
@@ -341,7 +336,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 rest_wait: Duration::from_secs(rest_wait_seconds),
                 audit_log,
             };
-            serve::run(config, shutdown_signal()).await?;
+            serve::run(config, shutdown).await?;
         }
         Command::Apply { file, client } => {
             let manifest = read_manifest(&file)?;
