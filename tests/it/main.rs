@@ -8,5 +8,6 @@ mod docker;
 mod durability;
 mod embedded_api;
 mod kubectl;
+mod podexec;
 mod proxy;
 mod rest;
