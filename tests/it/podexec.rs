@@ -920,3 +920,94 @@ async fn events_follow_pod_changes() {
     assert_eq!(changed.name, "team/web/app");
     assert!(changed.id.starts_with("docker://"), "{changed:?}");
 }
+
+/// The injection sequence the controller runs (upload, `--version`, `serve` until its ready
+/// line, health over TCP and over exec stdio), with the real agent, over both subprotocols.
+#[tokio::test]
+async fn the_agent_goes_in_and_answers_through_pod_exec() {
+    for protocols in [&[V5, V4][..], &[V4][..]] {
+        let Some((docker, fake)) = setup(protocols).await else {
+            return;
+        };
+        let c = container(&docker, BUSYBOX_TAR_IMAGE).await;
+        fake.add_pod("web", &c.name);
+        let rt = fake.runtime();
+        let info = rt
+            .resolve(&target("web"))
+            .await
+            .unwrap_or_else(|e| panic!("resolve: {e}"));
+        let agent = std::fs::read(env!("CARGO_BIN_EXE_previewd-agent"))
+            .unwrap_or_else(|e| panic!("agent binary: {e}"));
+        let path = "/.previewd/it/previewd-agent";
+        rt.upload(
+            &info.name,
+            &[FileUpload {
+                path: path.into(),
+                contents: agent.into(),
+                mode: 0o755,
+            }],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{protocols:?}: upload the agent: {e}"));
+        let version = run(&rt, "web", &[path, "--version"]).await;
+        assert!(version.starts_with("previewd-agent"), "{version}");
+
+        let secret = "pod-exec-test-secret-0123456789";
+        let as_agent = |argv: &[&str]| ExecSpec {
+            env: vec![format!(
+                "{}={secret}",
+                previewd::agent::protocol::SECRET_ENV
+            )],
+            ..cmd(argv)
+        };
+        let line = rt
+            .exec_until_ready(
+                &info.name,
+                &as_agent(&[path, "serve", "--listen", "0.0.0.0:0"]),
+                "listening on ",
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{protocols:?}: start the agent: {e}"));
+        let port = line
+            .strip_prefix("listening on ")
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.port())
+            .unwrap_or_else(|| panic!("unreadable ready line {line:?}"));
+        let ip = info
+            .ips
+            .first()
+            .copied()
+            .unwrap_or_else(|| panic!("no pod IP"));
+        let mut tcp = tokio::net::TcpStream::connect((ip, port))
+            .await
+            .unwrap_or_else(|e| panic!("connect to the agent: {e}"));
+        let health = previewd::agent::client::health(&mut tcp, secret)
+            .await
+            .unwrap_or_else(|e| panic!("{protocols:?}: health over TCP: {e}"));
+        assert_eq!(health.version, env!("CARGO_PKG_VERSION"));
+
+        let mut stdio = rt
+            .exec_stdio(&info.name, &as_agent(&[path, "stdio"]))
+            .await
+            .unwrap_or_else(|e| panic!("exec_stdio: {e}"));
+        let health = tokio::time::timeout(
+            Duration::from_secs(20),
+            previewd::agent::client::health(&mut stdio, secret),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{protocols:?}: no health answer over exec stdio"))
+        .unwrap_or_else(|e| panic!("{protocols:?}: health over exec stdio: {e}"));
+        assert_eq!(health.version, env!("CARGO_PKG_VERSION"));
+        let execs = fake.execs();
+        assert!(
+            execs.iter().all(|e| e.protocol == protocols[0]),
+            "{execs:?}"
+        );
+        assert!(
+            execs
+                .iter()
+                .all(|e| e.argv.iter().all(|a| !a.contains(secret))),
+            "the secret reached a command line: {execs:?}"
+        );
+    }
+}
