@@ -10,7 +10,9 @@
 //! **Uploads** stream the files over the exec's stdin, because the API server has no archive
 //! endpoint: into `tar -x -f - -C /` when the container has tar, else into
 //! `sh -c 'mkdir -p DIR && cat > TMP && chmod MODE TMP && mv -f TMP PATH'`, else they fail
-//! with [`RuntimeError::NoInjectionMethod`]. tar and `cat` stop at end of input, which needs
+//! with [`RuntimeError::NoInjectionMethod`]. Whether tar and sh exist is asked first with
+//! input-less execs (`tar --help`, `sh -c 'exit 0'`; "cannot run" is an exec failure status
+//! or exit code 126/127), never by streaming megabytes into a command that may be missing. tar and `cat` stop at end of input, which needs
 //! the `v5.channel.k8s.io` subprotocol's stdin half-close. An API server that only speaks
 //! `v4.channel.k8s.io` can only close the whole connection, losing the exit status, so there
 //! every file is written by `sh -c '… head -c SIZE > TMP …'`, which stops by itself after
@@ -195,32 +197,36 @@ impl PodRuntime {
         .map_err(|e| classify(&target.to_string(), action, e))
     }
 
-    /// Runs `spec` (with its environment) to completion, feeding `input` after the
-    /// environment block.
+    /// Runs `spec` (with its environment) to completion.
     async fn run(
         &self,
         target: &PodTarget,
         spec: &ExecSpec,
-        input: Option<&[u8]>,
         action: &'static str,
     ) -> Result<ExecOutput, RuntimeError> {
-        if spec.user.is_some() {
-            tracing::debug!(user = ?spec.user, "pod exec runs as the container's user");
-        }
-        let (argv, mut stdin_bytes) = with_env(spec)?;
-        if let Some(input) = input {
-            stdin_bytes
-                .get_or_insert_with(Vec::new)
-                .extend_from_slice(input);
-        }
-        let half_close = match stdin_bytes {
+        let (argv, env) = with_env(spec)?;
+        let half_close = match env {
             Some(_) => self.supports_stdin_close(target).await?,
             None => true,
         };
+        let process = self.start(target, argv, env.is_some(), action).await?;
+        finish(process, env.as_deref(), half_close, action).await
+    }
+
+    /// Whether the container can run `argv[0]` at all (any exit but "cannot run"), asked
+    /// with a command that takes no input before any upload is streamed into it: kube stops
+    /// reading the connection while a stdin write is blocked, so a command that is missing
+    /// while megabytes are being sent to it can lose its status.
+    async fn has(&self, target: &PodTarget, argv: &[&str]) -> Result<bool, RuntimeError> {
+        let argv = argv.iter().map(|a| (*a).to_owned()).collect();
         let process = self
-            .start(target, argv, stdin_bytes.is_some(), action)
+            .start(target, argv, false, "look for a command")
             .await?;
-        finish(process, stdin_bytes.as_deref(), half_close, action).await
+        let out = finish(process, None, true, "look for a command").await?;
+        if not_found(&out) {
+            tracing::debug!(stderr = %out.stderr, "a command is missing in the container");
+        }
+        Ok(!not_found(&out))
     }
 }
 
@@ -249,8 +255,12 @@ fn classify(target: &str, action: &'static str, e: kube::Error) -> RuntimeError 
     }
 }
 
-/// The argv to run and the stdin prefix carrying the environment (see [`ENV_SCRIPT`]).
+/// The argv to run and the stdin prefix carrying the environment (see [`ENV_SCRIPT`]). A
+/// requested user cannot be honoured (exec has no user), which is only logged.
 fn with_env(spec: &ExecSpec) -> Result<(Vec<String>, Option<Vec<u8>>), RuntimeError> {
+    if spec.user.is_some() {
+        tracing::debug!(user = ?spec.user, "pod exec runs as the container's user");
+    }
     if spec.env.is_empty() {
         return Ok((spec.argv.clone(), None));
     }
@@ -296,7 +306,7 @@ async fn drain(reader: Option<ReadHalf<SimplexStream>>) -> Vec<u8> {
 
 /// The exit code a finished exec reported: 0 for `Success`, the `ExitCode` cause for
 /// `NonZeroExitCode`, and 127/126 (as Docker reports them) when the runtime could not start
-/// the command at all; `None` when no status came.
+/// the command at all. No status (the connection ended first) is an error.
 fn exit_code(status: Option<&Status>, action: &'static str) -> Result<i64, RuntimeError> {
     let Some(status) = status else {
         return Err(RuntimeError::Engine {
@@ -386,9 +396,8 @@ async fn finish(
     if let Err(e) = process.join().await {
         tracing::debug!(error = %e, "the exec's stream ended with an error");
     }
-    let stderr_text = String::from_utf8_lossy(&stderr).into_owned();
     let exit_code = exit_code(status.as_ref(), action)?;
-    let mut stderr = stderr_text;
+    let mut stderr = String::from_utf8_lossy(&stderr).into_owned();
     if exit_code >= 126
         && let Some(message) = status.as_ref().and_then(|s| s.message.as_deref())
         && status.as_ref().and_then(|s| s.reason.as_deref()) != Some("NonZeroExitCode")
@@ -513,7 +522,7 @@ impl ContainerRuntime for PodRuntime {
         let target: PodTarget = container_id.parse()?;
         let work = async {
             let half_close = self.supports_stdin_close(&target).await?;
-            if half_close {
+            if half_close && self.has(&target, &["tar", "--help"]).await? {
                 let tar = super::docker::archive(files).map_err(|e| RuntimeError::Engine {
                     action: "build the upload archive",
                     message: e.to_string(),
@@ -523,13 +532,21 @@ impl ContainerRuntime for PodRuntime {
                     .to_vec();
                 let process = self.start(&target, argv, true, "upload files").await?;
                 let out = finish(process, Some(&tar), true, "upload files").await?;
-                if out.exit_code == 0 {
-                    return Ok(());
-                }
-                if !not_found(&out) {
-                    return Err(upload_failed(container_id, "tar", &out));
-                }
-                tracing::debug!(stderr = %out.stderr, "no tar in the container; trying sh");
+                return match out.exit_code {
+                    0 => Ok(()),
+                    _ => Err(upload_failed(container_id, "tar", &out)),
+                };
+            }
+            if !self.has(&target, &["sh", "-c", "exit 0"]).await? {
+                let why = if half_close {
+                    "the container has neither tar nor sh"
+                } else {
+                    "the container has no sh, and the API server's exec protocol (v4.channel.k8s.io) cannot signal the end of an upload to tar"
+                };
+                return Err(RuntimeError::NoInjectionMethod {
+                    container: container_id.to_owned(),
+                    why: why.to_owned(),
+                });
             }
             for f in files {
                 let mode = format!("{:o}", f.mode);
@@ -551,17 +568,6 @@ impl ContainerRuntime for PodRuntime {
                 full.append(&mut argv);
                 let process = self.start(&target, full, true, "upload files").await?;
                 let out = finish(process, Some(&f.contents), half_close, "upload files").await?;
-                if not_found(&out) {
-                    let why = if half_close {
-                        "the container has neither tar nor sh"
-                    } else {
-                        "the container has no sh, and the API server's exec protocol (v4.channel.k8s.io) cannot signal the end of an upload to tar"
-                    };
-                    return Err(RuntimeError::NoInjectionMethod {
-                        container: container_id.to_owned(),
-                        why: format!("{why} ({})", out.stderr.trim()),
-                    });
-                }
                 if out.exit_code != 0 {
                     return Err(upload_failed(container_id, "sh", &out));
                 }
@@ -575,7 +581,7 @@ impl ContainerRuntime for PodRuntime {
 
     async fn exec(&self, container_id: &str, spec: &ExecSpec) -> Result<ExecOutput, RuntimeError> {
         let target: PodTarget = container_id.parse()?;
-        tokio::time::timeout(EXEC_TIMEOUT, self.run(&target, spec, None, "run a command"))
+        tokio::time::timeout(EXEC_TIMEOUT, self.run(&target, spec, "run a command"))
             .await
             .map_err(|_| RuntimeError::Timeout("finish a command"))?
     }

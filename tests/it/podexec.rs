@@ -381,13 +381,17 @@ async fn bridge(
     let v5 = protocol == V5;
     let reader_fake = fake.clone();
     let (gone_tx, mut gone) = tokio::sync::watch::channel(false);
+    let (exited_tx, mut exited) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         // Input the process no longer reads is discarded, as the kubelet does.
         let mut feeding = true;
         while let Some(Ok(message)) = stream.next().await {
             match message {
-                Message::Binary(b) if b.first() == Some(&0) => {
-                    feeding = feeding && input.write_all(&b[1..]).await.is_ok();
+                Message::Binary(b) if b.first() == Some(&0) && feeding => {
+                    feeding = tokio::select! {
+                        written = input.write_all(&b[1..]) => written.is_ok(),
+                        _ = exited.wait_for(|done| *done) => false,
+                    };
                 }
                 Message::Binary(b) if v5 && b.as_ref() == [255, 0] => {
                     let _ = input.shutdown().await;
@@ -425,6 +429,7 @@ async fn bridge(
             client_here = false;
         }
     }
+    let _ = exited_tx.send(true);
     if !client_here || *gone.borrow() {
         return;
     }
@@ -552,6 +557,7 @@ async fn v5_uploads_through_tar_with_a_stdin_half_close() {
     let tars: Vec<&ExecRecord> = execs
         .iter()
         .filter(|e| e.argv.first().map(String::as_str) == Some("tar"))
+        .filter(|e| e.argv.get(1).map(String::as_str) == Some("-x"))
         .collect();
     assert_eq!(tars.len(), 2, "{execs:?}");
     assert!(
@@ -575,8 +581,7 @@ async fn v5_uploads_through_sh_cat_when_there_is_no_tar() {
     fake.add_pod("notar", &c.name);
     let rt = fake.runtime();
     upload_and_check(&rt, "notar").await;
-    // tar's failure arrives while a large upload is still being written: the write must
-    // give way to the status (and the upload fall back to sh) instead of hanging.
+    // A large file through sh: tar's absence is found before anything is streamed.
     let big = bytes::Bytes::from(vec![7u8; 8 << 20]);
     let started = std::time::Instant::now();
     rt.upload(
@@ -597,17 +602,21 @@ async fn v5_uploads_through_sh_cat_when_there_is_no_tar() {
         .iter()
         .filter(|e| e.argv.first().map(String::as_str) != Some("true"))
         .take(3)
-        .map(|e| format!("{} {}", e.argv[0], e.argv.get(2).map_or("", |s| s.as_str())))
+        .map(|e| e.argv.join(" "))
         .collect();
-    assert!(first_upload[0].starts_with("tar"), "{execs:?}");
-    assert!(first_upload[1].contains("cat >"), "{execs:?}");
-    assert!(
-        execs
-            .iter()
-            .filter(|e| e.argv.first().map(String::as_str) == Some("sh"))
-            .all(|e| e.stdin_closed),
+    // tar and sh are looked for without input; then each file goes through sh + cat.
+    assert_eq!(
+        first_upload[..2],
+        ["tar --help", "sh -c exit 0"],
         "{execs:?}"
     );
+    assert!(first_upload[2].contains("cat >"), "{execs:?}");
+    let cats: Vec<&ExecRecord> = execs
+        .iter()
+        .filter(|e| e.argv.get(2).is_some_and(|s| s.contains("cat >")))
+        .collect();
+    assert_eq!(cats.len(), 5, "{execs:?}");
+    assert!(cats.iter().all(|e| e.stdin_closed), "{execs:?}");
 }
 
 #[tokio::test]
@@ -630,6 +639,32 @@ async fn no_tar_and_no_shell_is_no_injection_method() {
                 assert!(text.contains("sh"), "{text}");
             }
             other => panic!("{protocols:?}: expected NoInjectionMethod, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn uploads_into_a_read_only_root_say_so() {
+    for protocols in [&[V5][..], &[V4][..]] {
+        let Some((docker, fake)) = setup(protocols).await else {
+            return;
+        };
+        let host = HostConfig {
+            readonly_rootfs: Some(true),
+            ..Default::default()
+        };
+        let c = TestContainer::run(&docker, BUSYBOX_TAR_IMAGE, None, host, None, true).await;
+        fake.add_pod("ro", &c.name);
+        // tar (or sh) fails at once while megabytes are still being written: the status
+        // must end the write instead of leaving it pending on a pipe nobody reads.
+        let files = [FileUpload {
+            path: "/.previewd/it/agent".into(),
+            contents: bytes::Bytes::from(vec![1u8; 8 << 20]),
+            mode: 0o755,
+        }];
+        match fake.runtime().upload(&target("ro"), &files).await {
+            Err(RuntimeError::ReadOnlyRootfs(t)) => assert_eq!(t, "team/ro/app"),
+            other => panic!("{protocols:?}: expected ReadOnlyRootfs, got {other:?}"),
         }
     }
 }
