@@ -525,13 +525,14 @@ async fn upload_and_check(rt: &PodRuntime, pod: &str) {
         &[
             "stat",
             "-c",
-            "%a %s",
+            "%a %s %u:%g",
             "/.previewd/it/agent",
             "/.previewd/it/small",
         ],
     )
     .await;
-    assert_eq!(modes, "750 300001\n644 5\n");
+    // The exec user is root here: tar restores the archive's root owner, sh creates as root.
+    assert_eq!(modes, "750 300001 0:0\n644 5 0:0\n");
     // A second upload replaces the files (a running binary is never written into).
     rt.upload(&target(pod), &files)
         .await
