@@ -106,6 +106,8 @@ impl Outcome {
                 message,
             },
             RuntimeError::ReadOnlyRootfs(_) => Outcome::failed("ReadOnlyRootfs", message),
+            RuntimeError::NoInjectionMethod { .. } => Outcome::failed("NoInjectionMethod", message),
+            RuntimeError::InvalidTarget(_) => Outcome::failed("InvalidTarget", message),
             RuntimeError::Unavailable(_) => Outcome::failed("DockerUnavailable", message),
             RuntimeError::Engine { .. } | RuntimeError::Timeout(_) => {
                 Outcome::failed("ExecFailed", message)
@@ -930,6 +932,14 @@ mod tests {
         assert_eq!(
             Outcome::from_runtime(RuntimeError::Unavailable("socket".into())).reason(),
             "DockerUnavailable"
+        );
+        assert_eq!(
+            Outcome::from_runtime(RuntimeError::NoInjectionMethod {
+                container: "ns/web/app".into(),
+                why: "the container has neither tar nor sh".into()
+            })
+            .reason(),
+            "NoInjectionMethod"
         );
         assert!(matches!(
             Outcome::from_runtime(RuntimeError::ContainerNotRunning {

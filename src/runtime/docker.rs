@@ -105,8 +105,9 @@ async fn bounded<T>(
         .map_err(|_| RuntimeError::Timeout(action))?
 }
 
-/// Builds the tar dockerd unpacks at `/`: parent directories (0755) and the files.
-fn archive(files: &[FileUpload]) -> std::io::Result<Vec<u8>> {
+/// Builds the tar unpacked at `/` (by dockerd, or by tar in a pod): parent directories
+/// (0755, root-owned) and the files (root-owned, with their modes).
+pub(super) fn archive(files: &[FileUpload]) -> std::io::Result<Vec<u8>> {
     let mut builder = tar::Builder::new(Vec::new());
     let mtime = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -5,6 +5,7 @@
 //! injection terms, so the injection sequence lives once, in the controller, for every runtime.
 
 pub mod docker;
+pub mod pod;
 
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -119,6 +120,20 @@ pub enum RuntimeError {
     /// An operation took too long.
     #[error("the container engine did not {0} in time")]
     Timeout(&'static str),
+    /// A target string does not have the runtime's form (pods: `NAMESPACE/POD[/CONTAINER]`).
+    #[error(
+        "{0:?} does not name a target (pods are named NAMESPACE/POD or NAMESPACE/POD/CONTAINER)"
+    )]
+    InvalidTarget(String),
+    /// Nothing in the container can receive files (pod exec needs tar or a shell), so no
+    /// daemon can be copied into it.
+    #[error("no daemon can be copied into container {container:?}: {why}")]
+    NoInjectionMethod {
+        /// The target.
+        container: String,
+        /// What is missing.
+        why: String,
+    },
 }
 
 /// A container engine previewd injects daemons through.

@@ -167,6 +167,63 @@ pub async fn images(docker: &Docker) {
     let _ = BUILT.set(());
 }
 
+/// A busybox image whose applets include tar (pod exec uploads stream into it).
+pub const BUSYBOX_TAR_IMAGE: &str = "previewd-test/busybox-tar:it";
+/// The same without tar, so pod exec uploads fall back to `sh -c 'cat > …'`.
+pub const BUSYBOX_NOTAR_IMAGE: &str = "previewd-test/busybox-notar:it";
+
+/// Builds the two busybox images the pod-exec tests need, once per test run.
+pub async fn podexec_images(docker: &Docker) {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _guard = LOCK.lock().await;
+    if BUILT.get().is_some() {
+        return;
+    }
+    let busybox = std::fs::read(BUSYBOX).unwrap_or_else(|e| {
+        panic!("{BUSYBOX} is needed for the test images (apt-get install busybox-static): {e}")
+    });
+    for (image, with_tar) in [(BUSYBOX_TAR_IMAGE, true), (BUSYBOX_NOTAR_IMAGE, false)] {
+        let mut b = tar::Builder::new(Vec::new());
+        etc(&mut b);
+        tar_dir(&mut b, "bin/", 0o755);
+        tar_file(&mut b, "bin/busybox", &busybox, 0o755);
+        let mut applets = vec![
+            "sh",
+            "cat",
+            "mkdir",
+            "chmod",
+            "mv",
+            "head",
+            "sleep",
+            "printf",
+            "echo",
+            "ps",
+            "sha256sum",
+            "stat",
+            "true",
+            "grep",
+        ];
+        if with_tar {
+            applets.push("tar");
+        }
+        for applet in applets {
+            tar_symlink(&mut b, &format!("bin/{applet}"), "busybox");
+        }
+        import(
+            docker,
+            image,
+            b.into_inner().unwrap_or_default(),
+            vec![
+                "ENV PATH=/bin".into(),
+                "CMD [\"/bin/sleep\", \"3600\"]".into(),
+            ],
+        )
+        .await;
+    }
+    let _ = BUILT.set(());
+}
+
 /// A test container, removed (with `-f`) when dropped.
 pub struct TestContainer {
     docker: Docker,

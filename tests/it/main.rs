@@ -11,5 +11,6 @@ mod embedded_api;
 mod kube_mode;
 mod kubectl;
 mod leader;
+mod podexec;
 mod proxy;
 mod rest;
