@@ -314,10 +314,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 duration: Duration::from_secs(lease_duration_seconds),
                 grace: Duration::from_secs(lease_grace_seconds),
             };
+            let pod_targets = matches!(store, StoreChoice::Kube { .. });
             let controller = ControllerConfig {
                 agent_binary: agent_binary.unwrap_or_else(AgentBinary::default_path),
                 agent_port,
                 namespace: watch_namespace,
+                pod_targets,
             };
             let links = LinkConfig {
                 preview_domain,

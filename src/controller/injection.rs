@@ -25,6 +25,7 @@ use crate::agent::supervise::STARTED_PREFIX;
 use crate::resources::conditions::{self, READY};
 use crate::resources::daemon_injection::{DaemonPhase, DaemonSource, DaemonSpec, Probe};
 use crate::resources::{DaemonInjection, DaemonInjectionStatus, Target};
+use crate::runtime::pod::PodTarget;
 use crate::runtime::{ContainerInfo, ContainerRuntime, ExecSpec, FileUpload, RuntimeError};
 
 /// Finalizer that guarantees cleanup in the container before the object goes.
@@ -293,24 +294,40 @@ async fn observe_and_inject<R: ContainerRuntime>(
     obj: &DaemonInjection,
     ctx: &Context<R>,
 ) -> Result<Outcome, Error> {
-    let container = match &obj.spec.target {
-        Target::Docker(d) => d.container.clone(),
-        Target::Pod(_) => {
-            return Ok(Outcome::failed(
-                "UnsupportedTarget",
-                "pod targets are served when previewd runs in Kubernetes mode",
-            ));
+    match (&obj.spec.target, &ctx.docker, &ctx.pods) {
+        (Target::Docker(d), Ok(docker), _) => {
+            observe_and_inject_on(obj, ctx, docker, d.container.clone()).await
         }
-    };
-    let docker = match &ctx.docker {
-        Ok(d) => d,
-        Err(e) => {
-            return Ok(Outcome::failed(
-                "DockerUnavailable",
-                format!("the Docker engine is unavailable: {e}"),
-            ));
+        (Target::Docker(_), Err(e), _) => Ok(Outcome::failed(
+            "DockerUnavailable",
+            format!("the Docker engine is unavailable: {e}"),
+        )),
+        (Target::Pod(p), _, Some(pods)) => {
+            observe_and_inject_on(obj, ctx, pods, pod_target(obj, p)).await
         }
-    };
+        (Target::Pod(_), _, None) => Ok(Outcome::failed(
+            "UnsupportedTarget",
+            "pod targets are served when previewd runs in Kubernetes mode (--store kube)",
+        )),
+    }
+}
+
+/// A pod target in the runtime's `NAMESPACE/POD[/CONTAINER]` form, in the object's namespace.
+pub fn pod_target(obj: &DaemonInjection, p: &crate::resources::target::PodTarget) -> String {
+    PodTarget::new(
+        &obj.namespace().unwrap_or_default(),
+        &p.name,
+        p.container.as_deref(),
+    )
+    .to_string()
+}
+
+async fn observe_and_inject_on<R: ContainerRuntime, T: ContainerRuntime>(
+    obj: &DaemonInjection,
+    ctx: &Context<R>,
+    docker: &T,
+    container: String,
+) -> Result<Outcome, Error> {
     let info = match docker.resolve(&container).await {
         Ok(info) => info,
         Err(e) => return Ok(Outcome::from_runtime(e)),
@@ -387,10 +404,10 @@ fn user_daemon<'a>(obj: &'a DaemonInjection, layout: &Layout) -> Option<UserDaem
 
 /// Uploads, verifies, starts and health-checks the agent (and the user-named daemon, if any)
 /// in a running container, or adopts what already runs there.
-async fn inject<R: ContainerRuntime>(
+async fn inject<R: ContainerRuntime, T: ContainerRuntime>(
     obj: &DaemonInjection,
     ctx: &Context<R>,
-    docker: &R,
+    rt: &T,
     info: &ContainerInfo,
     secret: &str,
 ) -> Outcome {
@@ -446,7 +463,7 @@ async fn inject<R: ContainerRuntime>(
             env: vec![format!("{SECRET_ENV}={secret}")],
             user: agent_user.clone(),
         };
-        if let Ok(mut stdio) = docker.exec_stdio(&info.id, &spec).await
+        if let Ok(mut stdio) = rt.exec_stdio(&info.handle, &spec).await
             && let Ok(Ok(h)) =
                 tokio::time::timeout(HEALTH_TIMEOUT, agent::health(&mut stdio, secret)).await
             && h.version == env!("CARGO_PKG_VERSION")
@@ -474,7 +491,7 @@ async fn inject<R: ContainerRuntime>(
             Err(e) => return Outcome::failed("DaemonSourceUnreadable", e),
         }
     }
-    if let Err(e) = docker.upload(&info.id, &upload).await {
+    if let Err(e) = rt.upload(&info.handle, &upload).await {
         return Outcome::from_runtime(e);
     }
     let as_agent = |argv: Vec<String>| ExecSpec {
@@ -482,9 +499,9 @@ async fn inject<R: ContainerRuntime>(
         env: vec![format!("{SECRET_ENV}={secret}")],
         user: agent_user.clone(),
     };
-    match docker
+    match rt
         .exec(
-            &info.id,
+            &info.handle,
             &as_agent(vec![layout.agent(), "--version".into()]),
         )
         .await
@@ -506,8 +523,8 @@ async fn inject<R: ContainerRuntime>(
     // Replace, never duplicate: stop whatever this injection left running, agent and user
     // daemon alike (as root: they may run as other users; the binary sits in a root-owned
     // directory).
-    if let Err(e) = docker
-        .exec(&info.id, &as_root(vec![layout.agent(), "stop".into()]))
+    if let Err(e) = rt
+        .exec(&info.handle, &as_root(vec![layout.agent(), "stop".into()]))
         .await
     {
         tracing::debug!(error = %e, "stopping a previous agent failed");
@@ -515,8 +532,11 @@ async fn inject<R: ContainerRuntime>(
     let agent = match ip {
         None => {
             // No routable address (network none, …): the agent is reached through exec stdio.
-            let mut stdio = match docker
-                .exec_stdio(&info.id, &as_agent(vec![layout.agent(), "stdio".into()]))
+            let mut stdio = match rt
+                .exec_stdio(
+                    &info.handle,
+                    &as_agent(vec![layout.agent(), "stdio".into()]),
+                )
                 .await
             {
                 Ok(s) => s,
@@ -547,8 +567,8 @@ async fn inject<R: ContainerRuntime>(
                 "--listen".into(),
                 format!("0.0.0.0:{}", ctx.agent_port),
             ];
-            let line = match docker
-                .exec_until_ready(&info.id, &as_agent(argv), READY_PREFIX)
+            let line = match rt
+                .exec_until_ready(&info.handle, &as_agent(argv), READY_PREFIX)
                 .await
             {
                 Ok(line) => line,
@@ -597,8 +617,8 @@ async fn inject<R: ContainerRuntime>(
             env,
             user: d.spec.user.clone(),
         };
-        if let Err(e) = docker
-            .exec_until_ready(&info.id, &spec, STARTED_PREFIX)
+        if let Err(e) = rt
+            .exec_until_ready(&info.handle, &spec, STARTED_PREFIX)
             .await
         {
             return Outcome::failed(
@@ -762,71 +782,13 @@ async fn cleanup<R: ContainerRuntime>(
     removing.phase = Some(DaemonPhase::Removing);
     removing.endpoint = None;
     write_status(ctx, &obj, removing).await?;
-    if let (Target::Docker(d), Ok(docker)) = (&obj.spec.target, &ctx.docker) {
-        match docker.resolve(&d.container).await {
-            Ok(info) if info.running => {
-                let layout =
-                    Layout::for_object(&obj.namespace().unwrap_or_default(), &obj.name_any());
-                let mut argv = vec![
-                    layout.agent(),
-                    "stop".into(),
-                    "--remove-dir".into(),
-                    layout.dir.clone(),
-                ];
-                // A user daemon installed outside the injection's directory goes too.
-                if let Some(d) = user_daemon(&obj, &layout)
-                    .filter(|d| !d.install_path.starts_with(&format!("{}/", layout.dir)))
-                {
-                    argv.extend(["--remove-file".into(), d.install_path]);
-                }
-                match docker.exec(&info.id, &as_root(argv)).await {
-                    Ok(out) if out.exit_code == 0 => {}
-                    // 126/127: the agent binary is not there, so neither are its files.
-                    Ok(out) if out.exit_code == 126 || out.exit_code == 127 => {}
-                    Ok(out) => {
-                        return Err(Error::Injection {
-                            reason: "CleanupFailed",
-                            message: format!(
-                                "stopping the agent failed (exit code {}): {}{}",
-                                out.exit_code,
-                                out.stdout.trim(),
-                                out.stderr.trim()
-                            ),
-                        });
-                    }
-                    Err(RuntimeError::ContainerNotFound(_))
-                    | Err(RuntimeError::ContainerNotRunning { .. }) => {}
-                    Err(e) => {
-                        return Err(Error::Injection {
-                            reason: "CleanupFailed",
-                            message: e.to_string(),
-                        });
-                    }
-                }
-            }
-            Ok(info) => {
-                // Exec needs a running container; the files stay in its stopped filesystem.
-                let note = format!(
-                    "container {} is {}: the agent files under {INSTALL_DIR} could not be removed",
-                    info.name, info.state
-                );
-                let ev = Event {
-                    type_: EventType::Warning,
-                    reason: "FilesLeftBehind".into(),
-                    note: Some(note),
-                    action: "Remove".into(),
-                    secondary: None,
-                };
-                let _ = ctx.recorder.publish(&ev, &obj.object_ref(&())).await;
-            }
-            Err(RuntimeError::ContainerNotFound(_)) => {}
-            Err(e) => {
-                return Err(Error::Injection {
-                    reason: "CleanupFailed",
-                    message: e.to_string(),
-                });
-            }
+    match (&obj.spec.target, &ctx.docker, &ctx.pods) {
+        (Target::Docker(d), Ok(docker), _) => stop_agent(&obj, ctx, docker, &d.container).await?,
+        (Target::Pod(p), _, Some(pods)) => {
+            let target = pod_target(&obj, p);
+            stop_agent(&obj, ctx, pods, &target).await?;
         }
+        _ => {}
     }
     shared::delete_secret(
         &ctx.client,
@@ -836,6 +798,80 @@ async fn cleanup<R: ContainerRuntime>(
     .await?;
     ctx.backoff.reset(&obj.uid().unwrap_or_default());
     Ok(Action::await_change())
+}
+
+/// Stops the agent (and any user daemon) in the target and removes their files; a stopped
+/// container keeps them, and an Event says so.
+async fn stop_agent<R: ContainerRuntime, T: ContainerRuntime>(
+    obj: &DaemonInjection,
+    ctx: &Context<R>,
+    rt: &T,
+    container: &str,
+) -> Result<(), Error> {
+    match rt.resolve(container).await {
+        Ok(info) if info.running => {
+            let layout = Layout::for_object(&obj.namespace().unwrap_or_default(), &obj.name_any());
+            let mut argv = vec![
+                layout.agent(),
+                "stop".into(),
+                "--remove-dir".into(),
+                layout.dir.clone(),
+            ];
+            // A user daemon installed outside the injection's directory goes too.
+            if let Some(d) = user_daemon(obj, &layout)
+                .filter(|d| !d.install_path.starts_with(&format!("{}/", layout.dir)))
+            {
+                argv.extend(["--remove-file".into(), d.install_path]);
+            }
+            match rt.exec(&info.handle, &as_root(argv)).await {
+                Ok(out) if out.exit_code == 0 => {}
+                // 126/127: the agent binary is not there, so neither are its files.
+                Ok(out) if out.exit_code == 126 || out.exit_code == 127 => {}
+                Ok(out) => {
+                    return Err(Error::Injection {
+                        reason: "CleanupFailed",
+                        message: format!(
+                            "stopping the agent failed (exit code {}): {}{}",
+                            out.exit_code,
+                            out.stdout.trim(),
+                            out.stderr.trim()
+                        ),
+                    });
+                }
+                Err(RuntimeError::ContainerNotFound(_))
+                | Err(RuntimeError::ContainerNotRunning { .. }) => {}
+                Err(e) => {
+                    return Err(Error::Injection {
+                        reason: "CleanupFailed",
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(info) => {
+            // Exec needs a running container; the files stay in its stopped filesystem.
+            let note = format!(
+                "container {} is {}: the agent files under {INSTALL_DIR} could not be removed",
+                info.name, info.state
+            );
+            let ev = Event {
+                type_: EventType::Warning,
+                reason: "FilesLeftBehind".into(),
+                note: Some(note),
+                action: "Remove".into(),
+                secondary: None,
+            };
+            let _ = ctx.recorder.publish(&ev, &obj.object_ref(&())).await;
+        }
+        Err(RuntimeError::ContainerNotFound(_)) => {}
+        Err(e) => {
+            return Err(Error::Injection {
+                reason: "CleanupFailed",
+                message: e.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ use crate::resources::target::DockerTarget;
 use crate::resources::{
     DaemonInjection, DaemonInjectionSpec, PreviewLink, PreviewLinkStatus, Target,
 };
+use crate::runtime::pod::PodTarget;
 use crate::runtime::{ContainerRuntime, RuntimeError};
 
 /// Finalizer that releases a link's token and shared injection before it goes.
@@ -178,6 +179,20 @@ pub fn container_key(container: &str, max_len: usize) -> String {
 /// too, so a container has one agent however it was asked for).
 pub fn injection_name(target: &DockerTarget) -> String {
     format!("link-{}", container_key(&target.container, 40))
+}
+
+/// The shared DaemonInjection of any target: a Docker container's, or a pod container's.
+pub fn injection_name_for(target: &Target) -> String {
+    match target {
+        Target::Docker(d) => injection_name(d),
+        Target::Pod(p) => {
+            let key = match &p.container {
+                Some(c) => format!("{}/{c}", p.name),
+                None => p.name.clone(),
+            };
+            format!("link-pod-{}", container_key(&key, 36))
+        }
+    }
 }
 
 /// Name of the Secret holding a link's token.
@@ -372,18 +387,20 @@ async fn resolve_upstream<R: ContainerRuntime>(
     ctx: &Context<R>,
     link: &PreviewLink,
 ) -> Result<LinkOutcome, Error> {
-    let Target::Docker(docker_target) = &link.spec.target else {
-        return Ok(LinkOutcome::Failed {
-            reason: "UnsupportedTarget",
-            message: "pod targets are served when previewd runs in Kubernetes mode".into(),
-        });
-    };
     let port = link.spec.port;
     match link.spec.via {
         Via::Agent => {
-            let di = ensure_injection(ctx, link, docker_target).await?;
+            let di = ensure_injection(ctx, link, &link.spec.target).await?;
             let st = di.status.clone().unwrap_or_default();
             match (st.phase, st.endpoint) {
+                (Some(DaemonPhase::Running), Some(endpoint))
+                    if endpoint == "exec" && matches!(link.spec.target, Target::Pod(_)) =>
+                {
+                    Ok(LinkOutcome::Pending {
+                        reason: "NoRoute".into(),
+                        message: "previewd cannot reach the pod's IP; exec tunnels serve Docker containers only".into(),
+                    })
+                }
                 (Some(DaemonPhase::Running), Some(endpoint)) if endpoint == "exec" => {
                     Ok(LinkOutcome::Ready {
                         // No routable address: the proxy runs the agent's stdio mode through
@@ -421,46 +438,64 @@ async fn resolve_upstream<R: ContainerRuntime>(
                 }
             }
         }
-        Via::Direct => {
-            let docker = match &ctx.docker {
-                Ok(d) => d,
-                Err(e) => {
-                    return Ok(LinkOutcome::Failed {
-                        reason: "DockerUnavailable",
-                        message: format!("the Docker engine is unavailable: {e}"),
-                    });
-                }
-            };
-            match docker.resolve(&docker_target.container).await {
-                Ok(info) if !info.running => Ok(LinkOutcome::Pending {
-                    reason: "ContainerNotRunning".into(),
-                    message: format!("container {} is {}", info.name, info.state),
-                }),
-                Ok(info) => match info.ips.first() {
-                    Some(ip) => Ok(LinkOutcome::Ready {
-                        upstream: format!(
-                            "http://{}",
-                            SocketAddr::new(*ip, u16::try_from(port).unwrap_or(0))
-                        ),
-                    }),
-                    None => Ok(LinkOutcome::Failed {
-                        reason: "NoRoute",
-                        message: format!(
-                            "container {} has no routable address; use via: agent",
-                            info.name
-                        ),
-                    }),
-                },
-                Err(e @ RuntimeError::ContainerNotFound(_)) => Ok(LinkOutcome::Failed {
-                    reason: "ContainerNotFound",
-                    message: e.to_string(),
-                }),
-                Err(e) => Ok(LinkOutcome::Failed {
-                    reason: "DockerUnavailable",
-                    message: e.to_string(),
-                }),
+        Via::Direct => match (&link.spec.target, &ctx.docker, &ctx.pods) {
+            (Target::Docker(d), Ok(docker), _) => direct(docker, &d.container, port).await,
+            (Target::Docker(_), Err(e), _) => Ok(LinkOutcome::Failed {
+                reason: "DockerUnavailable",
+                message: format!("the Docker engine is unavailable: {e}"),
+            }),
+            (Target::Pod(p), _, Some(pods)) => {
+                let target = PodTarget::new(
+                    &link.namespace().unwrap_or_default(),
+                    &p.name,
+                    p.container.as_deref(),
+                );
+                direct(pods, &target.to_string(), port).await
             }
-        }
+            (Target::Pod(_), _, None) => Ok(LinkOutcome::Failed {
+                reason: "UnsupportedTarget",
+                message:
+                    "pod targets are served when previewd runs in Kubernetes mode (--store kube)"
+                        .into(),
+            }),
+        },
+    }
+}
+
+/// The upstream of a `via: direct` link: the container's own address.
+async fn direct<T: ContainerRuntime>(
+    rt: &T,
+    container: &str,
+    port: i32,
+) -> Result<LinkOutcome, Error> {
+    match rt.resolve(container).await {
+        Ok(info) if !info.running => Ok(LinkOutcome::Pending {
+            reason: "ContainerNotRunning".into(),
+            message: format!("container {} is {}", info.name, info.state),
+        }),
+        Ok(info) => match info.ips.first() {
+            Some(ip) => Ok(LinkOutcome::Ready {
+                upstream: format!(
+                    "http://{}",
+                    SocketAddr::new(*ip, u16::try_from(port).unwrap_or(0))
+                ),
+            }),
+            None => Ok(LinkOutcome::Failed {
+                reason: "NoRoute",
+                message: format!(
+                    "container {} has no routable address; use via: agent",
+                    info.name
+                ),
+            }),
+        },
+        Err(e @ RuntimeError::ContainerNotFound(_)) => Ok(LinkOutcome::Failed {
+            reason: "ContainerNotFound",
+            message: e.to_string(),
+        }),
+        Err(e) => Ok(LinkOutcome::Failed {
+            reason: "DockerUnavailable",
+            message: e.to_string(),
+        }),
     }
 }
 
@@ -479,11 +514,11 @@ fn owner_ref(link: &PreviewLink) -> Option<OwnerReference> {
 async fn ensure_injection<R: ContainerRuntime>(
     ctx: &Context<R>,
     link: &PreviewLink,
-    target: &DockerTarget,
+    target: &Target,
 ) -> Result<DaemonInjection, Error> {
     let ns = link.namespace().unwrap_or_default();
     let api: Api<DaemonInjection> = Api::namespaced(ctx.client.clone(), &ns);
-    let name = injection_name(target);
+    let name = injection_name_for(target);
     let me = owner_ref(link);
     if let Some(di) = api.get_opt(&name).await.map_err(Error::Kube)? {
         let owners = di.metadata.owner_references.clone().unwrap_or_default();
@@ -498,10 +533,7 @@ async fn ensure_injection<R: ContainerRuntime>(
             .await
             .map_err(Error::Kube);
     }
-    let mut di = DaemonInjection::new(
-        &name,
-        DaemonInjectionSpec::new(Target::Docker(target.clone())),
-    );
+    let mut di = DaemonInjection::new(&name, DaemonInjectionSpec::new(target.clone()));
     di.metadata.namespace = Some(ns);
     di.metadata.owner_references = me.map(|m| vec![m]);
     di.metadata.labels = Some([(MANAGED_BY.to_owned(), "previewd".to_owned())].into());
@@ -517,9 +549,9 @@ async fn cleanup<R: ContainerRuntime>(
     ctx: &Context<R>,
 ) -> Result<Action, Error> {
     let ns = link.namespace().unwrap_or_default();
-    if let (Target::Docker(target), Some(uid)) = (&link.spec.target, link.uid()) {
+    if let Some(uid) = link.uid() {
         let api: Api<DaemonInjection> = Api::namespaced(ctx.client.clone(), &ns);
-        let name = injection_name(target);
+        let name = injection_name_for(&link.spec.target);
         if let Some(di) = api.get_opt(&name).await.map_err(Error::Kube)? {
             let owners: Vec<OwnerReference> = di
                 .metadata

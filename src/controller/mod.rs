@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::resources::{DaemonInjection, PreviewLink};
 use crate::runtime::ContainerRuntime;
 use crate::runtime::docker::DockerRuntime;
+use crate::runtime::pod::PodRuntime;
 
 /// Why a reconcile failed. Each variant is a condition reason users can act on, and a
 /// metric label.
@@ -92,6 +93,8 @@ pub struct Context<R: ContainerRuntime> {
     pub client: Client,
     /// The Docker engine, or why it is unavailable.
     pub docker: Result<R, String>,
+    /// Pod targets, through the API server's pod exec (Kubernetes mode only).
+    pub pods: Option<PodRuntime>,
     /// The built-in agent.
     pub agent: AgentBinary,
     /// Kubernetes Events.
@@ -115,6 +118,9 @@ pub struct ControllerConfig {
     pub agent_port: u16,
     /// Reconcile objects of this namespace only (`None`: all namespaces).
     pub namespace: Option<String>,
+    /// Serve pod targets through the API server's pod exec (a real API server has pods; the
+    /// embedded one does not).
+    pub pod_targets: bool,
 }
 
 /// Connects to Docker (when reachable) and runs the controllers until
@@ -143,6 +149,7 @@ pub async fn run(
         ),
         client: client.clone(),
         docker,
+        pods: config.pod_targets.then(|| PodRuntime::new(client.clone())),
         agent: {
             let agent = AgentBinary::load(config.agent_binary);
             if let Err(e) = &agent.contents {
@@ -175,13 +182,16 @@ pub async fn run_with<R: ContainerRuntime + Clone>(
     };
     let (injections, links): (Api<DaemonInjection>, Api<PreviewLink>) = api(ctx.client.clone());
     // Container lifecycle events re-check every injection (there are few per machine).
-    let triggers = match &ctx.docker {
-        Ok(d) => d
-            .events()
-            .map(|ev| tracing::debug!(container = %ev.name, action = %ev.action, "container event"))
-            .boxed(),
+    let docker_events = match &ctx.docker {
+        Ok(d) => d.events().boxed(),
         Err(_) => futures::stream::pending().boxed(),
     };
+    let pod_events = match &ctx.pods {
+        Some(p) => p.events().boxed(),
+        None => futures::stream::pending().boxed(),
+    };
+    let triggers = futures::stream::select(docker_events, pod_events)
+        .map(|ev| tracing::debug!(container = %ev.name, action = %ev.action, "container event"));
     let injection_controller = Controller::new(injections.clone(), watcher::Config::default())
         .reconcile_all_on(triggers)
         .graceful_shutdown_on(shutdown.clone())

@@ -24,10 +24,10 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
-use crate::controller::link::injection_name;
+use crate::controller::link::injection_name_for;
 use crate::controller::shared::MANAGED_BY;
 use crate::metrics::Metrics;
-use crate::resources::{PreviewLink, Target};
+use crate::resources::PreviewLink;
 use errors::ProxyError;
 use routes::Upstream;
 
@@ -164,11 +164,8 @@ async fn handle(
 
 /// The agent secret of the shared injection a link's traffic goes through.
 fn agent_secret(proxy: &Proxy, link: &PreviewLink) -> Option<String> {
-    let Target::Docker(target) = &link.spec.target else {
-        return None;
-    };
     let ns = link.metadata.namespace.as_deref().unwrap_or("default");
-    let name = format!("previewd-agent-{}", injection_name(target));
+    let name = format!("previewd-agent-{}", injection_name_for(&link.spec.target));
     let secret = proxy.secrets.get(&ObjectRef::new(&name).within(ns))?;
     secret
         .data

@@ -218,6 +218,7 @@ impl ContainerRuntime for DockerRuntime {
         ips.dedup();
         Ok(ContainerInfo {
             id: c.id.clone().unwrap_or_default(),
+            handle: c.id.clone().unwrap_or_default(),
             name: c
                 .name
                 .as_deref()

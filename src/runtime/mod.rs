@@ -17,8 +17,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 /// What previewd needs to know about a target container.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ContainerInfo {
-    /// Full container id.
+    /// Full container id: it changes when the container is replaced (a pod's container
+    /// restarts), which is how re-injection is noticed.
     pub id: String,
+    /// What later calls (upload, exec) name this container by: Docker's full id, or a pod
+    /// target's `NAMESPACE/POD/CONTAINER`.
+    pub handle: String,
     /// Name without the leading `/`.
     pub name: String,
     /// Whether processes can be exec'd now (running, not paused or restarting).

@@ -504,6 +504,7 @@ impl ContainerRuntime for PodRuntime {
                 .and_then(|c| c.container_id.clone())
                 .unwrap_or_default(),
             name: canonical.to_string(),
+            handle: canonical.to_string(),
             running: phase == "Running" && running_state.is_some(),
             state,
             started_at: running_state

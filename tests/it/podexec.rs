@@ -75,10 +75,22 @@ struct Fake {
 struct FakeApiServer {
     state: Arc<Fake>,
     client: kube::Client,
+    /// `http://127.0.0.1:PORT`.
+    url: String,
 }
 
 impl FakeApiServer {
     async fn start(docker: &Docker, protocols: &[&'static str]) -> FakeApiServer {
+        FakeApiServer::start_with(docker, protocols, None).await
+    }
+
+    /// The double, also serving `rest` (e.g. the embedded API's routes for everything but
+    /// pods): an API server with both previewd's objects and pods.
+    async fn start_with(
+        docker: &Docker,
+        protocols: &[&'static str],
+        rest: Option<axum::Router>,
+    ) -> FakeApiServer {
         let state = Arc::new(Fake {
             docker: docker.clone(),
             protocols: protocols.to_vec(),
@@ -92,6 +104,10 @@ impl FakeApiServer {
             .route("/api/v1/namespaces/{ns}/pods/{pod}", get(get_pod))
             .route("/api/v1/namespaces/{ns}/pods/{pod}/exec", get(exec))
             .with_state(state.clone());
+        let app = match rest {
+            Some(r) => app.merge(r),
+            None => app,
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("bind: {e}"));
@@ -101,12 +117,11 @@ impl FakeApiServer {
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        let uri: http::Uri = format!("http://{addr}")
-            .parse()
-            .unwrap_or_else(|e| panic!("uri: {e}"));
+        let url = format!("http://{addr}");
+        let uri: http::Uri = url.parse().unwrap_or_else(|e| panic!("uri: {e}"));
         let client = kube::Client::try_from(kube::Config::new(uri))
             .unwrap_or_else(|e| panic!("kube client: {e}"));
-        FakeApiServer { state, client }
+        FakeApiServer { state, client, url }
     }
 
     fn runtime(&self) -> PodRuntime {
@@ -1046,4 +1061,127 @@ async fn the_agent_goes_in_and_answers_through_pod_exec() {
             "the secret reached a command line: {execs:?}"
         );
     }
+}
+
+/// The reconcilers in Kubernetes mode with a pod target, end to end: a `--store kube` replica
+/// talks to one API server holding previewd's objects (the embedded API) and pods (the
+/// double), injects the agent through pod exec, serves the link through the pod IP, follows
+/// a restart (a new `containerID`), and removes the agent with the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kube_mode_replica_serves_links_to_pods() {
+    use kube::api::{DeleteParams, PostParams};
+    use previewd::resources::preview_link::{Access, LinkPhase};
+    use previewd::resources::target::PodTarget as PodRef;
+    use previewd::resources::{DaemonInjection, PreviewLink, PreviewLinkSpec, Target};
+
+    let Some(rt) = docker().await else { return };
+    crate::containers::images(rt.client()).await;
+    let app = TestContainer::testapp(rt.client(), "127.0.0.1:3000", HostConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store =
+        previewd::store::Store::open(&dir.path().join("apiserver"), previewd::store::kinds::all())
+            .unwrap_or_else(|e| panic!("{e}"));
+    let rest = previewd::store::api::router(Arc::new(store));
+    let fake = FakeApiServer::start_with(rt.client(), &[V5, V4], Some(rest)).await;
+    fake.add_pod("web", &app.name);
+    let kc = crate::leader::kubeconfig(dir.path(), &fake.url);
+    let kc = kc.to_string_lossy().into_owned();
+    let replica = crate::common::Server::start_with(
+        &dir.path().join("replica"),
+        &[
+            ("PREVIEWD_STORE", "kube"),
+            ("PREVIEWD_KUBECONFIG", kc.as_str()),
+            (
+                "PREVIEWD_AGENT_BINARY",
+                env!("CARGO_BIN_EXE_previewd-agent"),
+            ),
+        ],
+    );
+
+    let links: kube::Api<PreviewLink> = kube::Api::namespaced(fake.client.clone(), NS);
+    let dis: kube::Api<DaemonInjection> = kube::Api::namespaced(fake.client.clone(), NS);
+    let target = Target::Pod(PodRef {
+        name: "web".into(),
+        container: Some(APP.into()),
+    });
+    let mut link = PreviewLink::new("web", PreviewLinkSpec::new(target, 3000));
+    link.spec.access = Access::Public;
+    links
+        .create(&PostParams::default(), &link)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ready = crate::docker::wait_link(&links, "web", LinkPhase::Ready).await;
+    let upstream = ready.status.and_then(|s| s.upstream).unwrap_or_default();
+    assert!(upstream.starts_with("agent://"), "{upstream}");
+    let fetch = || async {
+        let out = tokio::process::Command::new("curl")
+            .args(["-s", &format!("http://{}/p/web.{NS}/", replica.proxy)])
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(
+        fetch().await,
+        "hello from testapp\n",
+        "{}",
+        replica.log_text()
+    );
+    let injection = dis
+        .list(&Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .items
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("no injection"));
+    let first_id = injection
+        .status
+        .and_then(|s| s.container_id)
+        .unwrap_or_default();
+    assert!(first_id.starts_with("docker://"), "{first_id}");
+    // The execs went through the API server, the first ones over v5.
+    assert!(fake.execs().iter().any(|e| e.protocol == V5));
+
+    // The pod's container restarts as a new container: re-injected, served again.
+    let replacement =
+        TestContainer::testapp(rt.client(), "127.0.0.1:3000", HostConfig::default()).await;
+    fake.add_pod("web", &replacement.name);
+    fake.touch("web").await;
+    let di_name = injection.metadata.name.clone().unwrap_or_default();
+    crate::common::eventually(Duration::from_secs(60), "re-injection", || {
+        let dis = dis.clone();
+        let (di_name, first_id) = (di_name.clone(), first_id.clone());
+        async move {
+            let st = dis.get(&di_name).await.ok()?.status?;
+            (st.container_id.as_deref() != Some(first_id.as_str())
+                && st.phase == Some(previewd::resources::daemon_injection::DaemonPhase::Running))
+            .then_some(())
+        }
+    })
+    .await;
+    crate::common::eventually(Duration::from_secs(30), "the link serves again", || async {
+        (fetch().await == "hello from testapp\n").then_some(())
+    })
+    .await;
+
+    // Deleting the link removes the agent from the pod.
+    links
+        .delete("web", &DeleteParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    crate::common::eventually(Duration::from_secs(30), "the injection goes", || {
+        let dis = dis.clone();
+        async move {
+            dis.list(&Default::default())
+                .await
+                .ok()
+                .filter(|l| l.items.is_empty())
+        }
+    })
+    .await;
+    assert_eq!(
+        crate::docker::agent_processes(&rt, &replacement.name).await,
+        0
+    );
 }
