@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use previewd::resources::{PreviewLink, PreviewLinkSpec, Target};
 
 use crate::common::{Server, eventually};
@@ -113,6 +113,50 @@ async fn one_replica_reconciles_and_another_takes_over() {
         0,
         "the follower reconciled"
     );
+
+    // Someone else takes the lease (as after a partition): the leader stops at its next
+    // renewal, well within the lease duration.
+    let stolen_at = Instant::now();
+    let steal = serde_json::json!({"spec": {
+        "holderIdentity": "intruder",
+        "renewTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+        "leaseDurationSeconds": LEASE_SECONDS,
+    }});
+    leases
+        .patch(
+            "previewd-controller",
+            &PatchParams::default(),
+            &Patch::Merge(&steal),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let was_leader = &replicas[leader];
+    eventually(
+        Duration::from_secs(LEASE_SECONDS),
+        "the leader stops",
+        || async {
+            was_leader
+                .log_text()
+                .contains("lost the lease: reconciling stops now")
+                .then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "{first} stopped {:?} after losing its lease",
+        stolen_at.elapsed()
+    );
+    // The intruder never renews: a replica leads again once its lease expires.
+    let first = eventually(
+        Duration::from_secs(3 * LEASE_SECONDS),
+        "a leader again",
+        || {
+            let leases = leases.clone();
+            async move { holder(&leases).await.filter(|h| h != "intruder") }
+        },
+    )
+    .await;
+    let leader = usize::from(first == "c");
 
     // A killed leader keeps its lease until it expires; then the other replica takes over.
     let killed_at = Instant::now();
