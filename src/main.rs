@@ -78,6 +78,15 @@ enum Command {
         /// Address of the preview proxy (link URLs point here).
         #[arg(long, env = "PREVIEWD_PROXY_LISTEN", default_value = "127.0.0.1:8002")]
         proxy_listen: SocketAddr,
+        /// Milliseconds a proxy client may take to send a request head (hidden: tests
+        /// shorten it; slow-header clients are cut after it).
+        #[arg(
+            long,
+            env = "PREVIEWD_PROXY_HEADER_TIMEOUT_MS",
+            default_value_t = 30_000,
+            hide = true
+        )]
+        proxy_header_timeout_ms: u64,
         /// Wildcard domain of host-routed links (`*.localhost` resolves to loopback).
         #[arg(
             long,
@@ -215,6 +224,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             agent_port,
             controllers,
             proxy_listen,
+            proxy_header_timeout_ms,
             preview_domain,
             url_style,
         } => {
@@ -237,6 +247,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 state_dir,
                 links,
                 controller: controllers.then_some(controller),
+                proxy_header_timeout: std::time::Duration::from_millis(proxy_header_timeout_ms),
             };
             serve::run(config, shutdown_signal()).await?;
         }

@@ -22,6 +22,8 @@ pub struct ServeConfig {
     pub links: LinkConfig,
     /// How the controllers run; `None` serves the API (and the proxy) alone.
     pub controller: Option<ControllerConfig>,
+    /// How long a proxy client may take to send a request head (tests shorten it).
+    pub proxy_header_timeout: std::time::Duration,
 }
 
 /// Why the server could not start or stopped with an error.
@@ -98,6 +100,7 @@ pub async fn run(
         client.clone(),
         proxy_listener,
         links.preview_domain.clone(),
+        config.proxy_header_timeout,
         stopped(stop_rx.clone()),
     ));
     let controllers = config.controller.map(|c| {
