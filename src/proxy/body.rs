@@ -9,16 +9,19 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use std::sync::Arc;
+
 use crate::metrics::InFlight;
-use crate::proxy::forward::Lent;
+use crate::proxy::forward::{Affinity, Lent};
 
 /// A proxy response body.
 pub struct ProxyBody {
     kind: Kind,
     /// Counts the response as in flight until the body is dropped (sent, or abandoned).
     in_flight: Option<InFlight>,
-    /// The upstream connection the body arrives on, given back once the body has ended.
-    lent: Option<Lent>,
+    /// The upstream connection the body arrives on, given back to its client connection once
+    /// the body has ended.
+    lent: Option<(Lent, Arc<Affinity>)>,
     /// Whether the upstream body was read to its end.
     ended: bool,
 }
@@ -39,12 +42,13 @@ impl ProxyBody {
         ProxyBody::of(Kind::Full(None), None)
     }
 
-    /// An upstream's body, arriving on `lent` (none for an upgraded connection).
-    pub fn upstream(body: Incoming, lent: Option<Lent>) -> ProxyBody {
+    /// An upstream's body, arriving on `lent` (none for an upgraded connection), which goes
+    /// back to `home` afterwards.
+    pub fn upstream(body: Incoming, lent: Option<(Lent, Arc<Affinity>)>) -> ProxyBody {
         ProxyBody::of(Kind::Upstream(body), lent)
     }
 
-    fn of(kind: Kind, lent: Option<Lent>) -> ProxyBody {
+    fn of(kind: Kind, lent: Option<(Lent, Arc<Affinity>)>) -> ProxyBody {
         ProxyBody {
             kind,
             in_flight: None,
@@ -108,8 +112,8 @@ impl Drop for ProxyBody {
                 Kind::Full(_) => true,
             };
         // A body abandoned half-way leaves its connection unusable: it is closed instead.
-        if ended && let Some(lent) = self.lent.take() {
-            lent.give_back();
+        if ended && let Some((lent, home)) = self.lent.take() {
+            lent.give_back(&home);
         }
     }
 }

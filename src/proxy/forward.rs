@@ -255,24 +255,68 @@ pub struct Pool {
     idle: Mutex<Vec<(SendRequest<Outgoing>, Instant)>>,
 }
 
-/// A connection lent to one request: goes back to its pool when its response body ends.
+/// A client connection's own upstream connection: the one its last response came on, kept
+/// for its next request. A browser or load generator on a keep-alive connection then talks to
+/// one upstream connection, as nginx's keepalive does, and its requests skip the shared pool
+/// (its map lookup, its lock and the reference counts other threads touch too).
+#[derive(Default)]
+pub struct Affinity(Mutex<Option<Lent>>);
+
+impl Affinity {
+    /// The connection kept for `upstream` with `secret`, with its pool; one kept for another
+    /// upstream goes back to its pool.
+    fn take(&self, upstream: &Upstream, secret: Option<&str>) -> Option<Lent> {
+        let kept = self.0.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        let connector = &kept.pool.connector;
+        if connector.upstream == *upstream && connector.secret.as_deref() == secret {
+            Some(kept)
+        } else {
+            kept.pool.put(kept.sender);
+            None
+        }
+    }
+}
+
+impl Drop for Affinity {
+    fn drop(&mut self) {
+        // The client connection is gone: its upstream connection serves others.
+        if let Some(kept) = self.0.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            kept.pool.put(kept.sender);
+        }
+    }
+}
+
+/// A connection lent to one request: goes back to its client connection's [`Affinity`] (or
+/// its pool) when its response body ends.
 pub struct Lent {
     sender: SendRequest<Outgoing>,
     pool: Arc<Pool>,
 }
 
 impl Lent {
-    /// Returns the connection to its pool (the response body was read to its end, so the
-    /// connection is about to accept the next request).
-    pub fn give_back(self) {
-        let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < MAX_IDLE {
-            idle.push((self.sender, Instant::now()));
+    /// Keeps the connection for the next request of `home`'s client connection (the response
+    /// body was read to its end, so the connection is about to accept another request).
+    pub fn give_back(self, home: &Affinity) {
+        let previous = home
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(self);
+        if let Some(previous) = previous {
+            previous.pool.put(previous.sender);
         }
     }
 }
 
 impl Pool {
+    /// Keeps an idle connection for any client connection.
+    fn put(&self, sender: SendRequest<Outgoing>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push((sender, Instant::now()));
+        }
+    }
+
     fn new(connector: UpstreamConnector) -> Arc<Pool> {
         let default_host = match &connector.upstream {
             Upstream::Agent { port, .. } | Upstream::Exec { port, .. } => {
@@ -333,14 +377,23 @@ impl Pool {
         Ok(sender)
     }
 
-    /// Sends `req` on a pooled connection; a reused connection that turns out closed before
-    /// the request left is replaced by a new one, once.
+    /// Sends `req` on `own` (the client connection's kept connection) or a pooled one; a
+    /// reused connection that turns out closed before the request left is replaced by a new
+    /// one, once.
     async fn send(
-        self: &Arc<Self>,
+        self: Arc<Self>,
+        own: Option<SendRequest<Outgoing>>,
         req: Request<Outgoing>,
     ) -> Result<(Response<Incoming>, Lent), ProxyError> {
         let failed = |e: hyper::Error| ProxyError::UpstreamUnreachable(e.to_string());
-        let (mut sender, reused) = self.checkout().await?;
+        let own = match own {
+            Some(mut sender) => sender.ready().await.is_ok().then_some(sender),
+            None => None,
+        };
+        let (mut sender, reused) = match own {
+            Some(sender) => (sender, true),
+            None => self.checkout().await?,
+        };
         let resp = match sender.try_send_request(req).await {
             Ok(resp) => resp,
             Err(mut e) => match e.take_message() {
@@ -351,14 +404,16 @@ impl Pool {
                 _ => return Err(failed(e.into_error())),
             },
         };
-        Ok((
-            resp,
-            Lent {
-                sender,
-                pool: self.clone(),
-            },
-        ))
+        Ok((resp, Lent { sender, pool: self }))
     }
+}
+
+/// Where a request goes upstream: a pool, and the client connection's own connection to it
+/// when it has one.
+pub struct Destination {
+    /// The upstream's pool.
+    pub pool: Arc<Pool>,
+    own: Option<SendRequest<Outgoing>>,
 }
 
 /// The agent secret a pool's connections use, and the pool.
@@ -390,8 +445,29 @@ impl Clients {
         }
     }
 
+    /// Where requests to `upstream` (whose agent wants `secret`) go from the client
+    /// connection `affinity` belongs to: its own connection when it has one there, else the
+    /// pool.
+    pub fn destination(
+        &self,
+        affinity: &Affinity,
+        upstream: &Upstream,
+        secret: Option<&str>,
+    ) -> Destination {
+        match affinity.take(upstream, secret) {
+            Some(Lent { sender, pool }) => Destination {
+                pool,
+                own: Some(sender),
+            },
+            None => Destination {
+                pool: self.pool(upstream, secret),
+                own: None,
+            },
+        }
+    }
+
     /// The pool of `upstream` whose connections use `secret`.
-    pub fn pool(&self, upstream: &Upstream, secret: Option<&str>) -> Arc<Pool> {
+    fn pool(&self, upstream: &Upstream, secret: Option<&str>) -> Arc<Pool> {
         let mut map = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         // The hot path: a pool for this upstream and secret exists; no allocation.
         if let Some((s, pool)) = map.get(upstream)
@@ -412,15 +488,15 @@ impl Clients {
         pool
     }
 
-    /// Sends `req` (already rewritten: origin-form URI, headers) through `pool` and returns
+    /// Sends `req` (already rewritten: origin-form URI, headers) to `to` and returns
     /// the response with its body streaming. For an upgrade, the two connections are spliced
     /// after the 101.
     pub async fn forward(
-        pool: &Arc<Pool>,
+        to: Destination,
         mut req: Request<Outgoing>,
     ) -> Result<Forwarded, ProxyError> {
         let client_upgrade = upgrade_of(req.headers()).map(|_| hyper::upgrade::on(&mut req));
-        let (mut resp, lent) = pool.send(req).await?;
+        let (mut resp, lent) = to.pool.send(to.own, req).await?;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_upgrade) = client_upgrade
         {

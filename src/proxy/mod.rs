@@ -86,6 +86,8 @@ struct Conn {
     proxy: Arc<Proxy>,
     /// The client's address as an `X-Forwarded-For` entry, formatted once.
     client_ip: Option<HeaderValue>,
+    /// The upstream connection its last response came on, for its next request.
+    affinity: Arc<forward::Affinity>,
 }
 
 /// Serves connections with hyper directly (no router: a request goes straight to
@@ -125,6 +127,7 @@ async fn accept_loop(
         let conn = Arc::new(Conn {
             proxy: proxy.clone(),
             client_ip: forward::client_ip_header(client),
+            affinity: Arc::default(),
         });
         let service = hyper::service::service_fn(move |req| handle(conn.clone(), req));
         let conn = http
@@ -175,7 +178,7 @@ async fn handle(
     let proxy = &conn.proxy;
     let in_flight = proxy.metrics.in_flight();
     let browser = errors::wants_html(req.headers());
-    let resp = match serve(proxy, conn.client_ip.as_ref(), req).await {
+    let resp = match serve(proxy, &conn, req).await {
         Ok(resp) => resp,
         Err(e) => e.respond(browser),
     };
@@ -202,7 +205,7 @@ fn secret_value(secret: &Secret) -> Option<&str> {
 
 async fn serve(
     proxy: &Proxy,
-    client_ip: Option<&HeaderValue>,
+    conn: &Conn,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
@@ -271,27 +274,34 @@ async fn serve(
     }
     let original_host = parts.headers.get(header::HOST).cloned();
     forward::strip_hop_by_hop(&mut parts.headers);
-    forward::add_forwarded(&mut parts.headers, client_ip, original_host.as_ref());
+    forward::add_forwarded(
+        &mut parts.headers,
+        conn.client_ip.as_ref(),
+        original_host.as_ref(),
+    );
     let secret = match upstream {
         Upstream::Agent { .. } | Upstream::Exec { .. } => agent_secret(proxy, &link),
         Upstream::Direct(_) => None,
     };
-    let pool = proxy
-        .upstreams
-        .pool(&upstream, secret.as_deref().and_then(secret_value));
+    let to = proxy.upstreams.destination(
+        &conn.affinity,
+        &upstream,
+        secret.as_deref().and_then(secret_value),
+    );
     let host = match (&link.spec.host_rewrite, &upstream) {
         (Some(h), _) => HeaderValue::from_str(h).ok(),
         // Dev servers check Host; through the agent the app is at localhost:{port}.
-        (None, Upstream::Agent { .. } | Upstream::Exec { .. }) => pool.default_host.clone(),
-        (None, Upstream::Direct(_)) => original_host.or_else(|| pool.default_host.clone()),
+        (None, Upstream::Agent { .. } | Upstream::Exec { .. }) => to.pool.default_host.clone(),
+        (None, Upstream::Direct(_)) => original_host.or_else(|| to.pool.default_host.clone()),
     };
     if let Some(h) = host {
         parts.headers.insert(header::HOST, h);
     }
     let asked = std::time::Instant::now();
-    let (resp, lent) = forward::Clients::forward(&pool, Request::from_parts(parts, body)).await?;
+    let (resp, lent) = forward::Clients::forward(to, Request::from_parts(parts, body)).await?;
     proxy.metrics.upstream_answered(asked.elapsed());
-    let mut resp = resp.map(|body| ProxyBody::upstream(body, lent));
+    let home = lent.map(|l| (l, conn.affinity.clone()));
+    let mut resp = resp.map(|body| ProxyBody::upstream(body, home));
     if let Some(c) = set_cookie {
         resp.headers_mut().append(header::SET_COOKIE, c);
     }
