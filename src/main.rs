@@ -94,6 +94,15 @@ struct ServeArgs {
     /// Address of the preview proxy (link URLs point here).
     #[arg(long, env = "PREVIEWD_PROXY_LISTEN", default_value = "127.0.0.1:8002")]
     proxy_listen: SocketAddr,
+    /// Milliseconds a proxy client may take to send a request head (hidden: tests
+    /// shorten it; slow-header clients are cut after it).
+    #[arg(
+        long,
+        env = "PREVIEWD_PROXY_HEADER_TIMEOUT_MS",
+        default_value_t = 30_000,
+        hide = true
+    )]
+    proxy_header_timeout_ms: u64,
     /// Wildcard domain of host-routed links (`*.localhost` resolves to loopback).
     #[arg(
         long,
@@ -273,6 +282,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 agent_port,
                 controllers,
                 proxy_listen,
+                proxy_header_timeout_ms,
                 preview_domain,
                 url_style,
                 public_url,
@@ -337,6 +347,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 rest_namespace,
                 rest_wait: Duration::from_secs(rest_wait_seconds),
                 audit_log,
+                proxy_header_timeout: Duration::from_millis(proxy_header_timeout_ms),
             };
             serve::run(config, shutdown).await?;
         }

@@ -61,6 +61,8 @@ pub struct ServeConfig {
     pub rest_wait: std::time::Duration,
     /// Where the embedded API records each resource request (local store only).
     pub audit_log: Option<PathBuf>,
+    /// How long a proxy client may take to send a request head (tests shorten it).
+    pub proxy_header_timeout: std::time::Duration,
 }
 
 /// Why the server could not start or stopped with an error.
@@ -202,6 +204,7 @@ pub async fn run(
         client.clone(),
         proxy_listener,
         links.preview_domain.clone(),
+        config.proxy_header_timeout,
         stopped(stop_rx.clone()),
     ));
     let controllers = config.controller.map(|c| {

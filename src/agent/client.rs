@@ -62,13 +62,15 @@ where
     Ok(body.ports)
 }
 
-/// `CONNECT 127.0.0.1:port`: on success the stream is a raw tunnel to that port inside the
-/// container, ready to splice. Nothing past the agent's answer is read from it.
+/// `CONNECT localhost:port`: on success the stream is a raw tunnel to that port inside the
+/// container, ready to splice. Nothing past the agent's answer is read from it. `localhost`
+/// makes the agent try 127.0.0.1 and then [::1], so apps bound only to IPv6 loopback are
+/// reached too.
 pub async fn connect<S>(mut stream: S, secret: &str, port: u16) -> Result<S, AgentError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    send(&mut stream, "CONNECT", &format!("127.0.0.1:{port}"), secret).await?;
+    send(&mut stream, "CONNECT", &format!("localhost:{port}"), secret).await?;
     let head = read_response_head(&mut stream).await?;
     expect_ok(&mut stream, &head, Some(port)).await?;
     Ok(stream)
@@ -222,7 +224,7 @@ mod tests {
             connect(s, SECRET, 3000).await.map(|_| ())
         })
         .await;
-        assert!(sent.starts_with("CONNECT 127.0.0.1:3000 HTTP/1.1\r\n"));
+        assert!(sent.starts_with("CONNECT localhost:3000 HTTP/1.1\r\n"));
         assert!(matches!(r, Err(AgentError::PortClosed { port: 3000 })));
         let (r, _) = against(
             b"HTTP/1.1 404 Not Found\r\nContent-Length: 16\r\n\r\n{\"error\":\"nope\"}",
@@ -256,5 +258,35 @@ mod tests {
         let (mut client, _agent) = tokio::io::duplex(1024);
         let r = health(&mut client, "0123456789abcdef\r\nX-Other: 1").await;
         assert!(matches!(r, Err(AgentError::Protocol(_))));
+    }
+
+    #[tokio::test]
+    async fn tunnels_reach_apps_bound_only_to_ipv6_loopback() {
+        use std::sync::Arc;
+
+        use tokio::net::{TcpListener, TcpStream};
+
+        use crate::agent::secret::Secret;
+        use crate::agent::server;
+
+        let app = match TcpListener::bind("[::1]:0").await {
+            Ok(l) => l,
+            Err(e) => panic!("this test needs IPv6 loopback: {e}"),
+        };
+        let port = app.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = app.accept().await.unwrap();
+            s.write_all(b"hello over ::1").await.unwrap();
+        });
+        let agent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let agent_addr = agent.local_addr().unwrap();
+        let secret = Arc::new(Secret::new(SECRET).unwrap());
+        tokio::spawn(server::serve(agent, secret, std::future::pending()));
+
+        let stream = TcpStream::connect(agent_addr).await.unwrap();
+        let mut tunnel = connect(stream, SECRET, port).await.unwrap();
+        let mut got = String::new();
+        tunnel.read_to_string(&mut got).await.unwrap();
+        assert_eq!(got, "hello over ::1");
     }
 }

@@ -2,7 +2,9 @@
 //! constant time against the SHA-256 in the link's status. What previewd consumed is removed
 //! before forwarding; the app's own `Authorization` and cookies pass untouched.
 
-use axum::http::{HeaderMap, HeaderValue, header};
+use std::borrow::Cow;
+
+use http::{HeaderMap, HeaderValue, header};
 use sha2::{Digest, Sha256};
 
 /// Header carrying a token.
@@ -86,40 +88,70 @@ fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
 
 /// Whether `token` hashes to `expected_hash` (hex), compared in constant time.
 pub fn matches(token: &str, expected_hash: &str) -> bool {
-    let actual: String = Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let (a, b) = (actual.as_bytes(), expected_hash.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut actual = [0u8; 64];
+    for (pair, b) in actual
+        .chunks_exact_mut(2)
+        .zip(Sha256::digest(token.as_bytes()))
+    {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
+    }
+    let expected = expected_hash.as_bytes();
+    actual.len() == expected.len()
+        && actual
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
-/// Removes what previewd consumed: its header, its query parameter (returns the query
-/// without it) and its cookie (other cookies stay, in order).
-pub fn strip(headers: &mut HeaderMap, query: Option<&str>) -> Option<String> {
+/// Whether a cookie pair is previewd's own.
+fn is_token_cookie(pair: &str) -> bool {
+    pair.split_once('=').map(|(k, _)| k) == Some(TOKEN_COOKIE)
+}
+
+/// Removes what previewd consumed: its header, its query parameter and its cookie (other
+/// cookies stay, in order). Returns the query to forward: `query` itself (borrowed) when it
+/// carries no token, else rebuilt without it (`None` when nothing is left). What previewd did
+/// not consume is left byte for byte, and costs no allocation.
+pub fn strip<'q>(headers: &mut HeaderMap, query: Option<&'q str>) -> Option<Cow<'q, str>> {
     headers.remove(TOKEN_HEADER);
-    let cookies: Vec<String> = headers
+    let has_token_cookie = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| {
-            v.split(';')
-                .map(|c| c.trim().to_owned())
-                .collect::<Vec<_>>()
-        })
-        .filter(|c| !c.is_empty() && c.split_once('=').map(|(k, _)| k) != Some(TOKEN_COOKIE))
-        .collect();
-    headers.remove(header::COOKIE);
-    if !cookies.is_empty()
-        && let Ok(v) = HeaderValue::from_str(&cookies.join("; "))
-    {
-        headers.insert(header::COOKIE, v);
+        .flat_map(|v| v.split(';'))
+        .any(|c| is_token_cookie(c.trim()));
+    if has_token_cookie {
+        let cookies: Vec<String> = headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| {
+                v.split(';')
+                    .map(|c| c.trim().to_owned())
+                    .collect::<Vec<_>>()
+            })
+            .filter(|c| !c.is_empty() && !is_token_cookie(c))
+            .collect();
+        headers.remove(header::COOKIE);
+        if !cookies.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&cookies.join("; "))
+        {
+            headers.insert(header::COOKIE, v);
+        }
     }
-    let kept: Vec<&str> = query?
+    let query = query?;
+    let is_token = |p: &str| p.split('=').next() == Some(TOKEN_QUERY);
+    if !query.split('&').any(is_token) {
+        return Some(Cow::Borrowed(query));
+    }
+    let kept: Vec<&str> = query
         .split('&')
-        .filter(|p| !p.is_empty() && p.split('=').next() != Some(TOKEN_QUERY))
+        .filter(|p| !p.is_empty() && !is_token(p))
         .collect();
-    (!kept.is_empty()).then(|| kept.join("&"))
+    (!kept.is_empty()).then(|| Cow::Owned(kept.join("&")))
 }
 
 /// The `Set-Cookie` that remembers a token for this link: HttpOnly, host-only, scoped to the
@@ -190,5 +222,9 @@ mod tests {
         assert!(h.get(TOKEN_HEADER).is_none());
         assert!(h.get(header::AUTHORIZATION).is_some());
         assert_eq!(strip(&mut h, Some("previewd_token=t")), None);
+        assert!(
+            matches!(strip(&mut h, Some("a=1&&b")), Some(Cow::Borrowed("a=1&&b"))),
+            "a query without a token is forwarded as it came"
+        );
     }
 }

@@ -1,9 +1,10 @@
 //! The proxy's explicit errors: a machine-readable code, JSON for API clients and a small
 //! HTML page for browsers. Never a silent fallback to somewhere else.
 
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use serde_json::json;
+
+use crate::proxy::body::ProxyBody;
 
 /// Why the proxy did not forward a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,33 +59,27 @@ impl ProxyError {
     }
 
     /// The response, as HTML for a browser (see [`wants_html`]), else JSON.
-    pub fn respond(&self, browser: bool) -> Response {
+    pub fn respond(&self, browser: bool) -> Response<ProxyBody> {
         let (status, code) = self.code();
         let message = self.message();
-        let mut resp = if browser {
+        let (content_type, body) = if browser {
             let page = format!(
                 "<!doctype html><meta charset=utf-8><title>{code}</title><h1>{status}</h1><p>{}</p><p><code>{code}</code></p>\n",
                 html_escape(&message)
             );
-            (
-                status,
-                [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-                page,
-            )
-                .into_response()
+            ("text/html; charset=utf-8", page.into_bytes())
         } else {
-            (
-                status,
-                axum::Json(json!({"error": code, "message": message})),
-            )
-                .into_response()
+            let body = json!({"error": code, "message": message}).to_string();
+            ("application/json", body.into_bytes())
         };
+        let mut resp = Response::new(ProxyBody::full(body));
+        *resp.status_mut() = status;
+        let headers = resp.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         if matches!(self, ProxyError::TargetNotReady(_)) {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
         }
-        resp.headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         resp
     }
 }

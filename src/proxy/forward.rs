@@ -5,11 +5,12 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::agent::client::{self as agent, AgentError};
@@ -73,32 +74,43 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Sets `X-Forwarded-For/-Proto/-Host` (appending to a forwarded-for chain).
-pub fn add_forwarded(
-    headers: &mut HeaderMap,
-    client: Option<SocketAddr>,
-    original_host: Option<&HeaderValue>,
-) {
-    if let Some(c) = client {
-        let chain = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {}", c.ip()),
-            None => c.ip().to_string(),
-        };
-        if let Ok(v) = HeaderValue::from_str(&chain) {
-            headers.insert("x-forwarded-for", v);
-        }
-    }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    if let Some(h) = original_host {
-        headers.insert("x-forwarded-host", h.clone());
-    }
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The client's address as an `X-Forwarded-For` entry: built once per connection, so a
+/// request only clones it.
+pub fn client_ip_header(client: SocketAddr) -> Option<HeaderValue> {
+    HeaderValue::from_str(&client.ip().to_string()).ok()
 }
 
-/// Why a connection to an upstream could not be opened, carried through hyper's client
-/// error so the response can say which (`PORT_CLOSED` vs `UPSTREAM_UNREACHABLE`).
-#[derive(Debug, thiserror::Error)]
-#[error("{0:?}")]
-struct OpenFailed(ProxyError);
+/// Sets `X-Forwarded-For/-Proto/-Host` (appending `client_ip`, from [`client_ip_header`],
+/// to a forwarded-for chain).
+pub fn add_forwarded(
+    headers: &mut HeaderMap,
+    client_ip: Option<&HeaderValue>,
+    original_host: Option<&HeaderValue>,
+) {
+    if let Some(ip) = client_ip {
+        let chain = match headers.get(X_FORWARDED_FOR).map(|v| v.to_str()) {
+            Some(Ok(prev)) => {
+                let mut chain = Vec::with_capacity(prev.len() + 2 + ip.len());
+                chain.extend_from_slice(prev.as_bytes());
+                chain.extend_from_slice(b", ");
+                chain.extend_from_slice(ip.as_bytes());
+                HeaderValue::from_bytes(&chain).ok()
+            }
+            _ => Some(ip.clone()),
+        };
+        if let Some(v) = chain {
+            headers.insert(X_FORWARDED_FOR, v);
+        }
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if let Some(h) = original_host {
+        headers.insert(X_FORWARDED_HOST, h.clone());
+    }
+}
 
 /// A connection to an upstream: TCP (direct, or a tunnel through the agent), or the agent's
 /// stdio through an exec.
@@ -155,39 +167,13 @@ impl tokio::io::AsyncWrite for UpstreamStream {
     }
 }
 
-impl hyper_util::client::legacy::connect::Connection for UpstreamStream {
-    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        hyper_util::client::legacy::connect::Connected::new()
-    }
-}
-
 /// Opens connections to one upstream: straight to the container, through its agent's
-/// tunnel, or through the agent's stdio over exec. The pooled client above it keeps them
-/// alive between requests.
-#[derive(Clone)]
+/// tunnel, or through the agent's stdio over exec. The [`Pool`] above it keeps them alive
+/// between requests.
 struct UpstreamConnector {
     upstream: Upstream,
     secret: Option<Arc<str>>,
     docker: Option<DockerRuntime>,
-}
-
-impl tower::Service<Uri> for UpstreamConnector {
-    type Response = TokioIo<UpstreamStream>;
-    type Error = OpenFailed;
-    type Future =
-        std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { this.open().await.map(TokioIo::new).map_err(OpenFailed) })
-    }
 }
 
 fn agent_failure(e: AgentError) -> ProxyError {
@@ -248,84 +234,269 @@ async fn connect(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
     Ok(stream)
 }
 
-type UpstreamClient = Client<UpstreamConnector, Body>;
-/// The agent secret a client's connections use, and the client.
-type SecretAndClient = (Option<Arc<str>>, UpstreamClient);
+/// The request body sent upstream: the client's, streamed as it arrives.
+type Outgoing = Incoming;
 
-/// One pooled HTTP client per upstream, created on first use.
+/// Idle connections kept per upstream; more are closed when they finish.
+const MAX_IDLE: usize = 64;
+/// How long a connection may sit idle in a pool before it is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The keep-alive connections to one upstream (with one agent secret): a LIFO stack of idle
+/// senders whose connection tasks are running. A request takes one (or opens a
+/// connection), and its response body gives it back once the body has been read to its end.
+/// hyper-util's pooled client did the same with a spawned task, a boxed connect future and a
+/// key lookup per request; this costs one short lock.
+pub struct Pool {
+    connector: UpstreamConnector,
+    /// The `Host` sent upstream through the agent (`localhost:{port}`, what dev servers
+    /// accept), or to a direct upstream when the client sent none; built once per upstream.
+    pub default_host: Option<HeaderValue>,
+    idle: Mutex<Vec<(SendRequest<Outgoing>, Instant)>>,
+}
+
+/// A client connection's own upstream connection: the one its last response came on, kept
+/// for its next request. A browser or load generator on a keep-alive connection then talks to
+/// one upstream connection, as nginx's keepalive does, and its requests skip the shared pool
+/// (its map lookup, its lock and the reference counts other threads touch too).
+#[derive(Default)]
+pub struct Affinity(Mutex<Option<Lent>>);
+
+impl Affinity {
+    /// The connection kept for `upstream` with `secret`, with its pool; one kept for another
+    /// upstream goes back to its pool.
+    fn take(&self, upstream: &Upstream, secret: Option<&str>) -> Option<Lent> {
+        let kept = self.0.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        let connector = &kept.pool.connector;
+        if connector.upstream == *upstream && connector.secret.as_deref() == secret {
+            Some(kept)
+        } else {
+            kept.pool.put(kept.sender);
+            None
+        }
+    }
+}
+
+impl Drop for Affinity {
+    fn drop(&mut self) {
+        // The client connection is gone: its upstream connection serves others.
+        if let Some(kept) = self.0.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            kept.pool.put(kept.sender);
+        }
+    }
+}
+
+/// A connection lent to one request: goes back to its client connection's [`Affinity`] (or
+/// its pool) when its response body ends.
+pub struct Lent {
+    sender: SendRequest<Outgoing>,
+    pool: Arc<Pool>,
+}
+
+impl Lent {
+    /// Keeps the connection for the next request of `home`'s client connection (the response
+    /// body was read to its end, so the connection is about to accept another request).
+    pub fn give_back(self, home: &Affinity) {
+        let previous = home
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(self);
+        if let Some(previous) = previous {
+            previous.pool.put(previous.sender);
+        }
+    }
+}
+
+impl Pool {
+    /// Keeps an idle connection for any client connection.
+    fn put(&self, sender: SendRequest<Outgoing>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push((sender, Instant::now()));
+        }
+    }
+
+    fn new(connector: UpstreamConnector) -> Arc<Pool> {
+        let default_host = match &connector.upstream {
+            Upstream::Agent { port, .. } | Upstream::Exec { port, .. } => {
+                HeaderValue::from_str(&format!("localhost:{port}")).ok()
+            }
+            Upstream::Direct(addr) => HeaderValue::from_str(&addr.to_string()).ok(),
+        };
+        let pool = Arc::new(Pool {
+            connector,
+            default_host,
+            idle: Mutex::default(),
+        });
+        // Closes connections idle too long; ends with the pool.
+        let weak = Arc::downgrade(&pool);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_TIMEOUT / 2);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(pool) = weak.upgrade() else { return };
+                let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+                idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
+            }
+        });
+        pool
+    }
+
+    /// The most recently used live idle connection (`true`: reused), or a new one.
+    async fn checkout(&self) -> Result<(SendRequest<Outgoing>, bool), ProxyError> {
+        loop {
+            let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let Some((mut sender, since)) = idle else {
+                return Ok((self.open().await?, false));
+            };
+            if sender.is_closed() || since.elapsed() >= IDLE_TIMEOUT {
+                continue;
+            }
+            // A returned connection turns ready once its task has finished the last response.
+            if sender.ready().await.is_ok() {
+                return Ok((sender, true));
+            }
+        }
+    }
+
+    /// Opens a connection and runs it (with upgrades) on its own task.
+    async fn open(&self) -> Result<SendRequest<Outgoing>, ProxyError> {
+        let stream = self.connector.open().await?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ProxyError::UpstreamUnreachable(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Sends `req` on `own` (the client connection's kept connection) or a pooled one; a
+    /// reused connection that turns out closed before the request left is replaced by a new
+    /// one, once.
+    async fn send(
+        self: Arc<Self>,
+        own: Option<SendRequest<Outgoing>>,
+        req: Request<Outgoing>,
+    ) -> Result<(Response<Incoming>, Lent), ProxyError> {
+        let failed = |e: hyper::Error| ProxyError::UpstreamUnreachable(e.to_string());
+        let own = match own {
+            Some(mut sender) => sender.ready().await.is_ok().then_some(sender),
+            None => None,
+        };
+        let (mut sender, reused) = match own {
+            Some(sender) => (sender, true),
+            None => self.checkout().await?,
+        };
+        let resp = match sender.try_send_request(req).await {
+            Ok(resp) => resp,
+            Err(mut e) => match e.take_message() {
+                Some(req) if reused => {
+                    sender = self.open().await?;
+                    sender.send_request(req).await.map_err(failed)?
+                }
+                _ => return Err(failed(e.into_error())),
+            },
+        };
+        Ok((resp, Lent { sender, pool: self }))
+    }
+}
+
+/// Where a request goes upstream: a pool, and the client connection's own connection to it
+/// when it has one.
+pub struct Destination {
+    /// The upstream's pool.
+    pub pool: Arc<Pool>,
+    own: Option<SendRequest<Outgoing>>,
+}
+
+/// The agent secret a pool's connections use, and the pool.
+type SecretAndPool = (Option<Arc<str>>, Arc<Pool>);
+
+/// One connection pool per upstream, created on first use.
 pub struct Clients {
     /// For exec upstreams (containers previewd cannot route to).
     docker: Option<DockerRuntime>,
-    /// Per upstream: the agent secret its connections use, and the client. A new secret (a
+    /// Per upstream: the agent secret its connections use, and the pool. A new secret (a
     /// re-injected agent) replaces the entry.
-    clients: Mutex<HashMap<Upstream, SecretAndClient>>,
+    pools: Mutex<HashMap<Upstream, SecretAndPool>>,
 }
 
 /// Upstream endpoints change only when agents are re-injected; past this many, the map is
 /// cleared rather than kept forever.
 const MAX_CLIENTS: usize = 1024;
 
+/// What came back from upstream: the response (its body still streaming) and, unless the
+/// connection was upgraded, the connection to give back once that body has ended.
+pub type Forwarded = (Response<Incoming>, Option<Lent>);
+
 impl Clients {
-    /// An empty set of clients; `docker` serves exec upstreams.
+    /// An empty set of pools; `docker` serves exec upstreams.
     pub fn new(docker: Option<DockerRuntime>) -> Self {
         Clients {
             docker,
-            clients: Mutex::default(),
+            pools: Mutex::default(),
         }
     }
 
-    fn get(&self, upstream: &Upstream, secret: Option<&str>) -> UpstreamClient {
-        let mut map = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        // The hot path: a client for this upstream and secret exists; no allocation.
-        if let Some((s, client)) = map.get(upstream)
+    /// Where requests to `upstream` (whose agent wants `secret`) go from the client
+    /// connection `affinity` belongs to: its own connection when it has one there, else the
+    /// pool.
+    pub fn destination(
+        &self,
+        affinity: &Affinity,
+        upstream: &Upstream,
+        secret: Option<&str>,
+    ) -> Destination {
+        match affinity.take(upstream, secret) {
+            Some(Lent { sender, pool }) => Destination {
+                pool,
+                own: Some(sender),
+            },
+            None => Destination {
+                pool: self.pool(upstream, secret),
+                own: None,
+            },
+        }
+    }
+
+    /// The pool of `upstream` whose connections use `secret`.
+    fn pool(&self, upstream: &Upstream, secret: Option<&str>) -> Arc<Pool> {
+        let mut map = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        // The hot path: a pool for this upstream and secret exists; no allocation.
+        if let Some((s, pool)) = map.get(upstream)
             && s.as_deref() == secret
         {
-            return client.clone();
+            return pool.clone();
         }
         if map.len() >= MAX_CLIENTS {
             map.clear();
         }
         let secret: Option<Arc<str>> = secret.map(Arc::from);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(30))
-            .build(UpstreamConnector {
-                upstream: upstream.clone(),
-                secret: secret.clone(),
-                docker: self.docker.clone(),
-            });
-        map.insert(upstream.clone(), (secret, client.clone()));
-        client
+        let pool = Pool::new(UpstreamConnector {
+            upstream: upstream.clone(),
+            secret: secret.clone(),
+            docker: self.docker.clone(),
+        });
+        map.insert(upstream.clone(), (secret, pool.clone()));
+        pool
     }
 
-    /// Sends `req` (already rewritten: path, headers) upstream and returns the response with
-    /// its body streaming. For an upgrade, the two connections are spliced after the 101.
+    /// Sends `req` (already rewritten: origin-form URI, headers) to `to` and returns
+    /// the response with its body streaming. For an upgrade, the two connections are spliced
+    /// after the 101.
     pub async fn forward(
-        &self,
-        upstream: &Upstream,
-        agent_secret: Option<&str>,
-        mut req: Request<Body>,
-    ) -> Result<Response<Body>, ProxyError> {
-        let client = self.get(upstream, agent_secret);
-        // The pooled client wants an absolute URI (its pool key); the connector ignores it.
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        *req.uri_mut() = format!("http://upstream{path}")
-            .parse()
-            .map_err(|_| ProxyError::LinkNotFound)?;
+        to: Destination,
+        mut req: Request<Outgoing>,
+    ) -> Result<Forwarded, ProxyError> {
         let client_upgrade = upgrade_of(req.headers()).map(|_| hyper::upgrade::on(&mut req));
-        let mut resp = client.request(req).await.map_err(|e| {
-            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-            while let Some(err) = source {
-                if let Some(OpenFailed(p)) = err.downcast_ref::<OpenFailed>() {
-                    return p.clone();
-                }
-                source = err.source();
-            }
-            ProxyError::UpstreamUnreachable(e.to_string())
-        })?;
+        let (mut resp, lent) = to.pool.send(to.own, req).await?;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_upgrade) = client_upgrade
         {
@@ -348,16 +519,13 @@ impl Clients {
                     Err(e) => tracing::debug!(error = %e, "upgrade failed"),
                 }
             });
+            // The connection now belongs to the tunnel.
+            return Ok((resp, None));
         }
-        let (mut parts, body) = resp.into_parts();
-        if parts.status != StatusCode::SWITCHING_PROTOCOLS {
-            strip_hop_by_hop(&mut parts.headers);
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            strip_hop_by_hop(resp.headers_mut());
         }
-        let body = http_body_util::BodyExt::map_err(body, |e| {
-            tracing::debug!(error = %e, source = ?std::error::Error::source(&e), "upstream body failed");
-            e
-        });
-        Ok(Response::from_parts(parts, Body::new(body)))
+        Ok((resp, Some(lent)))
     }
 }
 
@@ -404,9 +572,10 @@ mod tests {
     fn forwarded_headers_chain() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("10.1.1.1"));
+        let client = "127.0.0.1:5555".parse().unwrap_or_else(|e| panic!("{e}"));
         add_forwarded(
             &mut h,
-            "127.0.0.1:5555".parse().ok(),
+            client_ip_header(client).as_ref(),
             Some(&HeaderValue::from_static(
                 "web.default.preview.localhost:8002",
             )),

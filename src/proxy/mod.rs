@@ -6,28 +6,32 @@
 //! call, and a deleted link stops routing as soon as the watch delivers it.
 
 pub mod auth;
+pub mod body;
 pub mod errors;
 pub mod forward;
 pub mod routes;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderValue, Request, Response, StatusCode, header};
 use futures::StreamExt;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use hyper::body::Incoming;
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
+use tokio::sync::oneshot;
 
 use crate::controller::link::injection_name_for;
 use crate::controller::shared::MANAGED_BY;
 use crate::metrics::Metrics;
 use crate::resources::PreviewLink;
+use body::ProxyBody;
 use errors::ProxyError;
 use routes::Upstream;
 
@@ -40,13 +44,17 @@ struct Proxy {
     upstreams: forward::Clients,
 }
 
-/// Starts the reflectors and serves `listener` until `shutdown` resolves.
+/// Starts the reflectors and serves `listener` until `shutdown` resolves. A client gets
+/// `header_read_timeout` to send each request head (30 s in production), so slow-header
+/// clients cannot hold connections open forever; bodies and upgraded streams have no such
+/// bound.
 pub async fn run(
     metrics: Arc<Metrics>,
     docker: Option<crate::runtime::docker::DockerRuntime>,
     client: Client,
     listener: tokio::net::TcpListener,
     domain: String,
+    header_read_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (links, writer) = reflector::store();
@@ -70,24 +78,36 @@ pub async fn run(
         domain,
         upstreams: forward::Clients::new(docker),
     });
-    let app = Router::new().fallback(handle).with_state(proxy);
-    accept_loop(listener, app, shutdown).await
+    accept_loop(listener, proxy, header_read_timeout, shutdown).await
 }
 
-/// How long a client may take to send a request head: slow-header clients cannot hold
-/// connections open forever. Bodies and upgraded streams have no such bound.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// One client connection: what its requests share.
+struct Conn {
+    proxy: Arc<Proxy>,
+    /// The client's address as an `X-Forwarded-For` entry, formatted once.
+    client_ip: Option<HeaderValue>,
+    /// The upstream connection its last response came on, for its next request.
+    affinity: Arc<forward::Affinity>,
+}
 
-/// Serves connections with hyper directly (axum::serve cannot bound header reads): HTTP/1.1
-/// with upgrades, TCP_NODELAY, the client address for `X-Forwarded-For`, and a graceful
-/// shutdown that lets requests in flight finish (for up to 5 s).
+/// Serves connections with hyper directly (no router: a request goes straight to
+/// [`handle`]): HTTP/1.1 with upgrades, a bound on reading each request head, TCP_NODELAY,
+/// and a graceful shutdown that lets requests in flight finish (for up to 5 s).
 async fn accept_loop(
     listener: tokio::net::TcpListener,
-    app: Router,
+    proxy: Arc<Proxy>,
+    header_read_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // One stop signal per connection, dropped to ask for a graceful shutdown: polling a
+    // oneshot receiver is an atomic load, where a shared watch channel took a lock on every
+    // poll of every connection.
+    let stops = Arc::new(Mutex::new(HashMap::<u64, oneshot::Sender<()>>::new()));
+    let mut next_id = 0u64;
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
     tokio::pin!(shutdown);
     loop {
         let (stream, client) = tokio::select! {
@@ -104,21 +124,27 @@ async fn accept_loop(
         };
         // Small writes (WebSocket frames, SSE events) must not wait for Nagle.
         let _ = stream.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(
-            app.clone().layer(axum::Extension(ConnectInfo(client))),
-        );
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+        let conn = Arc::new(Conn {
+            proxy: proxy.clone(),
+            client_ip: forward::client_ip_header(client),
+            affinity: Arc::default(),
+        });
+        let service = hyper::service::service_fn(move |req| handle(conn.clone(), req));
+        let conn = http
             .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
             .with_upgrades();
-        let (mut stop, open) = (stop_rx.clone(), open.clone());
-        open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let (stop_tx, mut stop) = oneshot::channel::<()>();
+        let id = next_id;
+        next_id += 1;
+        lock(&stops).insert(id, stop_tx);
+        let (stops, open) = (stops.clone(), open.clone());
+        open.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
             tokio::pin!(conn);
             let result = tokio::select! {
+                biased;
                 r = conn.as_mut() => r,
-                _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {
+                _ = &mut stop => {
                     // Finish the request in flight, then close.
                     conn.as_mut().graceful_shutdown();
                     conn.await
@@ -127,135 +153,153 @@ async fn accept_loop(
             if let Err(e) = result {
                 tracing::debug!(error = %e, "proxy connection ended");
             }
-            open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            lock(&stops).remove(&id);
+            open.fetch_sub(1, Ordering::SeqCst);
         });
     }
-    let _ = stop_tx.send(true);
+    lock(&stops).clear();
     // Requests in flight get a moment; long streams are cut after it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while open.load(std::sync::atomic::Ordering::SeqCst) > 0
-        && tokio::time::Instant::now() < deadline
-    {
+    while open.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
 }
 
+/// Locks `m`, also after a panic elsewhere (the map stays usable).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 async fn handle(
-    State(proxy): State<Arc<Proxy>>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
-    req: Request<Body>,
-) -> Response<Body> {
+    conn: Arc<Conn>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let proxy = &conn.proxy;
     let in_flight = proxy.metrics.in_flight();
     let browser = errors::wants_html(req.headers());
-    let resp = match serve(&proxy, client, req).await {
+    let resp = match serve(proxy, &conn, req).await {
         Ok(resp) => resp,
         Err(e) => e.respond(browser),
     };
     proxy.metrics.proxied(resp.status().as_u16());
     // A streaming body stays in flight until it is sent.
-    resp.map(|body| {
-        Body::new(http_body_util::BodyExt::map_frame(body, move |f| {
-            let _ = &in_flight;
-            f
-        }))
-    })
+    Ok(resp.map(|body| body.in_flight(in_flight)))
 }
 
-/// The agent secret of the shared injection a link's traffic goes through.
-fn agent_secret(proxy: &Proxy, link: &PreviewLink) -> Option<String> {
+/// The agent secret of the shared injection a link's traffic goes through (the Secret
+/// object; the value is borrowed from it).
+fn agent_secret(proxy: &Proxy, link: &PreviewLink) -> Option<Arc<Secret>> {
     let ns = link.metadata.namespace.as_deref().unwrap_or("default");
     let name = format!("previewd-agent-{}", injection_name_for(&link.spec.target));
-    let secret = proxy.secrets.get(&ObjectRef::new(&name).within(ns))?;
-    secret
-        .data
-        .as_ref()?
-        .get("secret")
-        .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+    proxy.secrets.get(&ObjectRef::new(&name).within(ns))
+}
+
+fn secret_value(secret: &Secret) -> Option<&str> {
+    let value = secret.data.as_ref()?.get("secret")?;
+    std::str::from_utf8(&value.0).ok()
 }
 
 async fn serve(
     proxy: &Proxy,
-    client: SocketAddr,
-    req: Request<Body>,
-) -> Result<Response<Body>, ProxyError> {
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        });
-    let routed = routes::route(host.as_deref(), req.uri().path(), &proxy.domain)
-        .ok_or(ProxyError::LinkNotFound)?;
+    conn: &Conn,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    let host = match parts.uri.authority() {
+        Some(a) => Some(a.as_str()),
+        None => parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok()),
+    };
+    let path = parts.uri.path();
+    let routed = routes::route(host, path, &proxy.domain).ok_or(ProxyError::LinkNotFound)?;
     let link = proxy
         .links
-        .get(&ObjectRef::new(&routed.name).within(&routed.namespace))
+        .get(&routed.link)
         .ok_or(ProxyError::LinkNotFound)?;
     let (upstream, token_hash) = routes::admit(&link, k8s_openapi::jiff::Timestamp::now())?;
     // `/p/{id}` without its slash: redirect, so the app's relative URLs stay under the prefix.
-    if routed.prefix != "/" && req.uri().path() == routed.prefix.trim_end_matches('/') {
-        let target = match req.uri().query() {
+    if routed.prefix != "/" && path == routed.prefix.trim_end_matches('/') {
+        let target = match parts.uri.query() {
             Some(q) => format!("{}?{q}", routed.prefix),
-            None => routed.prefix.clone(),
+            None => routed.prefix.into_owned(),
         };
-        return Response::builder()
-            .status(StatusCode::PERMANENT_REDIRECT)
-            .header(header::LOCATION, target)
-            .body(Body::empty())
-            .map_err(|e| ProxyError::UpstreamUnreachable(e.to_string()));
+        let mut resp = Response::new(ProxyBody::empty());
+        *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+        let location = HeaderValue::try_from(target)
+            .map_err(|e| ProxyError::UpstreamUnreachable(e.to_string()))?;
+        resp.headers_mut().insert(header::LOCATION, location);
+        return Ok(resp);
     }
-    let (mut parts, body) = req.into_parts();
-    let query = parts.uri.query().map(str::to_owned);
+    let query = parts.uri.query();
     let mut set_cookie = None;
     if let Some(hash) = token_hash {
         let (token, source) =
-            auth::presented(&parts.headers, query.as_deref()).ok_or(ProxyError::TokenMissing)?;
-        if !auth::matches(&token, &hash) {
+            auth::presented(&parts.headers, query).ok_or(ProxyError::TokenMissing)?;
+        if !auth::matches(&token, hash) {
             return Err(ProxyError::TokenInvalid);
         }
         if source == auth::TokenSource::Query {
-            set_cookie = Some(auth::cookie(&token, &routed.prefix));
+            set_cookie = HeaderValue::try_from(auth::cookie(&token, &routed.prefix)).ok();
         }
     }
-    let query = auth::strip(&mut parts.headers, query.as_deref());
-    let uri = match query {
-        Some(q) => format!("{}?{q}", routed.path),
-        None => routed.path.clone(),
+    // What goes upstream: the path under the link's prefix, and the query less the token.
+    let kept = auth::strip(&mut parts.headers, query);
+    let query_as_it_came = match &kept {
+        Some(q) => matches!(q, Cow::Borrowed(_)),
+        None => query.is_none(),
     };
-    parts.uri = uri.parse().map_err(|_| ProxyError::LinkNotFound)?;
+    let uri = match kept {
+        // The forwarded target is the end of the request's: the path under the prefix and
+        // the query. Host-routed origin-form targets go as they came.
+        _ if query_as_it_came && path.ends_with(routed.path) => {
+            let skipped = path.len() - routed.path.len();
+            let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            if skipped == 0 && parts.uri.scheme().is_none() {
+                None
+            } else {
+                Some(Uri::try_from(target.get(skipped..).unwrap_or(routed.path)))
+            }
+        }
+        Some(q) => Some(Uri::try_from(format!("{}?{q}", routed.path))),
+        None => Some(Uri::try_from(routed.path)),
+    };
+    if let Some(uri) = uri {
+        parts.uri = uri.map_err(|_| ProxyError::LinkNotFound)?;
+    }
     let original_host = parts.headers.get(header::HOST).cloned();
     forward::strip_hop_by_hop(&mut parts.headers);
-    forward::add_forwarded(&mut parts.headers, Some(client), original_host.as_ref());
-    let rewritten = match (&link.spec.host_rewrite, &upstream) {
-        (Some(h), _) => HeaderValue::from_str(h).ok(),
-        // Dev servers check Host; through the agent the app is at localhost:{port}.
-        (None, Upstream::Agent { port, .. } | Upstream::Exec { port, .. }) => {
-            HeaderValue::from_str(&format!("localhost:{port}")).ok()
-        }
-        (None, Upstream::Direct(_)) => original_host,
-    };
-    if let Some(h) = rewritten {
-        parts.headers.insert(header::HOST, h);
-    }
+    forward::add_forwarded(
+        &mut parts.headers,
+        conn.client_ip.as_ref(),
+        original_host.as_ref(),
+    );
     let secret = match upstream {
         Upstream::Agent { .. } | Upstream::Exec { .. } => agent_secret(proxy, &link),
         Upstream::Direct(_) => None,
     };
+    let to = proxy.upstreams.destination(
+        &conn.affinity,
+        &upstream,
+        secret.as_deref().and_then(secret_value),
+    );
+    let host = match (&link.spec.host_rewrite, &upstream) {
+        (Some(h), _) => HeaderValue::from_str(h).ok(),
+        // Dev servers check Host; through the agent the app is at localhost:{port}.
+        (None, Upstream::Agent { .. } | Upstream::Exec { .. }) => to.pool.default_host.clone(),
+        (None, Upstream::Direct(_)) => original_host.or_else(|| to.pool.default_host.clone()),
+    };
+    if let Some(h) = host {
+        parts.headers.insert(header::HOST, h);
+    }
     let asked = std::time::Instant::now();
-    let mut resp = proxy
-        .upstreams
-        .forward(
-            &upstream,
-            secret.as_deref(),
-            Request::from_parts(parts, body),
-        )
-        .await?;
+    let (resp, lent) = forward::Clients::forward(to, Request::from_parts(parts, body)).await?;
     proxy.metrics.upstream_answered(asked.elapsed());
-    if let Some(c) = set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+    let home = lent.map(|l| (l, conn.affinity.clone()));
+    let mut resp = resp.map(|body| ProxyBody::upstream(body, home));
+    if let Some(c) = set_cookie {
         resp.headers_mut().append(header::SET_COOKIE, c);
     }
     Ok(resp)

@@ -1,7 +1,10 @@
 //! From a request to a link, and from a link's status to an upstream: pure functions over
 //! what the reflectors hold (no API call per request).
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
+
+use kube::runtime::reflector::ObjectRef;
 
 use crate::proxy::errors::ProxyError;
 use crate::resources::PreviewLink;
@@ -10,22 +13,21 @@ use crate::resources::preview_link::{Access, LinkPhase};
 
 /// Which link a request names, and the path to forward.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Routed {
-    /// Link namespace.
-    pub namespace: String,
-    /// Link name.
-    pub name: String,
-    /// Path (and nothing else) to send upstream, starting with `/`.
-    pub path: String,
+pub struct Routed<'a> {
+    /// The link, as the reflector's store is keyed.
+    pub link: ObjectRef<PreviewLink>,
+    /// Path (and nothing else) to send upstream, starting with `/`: the end of the request's
+    /// path, or `/`.
+    pub path: &'a str,
     /// The prefix the link is served under (`/` for host routing, `/p/{id}/` for paths):
     /// where its cookie applies.
-    pub prefix: String,
+    pub prefix: Cow<'a, str>,
 }
 
 /// Splits `{name}.{namespace}` (namespaces have no dots).
-fn split_id(id: &str) -> Option<(String, String)> {
+fn link_of(id: &str) -> Option<ObjectRef<PreviewLink>> {
     let (name, ns) = id.rsplit_once('.')?;
-    (!name.is_empty() && !ns.is_empty()).then(|| (ns.to_owned(), name.to_owned()))
+    (!name.is_empty() && !ns.is_empty()).then(|| ObjectRef::new(name).within(ns))
 }
 
 /// The part of `host` before `.{domain}` (compared ignoring ASCII case), without
@@ -39,29 +41,38 @@ fn under_domain<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
 
 /// Routes by host (`{name}.{namespace}.{domain}`) or by path (`/p/{name}.{namespace}/…`).
 /// Host routing wins when the host is under the preview domain.
-pub fn route(host: Option<&str>, path: &str, domain: &str) -> Option<Routed> {
+pub fn route<'a>(host: Option<&str>, path: &'a str, domain: &str) -> Option<Routed<'a>> {
     let host = host.map(|h| {
         h.rsplit_once(':')
             .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
             .map_or(h, |(h, _)| h)
     });
     if let Some(id) = host.and_then(|h| under_domain(h, domain)) {
-        let (namespace, name) = split_id(&id.to_ascii_lowercase())?;
+        let link = if id.bytes().any(|b| b.is_ascii_uppercase()) {
+            link_of(&id.to_ascii_lowercase())
+        } else {
+            link_of(id)
+        }?;
         return Some(Routed {
-            namespace,
-            name,
-            path: path.to_owned(),
-            prefix: "/".into(),
+            link,
+            path,
+            prefix: Cow::Borrowed("/"),
         });
     }
     let rest = path.strip_prefix("/p/")?;
-    let (id, tail) = rest.split_once('/').unwrap_or((rest, ""));
-    let (namespace, name) = split_id(id)?;
+    let Some(slash) = rest.find('/') else {
+        return Some(Routed {
+            link: link_of(rest)?,
+            path: "/",
+            prefix: Cow::Owned(format!("/p/{rest}/")),
+        });
+    };
+    let id = &rest[..slash];
+    let end_of_prefix = "/p/".len() + slash + 1;
     Some(Routed {
-        namespace,
-        name,
-        path: format!("/{tail}"),
-        prefix: format!("/p/{id}/"),
+        link: link_of(id)?,
+        path: &rest[slash..],
+        prefix: Cow::Borrowed(&path[..end_of_prefix]),
     })
 }
 
@@ -135,7 +146,7 @@ pub fn parse_upstream(upstream: &str) -> Result<Upstream, ProxyError> {
 pub fn admit(
     link: &PreviewLink,
     now: k8s_openapi::jiff::Timestamp,
-) -> Result<(Upstream, Option<String>), ProxyError> {
+) -> Result<(Upstream, Option<&str>), ProxyError> {
     let st = link
         .status
         .as_ref()
@@ -147,7 +158,7 @@ pub fn admit(
         Access::Public => None,
         Access::Token => Some(
             st.token_hash
-                .clone()
+                .as_deref()
                 .ok_or_else(|| ProxyError::TargetNotReady("no token issued yet".into()))?,
         ),
     };
@@ -170,20 +181,33 @@ mod tests {
     #[test]
     fn hosts_and_paths() {
         let d = "preview.localhost";
+        let parts = |r: Routed<'_>| {
+            (
+                r.link.namespace.unwrap_or_default(),
+                r.link.name,
+                r.path.to_owned(),
+                r.prefix.into_owned(),
+            )
+        };
         let r = route(Some("web.default.preview.localhost:8002"), "/a?b", d);
         assert_eq!(
-            r.map(|r| (r.namespace, r.name, r.path, r.prefix)),
+            r.map(parts),
             Some(("default".into(), "web".into(), "/a?b".into(), "/".into()))
         );
         let r = route(Some("127.0.0.1:8002"), "/p/a.b.dev/x/y", d);
         assert_eq!(
-            r.map(|r| (r.namespace, r.name, r.path, r.prefix)),
+            r.map(parts),
             Some((
                 "dev".into(),
                 "a.b".into(),
                 "/x/y".into(),
                 "/p/a.b.dev/".into()
             ))
+        );
+        let r = route(Some("127.0.0.1:8002"), "/p/a.dev", d);
+        assert_eq!(
+            r.map(parts),
+            Some(("dev".into(), "a".into(), "/".into(), "/p/a.dev/".into()))
         );
         assert_eq!(
             route(Some("evil.example.com"), "/", d),
@@ -193,7 +217,7 @@ mod tests {
         assert_eq!(route(Some("127.0.0.1"), "/p/nodot/", d), None);
         assert_eq!(route(None, "/other", d), None);
         assert_eq!(
-            route(Some("WEB.Default.Preview.Localhost"), "/", d).map(|r| r.name),
+            route(Some("WEB.Default.Preview.Localhost"), "/", d).map(|r| r.link.name),
             Some("web".into())
         );
         assert_eq!(route(Some("preview.localhost"), "/", d), None);
@@ -251,7 +275,7 @@ mod tests {
             token_hash: Some("h".into()),
             ..Default::default()
         });
-        assert_eq!(admit(&link, now).map(|(_, h)| h), Ok(Some("h".into())));
+        assert_eq!(admit(&link, now).map(|(_, h)| h), Ok(Some("h")));
         if let Some(s) = link.status.as_mut() {
             s.expires_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
         }

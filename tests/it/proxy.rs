@@ -495,3 +495,66 @@ async fn containers_without_a_network_are_served_through_exec() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(seen.contains("data: event 3"), "the stream was cut: {seen}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_heads_are_cut_but_long_streams_are_not() {
+    let Some(rt) = docker().await else { return };
+    images(rt.client()).await;
+    let app = TestContainer::testapp(rt.client(), "0.0.0.0:8080", HostConfig::default()).await;
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server = Server::start_with(
+        state.path(),
+        &[
+            (
+                "PREVIEWD_AGENT_BINARY",
+                env!("CARGO_BIN_EXE_previewd-agent"),
+            ),
+            ("PREVIEWD_PROXY_HEADER_TIMEOUT_MS", "1000"),
+        ],
+    );
+    let links: Api<PreviewLink> = Api::default_namespaced(server.client());
+    links
+        .create(
+            &PostParams::default(),
+            &link(
+                "slow",
+                &app.name,
+                8080,
+                serde_json::json!({"via": "direct", "access": "public"}),
+            ),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    ready(&links, "slow").await;
+    let proxy = server.proxy;
+
+    // A head that never ends: the connection is closed once the limit has passed (hyper may
+    // first answer 408).
+    let mut s = TcpStream::connect(proxy)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let started = std::time::Instant::now();
+    s.write_all(b"GET /p/slow.default/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    let took = started.elapsed();
+    assert!(read.is_ok(), "a partial head was not cut within 10 s");
+    let answer = String::from_utf8_lossy(&out);
+    assert!(
+        out.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    assert!(
+        took >= Duration::from_millis(900),
+        "cut after {took:?}, before the limit"
+    );
+
+    // A stream that outlives the limit many times over is not cut by it.
+    let (code, _, body) = get(proxy, "127.0.0.1", "/p/slow.default/sse?n=4&ms=800", "").await;
+    assert_eq!(code, 200);
+    for i in 0..4 {
+        assert!(body.contains(&format!("data: event {i}\n")), "{body}");
+    }
+}
