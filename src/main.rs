@@ -152,6 +152,9 @@ struct ServeArgs {
     /// Seconds a leader's lease lasts unrenewed: a crashed leader is replaced after this.
     #[arg(long, env = "PREVIEWD_LEASE_DURATION_SECONDS", default_value_t = 15)]
     lease_duration_seconds: u64,
+    /// Seconds the embedded API keeps Events (kube-apiserver's default is an hour).
+    #[arg(long, env = "PREVIEWD_EVENT_TTL_SECONDS", default_value_t = 3600)]
+    event_ttl_seconds: u64,
     /// Record every request to the embedded API in this file, one JSON line each (verb,
     /// group, resource: what RBAC would have to allow).
     #[arg(long, env = "PREVIEWD_AUDIT_LOG")]
@@ -297,6 +300,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 lease_duration_seconds,
                 lease_grace_seconds,
                 audit_log,
+                event_ttl_seconds,
             } = *args;
             let shutdown = shutdown_signal()?;
             init_logging(log_format);
@@ -348,6 +352,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 rest_wait: Duration::from_secs(rest_wait_seconds),
                 audit_log,
                 proxy_header_timeout: Duration::from_millis(proxy_header_timeout_ms),
+                event_ttl: Duration::from_secs(event_ttl_seconds),
             };
             serve::run(config, shutdown).await?;
         }

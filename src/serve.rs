@@ -63,6 +63,8 @@ pub struct ServeConfig {
     pub audit_log: Option<PathBuf>,
     /// How long a proxy client may take to send a request head (tests shorten it).
     pub proxy_header_timeout: std::time::Duration,
+    /// How long the embedded API keeps Events (local store only).
+    pub event_ttl: std::time::Duration,
 }
 
 /// Why the server could not start or stopped with an error.
@@ -207,6 +209,14 @@ pub async fn run(
         config.proxy_header_timeout,
         stopped(stop_rx.clone()),
     ));
+    // A real API server expires Events itself; the embedded one needs this.
+    let expiry = store.is_some().then(|| {
+        tokio::spawn(crate::store::expiry::run(
+            client.clone(),
+            config.event_ttl,
+            stopped(stop_rx.clone()),
+        ))
+    });
     let controllers = config.controller.map(|c| {
         let metrics = metrics.clone();
         let stop = stopped(stop_rx.clone());
@@ -254,6 +264,9 @@ pub async fn run(
         .map_err(ServeError::Serve);
     if let Some(c) = controllers {
         let _ = c.await;
+    }
+    if let Some(e) = expiry {
+        let _ = e.await;
     }
     match proxy.await {
         Ok(Err(e)) => tracing::warn!(error = %e, "the preview proxy failed"),

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod discovery;
 pub mod disk;
 pub mod error;
+pub mod expiry;
 pub mod fields;
 pub mod kinds;
 pub mod meta;

@@ -448,3 +448,36 @@ async fn bad_input_gets_clear_status_errors() {
             .unwrap_or(false)
     );
 }
+
+#[tokio::test]
+async fn old_events_expire_as_on_a_real_api_server() {
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server = crate::common::Server::start_with(
+        state.path(),
+        &[crate::common::API_ONLY, ("PREVIEWD_EVENT_TTL_SECONDS", "2")],
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::default_namespaced(server.client());
+    let ev: k8s_openapi::api::events::v1::Event = serde_json::from_value(json!({
+        "metadata": {"name": "old"},
+        "eventTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+        "reason": "Test", "action": "Test", "type": "Normal",
+        "reportingController": "test", "reportingInstance": "test",
+        "regarding": {"kind": "PreviewLink", "name": "x"},
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    events
+        .create(&PostParams::default(), &ev)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(events.get_opt("old").await.ok().flatten().is_some());
+    let dir = state.path().join("objects/events.events.k8s.io/default");
+    let files = || std::fs::read_dir(&dir).map_or(0, |d| d.count());
+    assert_eq!(files(), 1, "{}", dir.display());
+    eventually(Duration::from_secs(10), "the Event to expire", || {
+        let events = events.clone();
+        async move { events.get_opt("old").await.ok().filter(|e| e.is_none()) }
+    })
+    .await;
+    // Its file is gone too.
+    assert_eq!(files(), 0);
+}
