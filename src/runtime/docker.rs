@@ -19,15 +19,13 @@ use tokio_util::io::StreamReader;
 
 use super::{
     ContainerEvent, ContainerInfo, ContainerRuntime, EventStream, ExecOutput, ExecSpec, ExecStdio,
-    FileUpload, RuntimeError,
+    FileUpload, MAX_EXEC_OUTPUT, RuntimeError, StartupOutput,
 };
 
 /// Bound on engine calls that should be quick (inspect, exec create/start).
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on a command run to completion.
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
-/// Bound on the output kept from a command.
-const MAX_EXEC_OUTPUT: usize = 64 * 1024;
 
 /// A connection to a Docker engine (`DOCKER_HOST`, else the local socket).
 #[derive(Clone)]
@@ -321,7 +319,7 @@ impl ContainerRuntime for DockerRuntime {
         let action = "start a daemon";
         let created = self.create_exec(container_id, spec, false, action).await?;
         let wait = async {
-            let mut seen = Vec::new();
+            let mut seen = StartupOutput::default();
             if let StartExecResults::Attached { mut output, .. } = self
                 .docker
                 .start_exec(&created.id, None)
@@ -335,19 +333,9 @@ impl ContainerRuntime for DockerRuntime {
                         | bollard::container::LogOutput::Console { message } => message,
                         bollard::container::LogOutput::StdIn { .. } => continue,
                     };
-                    if seen.len() < MAX_EXEC_OUTPUT {
-                        seen.extend_from_slice(&bytes);
-                    }
-                    let text = String::from_utf8_lossy(&seen);
-                    // Only whole lines: the announcement may arrive split across chunks.
-                    if let Some(line) = text
-                        .split_inclusive('\n')
-                        .filter_map(|l| l.strip_suffix('\n'))
-                        .find(|l| l.starts_with(ready_prefix))
-                    {
-                        let line = line.trim_end_matches('\r');
+                    if let Some(line) = seen.push(&bytes, ready_prefix) {
                         // Dropping the attached stream detaches; the daemon keeps running.
-                        return Ok(line.to_owned());
+                        return Ok(line);
                     }
                 }
             }
@@ -357,14 +345,7 @@ impl ContainerRuntime for DockerRuntime {
                 .await
                 .ok()
                 .and_then(|i| i.exit_code);
-            Err(RuntimeError::Engine {
-                action,
-                message: format!(
-                    "it exited (code {}) before it was ready: {}",
-                    exit.map_or("unknown".into(), |c| c.to_string()),
-                    String::from_utf8_lossy(&seen).trim()
-                ),
-            })
+            Err(seen.not_ready(action, &exit.map_or("unknown".into(), |c| c.to_string())))
         };
         tokio::time::timeout(CALL_TIMEOUT, wait)
             .await

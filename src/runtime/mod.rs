@@ -140,6 +140,42 @@ pub enum RuntimeError {
     },
 }
 
+/// Bound on the output kept from a command, by every runtime.
+pub(crate) const MAX_EXEC_OUTPUT: usize = 64 * 1024;
+
+/// The output of a daemon being started, kept (bounded) until it announces it is ready:
+/// both runtimes read it the same way.
+#[derive(Debug, Default)]
+pub(crate) struct StartupOutput {
+    seen: Vec<u8>,
+}
+
+impl StartupOutput {
+    /// Adds a chunk of output; returns the first whole line that starts with `prefix`, once
+    /// one has arrived (the announcement may arrive split across chunks).
+    pub(crate) fn push(&mut self, chunk: &[u8], prefix: &str) -> Option<String> {
+        if self.seen.len() < MAX_EXEC_OUTPUT {
+            self.seen.extend_from_slice(chunk);
+        }
+        String::from_utf8_lossy(&self.seen)
+            .split_inclusive('\n')
+            .filter_map(|l| l.strip_suffix('\n'))
+            .find(|l| l.starts_with(prefix))
+            .map(|l| l.trim_end_matches('\r').to_owned())
+    }
+
+    /// The error for a daemon that ended (with exit code `exit`) before it was ready.
+    pub(crate) fn not_ready(&self, action: &'static str, exit: &str) -> RuntimeError {
+        RuntimeError::Engine {
+            action,
+            message: format!(
+                "it exited (code {exit}) before it was ready: {}",
+                String::from_utf8_lossy(&self.seen).trim()
+            ),
+        }
+    }
+}
+
 /// A container engine previewd injects daemons through.
 pub trait ContainerRuntime: Send + Sync + 'static {
     /// Looks a container up by id or name.
@@ -183,4 +219,24 @@ pub trait ContainerRuntime: Send + Sync + 'static {
 
     /// Container lifecycle events, reconnecting (and resuming) after engine restarts.
     fn events(&self) -> EventStream;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ready_line_counts_only_once_whole() {
+        let mut out = StartupOutput::default();
+        assert_eq!(
+            out.push(b"starting\nlistening on 10.0.", "listening on "),
+            None
+        );
+        assert_eq!(
+            out.push(b"0.2:4000\r\nmore", "listening on "),
+            Some("listening on 10.0.0.2:4000".to_owned())
+        );
+        let err = StartupOutput::default().not_ready("start a daemon", "3");
+        assert!(err.to_string().contains("exited (code 3)"), "{err}");
+    }
 }

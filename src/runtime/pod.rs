@@ -45,7 +45,7 @@ use tokio::io::{ReadHalf, SimplexStream, WriteHalf};
 use super::docker::RESYNC;
 use super::{
     ContainerEvent, ContainerInfo, ContainerRuntime, EventStream, ExecOutput, ExecSpec, ExecStdio,
-    FileUpload, RuntimeError,
+    FileUpload, MAX_EXEC_OUTPUT, RuntimeError, StartupOutput,
 };
 
 /// Bound on API calls that should be quick (get, exec upgrade).
@@ -54,8 +54,6 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound on one upload (the agent is a few MB over a WebSocket).
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(120);
-/// Bound on the output kept from a command.
-const MAX_EXEC_OUTPUT: usize = 64 * 1024;
 /// Buffer between the exec's WebSocket task and previewd, per stream.
 const PIPE_BYTES: usize = 64 * 1024;
 
@@ -626,22 +624,13 @@ impl ContainerRuntime for PodRuntime {
                     },
                 )?),
             );
-            let mut seen = Vec::new();
+            let mut seen = StartupOutput::default();
             while let Some(Ok(chunk)) = outputs.next().await {
-                if seen.len() < MAX_EXEC_OUTPUT {
-                    seen.extend_from_slice(&chunk);
-                }
-                let text = String::from_utf8_lossy(&seen);
-                // Only whole lines: the announcement may arrive split across chunks.
-                if let Some(line) = text
-                    .split_inclusive('\n')
-                    .filter_map(|l| l.strip_suffix('\n'))
-                    .find(|l| l.starts_with(ready_prefix))
-                {
+                if let Some(line) = seen.push(&chunk, ready_prefix) {
                     // Dropping the process closes the connection: previewd detaches and
                     // the daemon keeps running.
                     drop(held_stdin);
-                    return Ok(line.trim_end_matches('\r').to_owned());
+                    return Ok(line);
                 }
             }
             drop(held_stdin);
@@ -650,13 +639,7 @@ impl ContainerRuntime for PodRuntime {
                     .map_or_else(|e| e.to_string(), |c| c.to_string()),
                 None => "unknown".into(),
             };
-            Err(RuntimeError::Engine {
-                action,
-                message: format!(
-                    "it exited (code {exit}) before it was ready: {}",
-                    String::from_utf8_lossy(&seen).trim()
-                ),
-            })
+            Err(seen.not_ready(action, &exit))
         };
         tokio::time::timeout(CALL_TIMEOUT, wait)
             .await
