@@ -196,13 +196,14 @@ fn overlaps(owned: &FieldPath, path: &FieldPath) -> bool {
 /// The conflicts an apply by `manager` would cause: fields it sets to a value other than the
 /// current one while another manager owns them, as `(other manager, .dotted.path)`.
 pub fn apply_conflicts(current: &Value, applied: &Value, manager: &str) -> Vec<(String, String)> {
+    let changing: Vec<FieldPath> = leaves(applied)
+        .into_iter()
+        .filter(|p| at(current, p) != at(applied, p))
+        .collect();
     let mut out = Vec::new();
     for entry in entries(current).iter().filter(|e| e.manager != manager) {
-        for path in leaves(applied) {
-            if at(current, &path) == at(applied, &path) {
-                continue;
-            }
-            if entry.fields.iter().any(|o| overlaps(o, &path)) {
+        for path in &changing {
+            if entry.fields.iter().any(|o| overlaps(o, path)) {
                 out.push((entry.manager.clone(), format!(".{}", path.join("."))));
             }
         }
@@ -236,7 +237,8 @@ pub fn prune_dropped(current: &Value, applied: &Value, manager: &str, doc: &mut 
 
 /// Records a write in `next`'s `managedFields`: an apply makes `manager` own exactly the
 /// fields it applied (taking them from others when forced); an update makes it own what it
-/// changed, taken from everyone else. Removed fields are owned by no one.
+/// changed, taken from everyone else. Removed fields are owned by no one. A write that
+/// changed nothing records nothing, so a no-op write stays a no-op.
 pub fn record(
     previous: &Value,
     next: &mut Value,
@@ -245,8 +247,11 @@ pub fn record(
     applied: Option<&Value>,
     now: &str,
 ) {
-    let mut all = entries(previous);
     let changed = changed(previous, next);
+    if changed.is_empty() {
+        return;
+    }
+    let mut all = entries(previous);
     let present = leaves(next);
     let taken: BTreeSet<FieldPath> = match (op, applied) {
         (Operation::Apply, Some(a)) => leaves(a),
@@ -316,6 +321,10 @@ mod tests {
             apply_conflicts(&after_a, &b, "b"),
             vec![("a".to_owned(), ".spec.holderIdentity".to_owned())]
         );
+        // Writing what is already there records nothing.
+        let mut again = after_a.clone();
+        record(&after_a, &mut again, "b", Operation::Update, None, "later");
+        assert_eq!(again, after_a);
         // The same value is no conflict, and a manager never conflicts with itself.
         let same = json!({"spec": {"leaseDurationSeconds": 15}});
         assert!(apply_conflicts(&after_a, &same, "b").is_empty());

@@ -672,11 +672,8 @@ impl Store {
         (fields, owner): (FieldValidation, Option<Owner<'_>>),
     ) -> Result<Written, StoreError> {
         let warnings = run_validation(kind, &key.name, &mut next, fields)?;
-        // Ownership follows what really changed, defaults and pruning included, so a no-op
-        // write stays a no-op.
-        if let Some(o) = owner
-            && !fields::changed(&current, &next).is_empty()
-        {
+        // Ownership follows what really changed, defaults and pruning included.
+        if let Some(o) = owner {
             fields::record(
                 &current,
                 &mut next,
