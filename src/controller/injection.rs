@@ -273,7 +273,7 @@ async fn agent_secret<R: ContainerRuntime>(
     shared::secret_value(
         &ctx.client,
         obj,
-        &agent_secret_name(obj),
+        &agent_secret_name(&obj.name_any()),
         SECRET_KEY,
         || {
             use rand::Rng;
@@ -286,8 +286,8 @@ async fn agent_secret<R: ContainerRuntime>(
 
 /// Name of the Secret holding an injection's agent secret (the proxy and the REST shim read
 /// it to talk to the agent).
-pub fn agent_secret_name(obj: &DaemonInjection) -> String {
-    format!("previewd-agent-{}", obj.name_any())
+pub fn agent_secret_name(injection: &str) -> String {
+    format!("previewd-agent-{injection}")
 }
 
 async fn observe_and_inject<R: ContainerRuntime>(
@@ -793,7 +793,7 @@ async fn cleanup<R: ContainerRuntime>(
     shared::delete_secret(
         &ctx.client,
         &obj.namespace().unwrap_or_default(),
-        &agent_secret_name(&obj),
+        &agent_secret_name(&obj.name_any()),
     )
     .await?;
     ctx.backoff.reset(&obj.uid().unwrap_or_default());

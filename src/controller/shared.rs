@@ -52,6 +52,11 @@ where
     Ok(())
 }
 
+/// The value under `key` in a Secret, when it is there and is text.
+pub fn secret_str<'a>(secret: &'a Secret, key: &str) -> Option<&'a str> {
+    std::str::from_utf8(&secret.data.as_ref()?.get(key)?.0).ok()
+}
+
 /// The value under `key` in the Secret `name` next to `owner`; on first use the Secret is
 /// created (owned by `owner`, labelled as previewd's) with `generate()`. A lost creation race
 /// yields the winner's value.

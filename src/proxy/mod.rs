@@ -27,8 +27,10 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::oneshot;
 
+use crate::controller::injection::{SECRET_KEY as AGENT_SECRET_KEY, agent_secret_name};
 use crate::controller::link::injection_name_for;
 use crate::controller::shared::MANAGED_BY;
+use crate::controller::shared::secret_str;
 use crate::metrics::Metrics;
 use crate::resources::PreviewLink;
 use body::ProxyBody;
@@ -191,13 +193,12 @@ async fn handle(
 /// object; the value is borrowed from it).
 fn agent_secret(proxy: &Proxy, link: &PreviewLink) -> Option<Arc<Secret>> {
     let ns = link.metadata.namespace.as_deref().unwrap_or("default");
-    let name = format!("previewd-agent-{}", injection_name_for(&link.spec.target));
+    let name = agent_secret_name(&injection_name_for(&link.spec.target));
     proxy.secrets.get(&ObjectRef::new(&name).within(ns))
 }
 
 fn secret_value(secret: &Secret) -> Option<&str> {
-    let value = secret.data.as_ref()?.get("secret")?;
-    std::str::from_utf8(&value.0).ok()
+    secret_str(secret, AGENT_SECRET_KEY)
 }
 
 async fn serve(

@@ -29,7 +29,7 @@ use crate::agent::client as agent;
 use crate::agent::protocol::SECRET_ENV;
 use crate::controller::injection::{Layout, SECRET_KEY as AGENT_SECRET_KEY, agent_secret_name};
 use crate::controller::link::{self, TOKEN_KEY, injection_name, token_secret_name};
-use crate::controller::shared::MANAGED_BY;
+use crate::controller::shared::{MANAGED_BY, secret_str};
 use crate::resources::conditions::{self, READY};
 use crate::resources::daemon_injection::DaemonPhase;
 use crate::resources::preview_link::{Access, LinkPhase, Via};
@@ -350,10 +350,8 @@ impl Shim {
             .get(&token_secret_name(link))
             .await
             .map_err(kube_err)?;
-        secret
-            .data
-            .and_then(|d| d.get(TOKEN_KEY).cloned())
-            .and_then(|b| String::from_utf8(b.0).ok())
+        secret_str(&secret, TOKEN_KEY)
+            .map(str::to_owned)
             .ok_or_else(|| ShimError::Conflict(format!("the token of {link} is not readable")))
     }
 
@@ -362,11 +360,8 @@ impl Shim {
         let st = di.status.as_ref()?;
         let endpoint = st.endpoint.as_deref()?;
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-        let secret = secrets.get(&agent_secret_name(di)).await.ok()?;
-        let secret = secret
-            .data
-            .and_then(|d| d.get(AGENT_SECRET_KEY).cloned())
-            .and_then(|b| String::from_utf8(b.0).ok())?;
+        let secret = secrets.get(&agent_secret_name(&di.name_any())).await.ok()?;
+        let secret = secret_str(&secret, AGENT_SECRET_KEY)?.to_owned();
         let ask = async {
             if endpoint == "exec" {
                 let docker = self.docker.as_ref()?;
