@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio::net::TcpStream;
 
 use super::error::{ErrorBody, ShimError};
-use super::input::{self, NoQuery, PreviewQuery};
+use super::input::{self, ContainerPath, ContainerPortPath, NoQuery, PreviewQuery};
 use super::model::{
     self, ContainerStatus, DaemonStatus, InjectAnswer, Injected, LinkSummary, PreviewAnswer,
     Progress, RemoveAnswer, RemoveStatus, RevokeAnswer, Revoked, ServiceStatus, StatusOk,
@@ -42,17 +42,29 @@ use crate::runtime::{ContainerInfo, ContainerRuntime, ExecSpec, RuntimeError};
 /// How long the daemon's listening ports are asked for before `status` answers without them.
 const PORTS_TIMEOUT: Duration = Duration::from_secs(3);
 
-fn path_id(p: Result<Path<String>, PathRejection>) -> Result<String, ShimError> {
-    p.map(|Path(id)| id)
-        .map_err(|e| ShimError::InvalidContainerId(e.body_text()))
+/// The checked container id of a container's call.
+fn path_id(p: Result<Path<ContainerPath>, PathRejection>) -> Result<String, ShimError> {
+    let Path(ContainerPath { id }) = p.map_err(|e| ShimError::InvalidContainerId(e.body_text()))?;
+    input::container_id(&id)?;
+    Ok(id)
 }
 
+/// The checked container id and port of a container port's call.
 fn path_id_port(
-    p: Result<Path<(String, String)>, PathRejection>,
+    p: Result<Path<ContainerPortPath>, PathRejection>,
 ) -> Result<(String, u16), ShimError> {
-    let Path((id, port)) = p.map_err(|e| ShimError::InvalidContainerId(e.body_text()))?;
+    let Path(ContainerPortPath { id, port }) =
+        p.map_err(|e| ShimError::InvalidContainerId(e.body_text()))?;
     input::container_id(&id)?;
-    Ok((id.clone(), input::port(&port)?))
+    let port = input::port(&port)?;
+    Ok((id, port))
+}
+
+/// The container's shared DaemonInjection (links and `inject` use the same one).
+fn injection_of(container: &str) -> String {
+    injection_name(&DockerTarget {
+        container: container.to_owned(),
+    })
 }
 
 fn no_query(q: Result<Query<NoQuery>, QueryRejection>) -> Result<(), ShimError> {
@@ -226,9 +238,7 @@ impl Shim {
     /// (so it stays when its links go). Returns whether this call created it.
     async fn ensure_requested(&self, info: &ContainerInfo) -> Result<bool, ShimError> {
         let api = self.injections();
-        let name = injection_name(&DockerTarget {
-            container: info.id.clone(),
-        });
+        let name = injection_of(&info.id);
         if let Some(di) = api.get_opt(&name).await.map_err(kube_err)? {
             if di.metadata.deletion_timestamp.is_none() {
                 if !di.labels().contains_key(REQUESTED_LABEL) {
@@ -330,9 +340,7 @@ impl Shim {
         spec.expires_at = Some(expiry(ttl.unwrap_or(input::DEFAULT_TTL_SECONDS))?);
         let mut l = PreviewLink::new(&name, spec);
         l.metadata.namespace = Some(self.namespace.clone());
-        let key = injection_name(&DockerTarget {
-            container: info.id.clone(),
-        });
+        let key = injection_of(&info.id);
         l.metadata.labels = Some([(SHIM_LINK_LABEL.to_owned(), key)].into());
         l.metadata.annotations =
             Some([(CONTAINER_NAME_ANNOTATION.to_owned(), info.name.clone())].into());
@@ -400,7 +408,7 @@ impl Shim {
 #[utoipa::path(
     post,
     path = "/api/daemon-proxy/container/{id}/inject",
-    params(("id" = String, Path, description = "Docker container id (full or short) or name", max_length = 128, pattern = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")),
+    params(ContainerPath),
     responses(
         (status = 200, description = "The daemon runs (also when it already did)", body = InjectAnswer),
         (status = 400, description = "Invalid container id", body = ErrorBody),
@@ -415,18 +423,16 @@ impl Shim {
 )]
 pub async fn inject(
     State(s): State<Shim>,
-    id: Result<Path<String>, PathRejection>,
+    id: Result<Path<ContainerPath>, PathRejection>,
     query: Result<Query<NoQuery>, QueryRejection>,
 ) -> Result<Json<InjectAnswer>, ShimError> {
-    let raw = path_id(id)?;
-    let id = input::container_id(&raw)?;
+    let id = path_id(id)?;
+    let id = id.as_str();
     no_query(query)?;
     let info = s.running_container(id).await?;
     let created = s.ensure_requested(&info).await?;
     let api = s.injections();
-    let name = injection_name(&DockerTarget {
-        container: info.id.clone(),
-    });
+    let name = injection_of(&info.id);
     match s.wait_for(&api, &name, model::injection_progress).await {
         Ok(di) => Ok(Json(InjectAnswer {
             status: Injected::Injected,
@@ -448,7 +454,7 @@ pub async fn inject(
 #[utoipa::path(
     post,
     path = "/api/daemon-proxy/container/{id}/remove",
-    params(("id" = String, Path, description = "Docker container id (full or short) or name", max_length = 128, pattern = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")),
+    params(ContainerPath),
     responses(
         (status = 200, description = "Removed, or nothing was managed there", body = RemoveAnswer),
         (status = 400, description = "Invalid container id", body = ErrorBody),
@@ -462,11 +468,11 @@ pub async fn inject(
 )]
 pub async fn remove(
     State(s): State<Shim>,
-    id: Result<Path<String>, PathRejection>,
+    id: Result<Path<ContainerPath>, PathRejection>,
     query: Result<Query<NoQuery>, QueryRejection>,
 ) -> Result<Json<RemoveAnswer>, ShimError> {
-    let raw = path_id(id)?;
-    let id = input::container_id(&raw)?;
+    let id = path_id(id)?;
+    let id = id.as_str();
     no_query(query)?;
     let not_managed = Json(RemoveAnswer {
         status: RemoveStatus::NotManaged,
@@ -475,9 +481,7 @@ pub async fn remove(
     let Some(container) = s.locate(id).await? else {
         return Ok(not_managed);
     };
-    let di_name = injection_name(&DockerTarget {
-        container: container.clone(),
-    });
+    let di_name = injection_of(&container);
     let links = s.links();
     let all = links.list(&ListParams::default()).await.map_err(kube_err)?;
     let uses_agent = |l: &PreviewLink| {
@@ -529,11 +533,7 @@ pub async fn remove(
 #[utoipa::path(
     post,
     path = "/api/daemon-proxy/container/{id}/preview/{port}",
-    params(
-        ("id" = String, Path, description = "Docker container id (full or short) or name", max_length = 128, pattern = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$"),
-        ("port" = u16, Path, description = "Port inside the container", minimum = 1, maximum = 65535),
-        PreviewQuery
-    ),
+    params(ContainerPortPath, PreviewQuery),
     responses(
         (status = 200, description = "The link serves; `url` and `path_url` carry the token", body = PreviewAnswer),
         (status = 400, description = "Invalid container id or port", body = ErrorBody),
@@ -548,7 +548,7 @@ pub async fn remove(
 )]
 pub async fn preview(
     State(s): State<Shim>,
-    path: Result<Path<(String, String)>, PathRejection>,
+    path: Result<Path<ContainerPortPath>, PathRejection>,
     query: Result<Query<PreviewQuery>, QueryRejection>,
 ) -> Result<Json<PreviewAnswer>, ShimError> {
     let (id, port) = path_id_port(path)?;
@@ -556,9 +556,7 @@ pub async fn preview(
     query.ttl()?;
     let info = s.running_container(&id).await?;
     let (name, created) = s.ensure_link(&info, port, &query).await?;
-    let di_name = injection_name(&DockerTarget {
-        container: info.id.clone(),
-    });
+    let di_name = injection_of(&info.id);
     if let Some(di) = s.injections().get_opt(&di_name).await.map_err(kube_err)? {
         s.nudge(&di).await?;
     }
@@ -598,10 +596,7 @@ pub async fn preview(
 #[utoipa::path(
     delete,
     path = "/api/daemon-proxy/container/{id}/preview/{port}",
-    params(
-        ("id" = String, Path, description = "Docker container id (full or short) or name", max_length = 128, pattern = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$"),
-        ("port" = u16, Path, description = "Port inside the container", minimum = 1, maximum = 65535),
-    ),
+    params(ContainerPortPath),
     responses(
         (status = 200, description = "Revoked", body = RevokeAnswer),
         (status = 400, description = "Invalid container id or port", body = ErrorBody),
@@ -615,7 +610,7 @@ pub async fn preview(
 )]
 pub async fn revoke(
     State(s): State<Shim>,
-    path: Result<Path<(String, String)>, PathRejection>,
+    path: Result<Path<ContainerPortPath>, PathRejection>,
     query: Result<Query<NoQuery>, QueryRejection>,
 ) -> Result<Json<RevokeAnswer>, ShimError> {
     let (id, port) = path_id_port(path)?;
@@ -641,7 +636,7 @@ pub async fn revoke(
 #[utoipa::path(
     get,
     path = "/api/daemon-proxy/container/{id}/status",
-    params(("id" = String, Path, description = "Docker container id (full or short) or name", max_length = 128, pattern = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")),
+    params(ContainerPath),
     responses(
         (status = 200, description = "The state (`not_managed` for containers previewd keeps nothing in)", body = ContainerStatus),
         (status = 400, description = "Invalid container id", body = ErrorBody),
@@ -653,11 +648,11 @@ pub async fn revoke(
 )]
 pub async fn container_status(
     State(s): State<Shim>,
-    id: Result<Path<String>, PathRejection>,
+    id: Result<Path<ContainerPath>, PathRejection>,
     query: Result<Query<NoQuery>, QueryRejection>,
 ) -> Result<Json<ContainerStatus>, ShimError> {
-    let raw = path_id(id)?;
-    let id = input::container_id(&raw)?;
+    let id = path_id(id)?;
+    let id = id.as_str();
     no_query(query)?;
     let mut answer = ContainerStatus {
         status: StatusOk::Ok,
@@ -672,7 +667,7 @@ pub async fn container_status(
     let Some(container) = s.locate(id).await? else {
         return Ok(Json(answer));
     };
-    let di_name = injection_name(&DockerTarget { container });
+    let di_name = injection_of(&container);
     let di = s.injections().get_opt(&di_name).await.map_err(kube_err)?;
     answer.daemon_status = DaemonStatus::of(di.as_ref());
     if let Some(di) = &di {

@@ -46,6 +46,29 @@ pub fn port(raw: &str) -> Result<u16, ShimError> {
     }
 }
 
+/// The path of a container's calls, `…/container/{id}/…`: documented here once, checked by
+/// [`container_id`].
+#[derive(Clone, Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct ContainerPath {
+    /// Docker container id (full or short) or name
+    #[param(max_length = 128, pattern = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")]
+    pub id: String,
+}
+
+/// The path of a container port's calls, `…/container/{id}/preview/{port}`; the port is read
+/// as text so that a bad one gets [`port`]'s message.
+#[derive(Clone, Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct ContainerPortPath {
+    /// Docker container id (full or short) or name
+    #[param(max_length = 128, pattern = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")]
+    pub id: String,
+    /// Port inside the container
+    #[param(value_type = u16, minimum = 1, maximum = 65535)]
+    pub port: String,
+}
+
 /// Query of `POST …/preview/{port}`. Unknown fields are refused, so a misspelt option is
 /// never silently ignored.
 #[derive(Clone, Debug, Default, Deserialize, IntoParams)]
