@@ -311,8 +311,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = match store {
                 StoreKind::Local => StoreChoice::Local(local_dir()?),
                 StoreKind::Kube => StoreChoice::Kube { kubeconfig },
-                StoreKind::Auto if kubeconfig.is_some() => StoreChoice::Kube { kubeconfig },
-                StoreKind::Auto => StoreChoice::detect(None, local_dir()?),
+                StoreKind::Auto => StoreChoice::detect(kubeconfig, local_dir)?,
             };
             let lease = LeaseConfig {
                 namespace: lease_namespace

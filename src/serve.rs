@@ -30,12 +30,16 @@ pub enum StoreChoice {
 
 impl StoreChoice {
     /// Auto-detection: an explicit kubeconfig, or a pod's service-account environment, means
-    /// a real API server; otherwise the local store.
-    pub fn detect(kubeconfig: Option<PathBuf>, state_dir: PathBuf) -> Self {
+    /// a real API server; otherwise the local store in the directory `state_dir` gives (asked
+    /// for only then, since finding it can fail).
+    pub fn detect<E>(
+        kubeconfig: Option<PathBuf>,
+        state_dir: impl FnOnce() -> Result<PathBuf, E>,
+    ) -> Result<Self, E> {
         if kubeconfig.is_some() || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
-            StoreChoice::Kube { kubeconfig }
+            Ok(StoreChoice::Kube { kubeconfig })
         } else {
-            StoreChoice::Local(state_dir)
+            state_dir().map(StoreChoice::Local)
         }
     }
 }
