@@ -10,22 +10,12 @@ use kube::api::Api;
 use previewd::resources::PreviewLink;
 use previewd::resources::preview_link::LinkPhase;
 use previewd::store::audit::AuditEntry;
+use serde_json::json;
 
 use crate::common::{API_ONLY, Server};
 use crate::containers::{TestContainer, docker, images};
 use crate::deploy::{Call, not_allowed, own_namespace_rules};
-
-fn http(addr: &str, method: &str, path: &str, host: &str) -> (u16, String) {
-    let out = std::process::Command::new("curl")
-        .args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
-        .args(["-H", &format!("Host: {host}")])
-        .arg(format!("http://{addr}{path}"))
-        .output()
-        .unwrap_or_else(|e| panic!("curl: {e}"));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
-}
+use crate::rest::{call, fetch};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kube_mode_replica_serves_previews_within_its_rbac() {
@@ -58,23 +48,21 @@ async fn a_kube_mode_replica_serves_previews_within_its_rbac() {
         !dir.path().join("replica").join("objects").exists(),
         "kube mode wrote a local store"
     );
-    let api = replica.url.trim_start_matches("http://").to_owned();
-    let host = api.clone();
+    let api = replica.url.as_str();
     let base = format!("/api/daemon-proxy/container/{}", app.name);
 
     // The backend's calls, answered by the replica from the API server's objects.
-    let (code, body) = http(&api, "POST", &format!("{base}/preview/8080"), &host);
-    assert_eq!(code, 200, "{body}\n{}", replica.log_text());
-    let preview: serde_json::Value =
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let (code, preview) = call(api, "POST", &format!("{base}/preview/8080"), "").await;
+    assert_eq!(code, 200, "{preview}\n{}", replica.log_text());
     let path_url = preview["path_url"].as_str().unwrap_or("").to_owned();
-    let rest = path_url.trim_start_matches("http://");
-    let (proxy_host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let (code, page) = http(proxy_host, "GET", &format!("/{path}"), proxy_host);
+    let (code, page) = fetch(replica.proxy, &path_url).await;
     assert_eq!((code, page.as_str()), (200, "hello from testapp\n"));
-    let (code, body) = http(&api, "GET", &format!("{base}/status"), &host);
-    assert_eq!(code, 200, "{body}");
-    assert!(body.contains(r#""daemon_status":"running""#), "{body}");
+    let (code, status) = call(api, "GET", &format!("{base}/status"), "").await;
+    assert_eq!(
+        (code, &status["daemon_status"]),
+        (200, &json!("running")),
+        "{status}"
+    );
 
     // The same status as in local mode: Ready through the agent, token only as a hash.
     let links: Api<PreviewLink> = Api::default_namespaced(apiserver.client());
@@ -98,8 +86,12 @@ async fn a_kube_mode_replica_serves_previews_within_its_rbac() {
     );
     assert!(st.token_hash.is_some_and(|h| h.len() == 64));
 
-    let (code, body) = http(&api, "POST", &format!("{base}/remove"), &host);
-    assert_eq!((code, body.contains("removed")), (200, true), "{body}");
+    let (code, removed) = call(api, "POST", &format!("{base}/remove"), "").await;
+    assert_eq!(
+        (code, &removed["status"]),
+        (200, &json!("removed")),
+        "{removed}"
+    );
     assert!(replica.terminate(Duration::from_secs(10)));
 
     // Every call the replica made is one deploy/'s roles allow.

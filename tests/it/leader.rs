@@ -10,7 +10,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use previewd::resources::{PreviewLink, PreviewLinkSpec, Target};
 
-use crate::common::{Server, eventually};
+use crate::common::{Server, eventually, exchange};
 
 const LEASE_SECONDS: u64 = 4;
 
@@ -56,14 +56,11 @@ fn leads(server: &Server) -> bool {
 }
 
 /// How many reconciles a replica ran, from its /metrics.
-fn reconciles(server: &Server) -> u64 {
-    let port = server.url.rsplit(':').next().unwrap_or("");
-    let out = std::process::Command::new("curl")
-        .args(["-sf", &format!("http://127.0.0.1:{port}/metrics")])
-        .output()
-        .unwrap_or_else(|e| panic!("curl: {e}"));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
+async fn reconciles(server: &Server) -> u64 {
+    let addr = server.url.trim_start_matches("http://");
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let (_, _, body) = exchange(addr, &request).await;
+    body.lines()
         .filter(|l| l.starts_with("previewd_reconciles_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
@@ -107,9 +104,9 @@ async fn one_replica_reconciles_and_another_takes_over() {
         [leader == 0, leader == 1],
         "only {first} leads"
     );
-    assert!(reconciles(&replicas[leader]) > 0);
+    assert!(reconciles(&replicas[leader]).await > 0);
     assert_eq!(
-        reconciles(&replicas[1 - leader]),
+        reconciles(&replicas[1 - leader]).await,
         0,
         "the follower reconciled"
     );
@@ -190,7 +187,7 @@ async fn one_replica_reconciles_and_another_takes_over() {
     let standby = replica(dir.path(), &kc, "d");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!leads(&standby));
-    assert_eq!(reconciles(&standby), 0);
+    assert_eq!(reconciles(&standby).await, 0);
     assert!(replicas.remove(0).terminate(Duration::from_secs(10)));
     let after = holder(&leases).await;
     assert_ne!(

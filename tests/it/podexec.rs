@@ -1113,14 +1113,8 @@ async fn a_kube_mode_replica_serves_links_to_pods() {
     let ready = crate::docker::wait_link(&links, "web", LinkPhase::Ready).await;
     let upstream = ready.status.and_then(|s| s.upstream).unwrap_or_default();
     assert!(upstream.starts_with("agent://"), "{upstream}");
-    let fetch = || async {
-        let out = tokio::process::Command::new("curl")
-            .args(["-s", &format!("http://{}/p/web.{NS}/", replica.proxy)])
-            .output()
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let url = format!("http://{}/p/web.{NS}/", replica.proxy);
+    let fetch = || async { crate::rest::fetch(replica.proxy, &url).await.1 };
     assert_eq!(
         fetch().await,
         "hello from testapp\n",

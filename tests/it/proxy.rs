@@ -10,31 +10,9 @@ use previewd::resources::preview_link::LinkPhase;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::common::{Server, eventually};
+use crate::common::{Server, eventually, exchange};
 use crate::containers::{TestContainer, docker, images};
 use crate::docker::{link, wait_link};
-
-/// An HTTP/1.0 exchange over a fresh connection: status, response head, body.
-async fn exchange(proxy: SocketAddr, raw_request: &str) -> (u16, String, String) {
-    let mut s = TcpStream::connect(proxy)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    s.write_all(raw_request.as_bytes())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut out = Vec::new();
-    s.read_to_end(&mut out)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, head.to_owned(), body.to_owned())
-}
 
 async fn get(proxy: SocketAddr, host: &str, path: &str, extra: &str) -> (u16, String, String) {
     exchange(

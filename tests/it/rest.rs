@@ -9,37 +9,13 @@ use bollard::models::HostConfig;
 use kube::api::{Api, ListParams};
 use previewd::resources::{DaemonInjection, PreviewLink};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-use crate::common::{Server, require_tool};
+use crate::common::{Server, exchange, require_tool};
 use crate::containers::{BUSYBOX_IMAGE, TestContainer, docker, images};
 use crate::docker::{agent_processes, server, sh};
 
-/// One HTTP/1.1 exchange on a fresh connection: status, head, body.
-async fn exchange(addr: &str, request: &str) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr)
-        .await
-        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.write_all(request.as_bytes())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut out = Vec::new();
-    s.read_to_end(&mut out)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, head.to_owned(), body.to_owned())
-}
-
 /// Calls the API at `base` (`http://host:port`): status and JSON body.
-async fn call(base: &str, method: &str, path: &str, headers: &str) -> (u16, Value) {
+pub async fn call(base: &str, method: &str, path: &str, headers: &str) -> (u16, Value) {
     let addr = base.trim_start_matches("http://");
     let (code, head, body) = exchange(
         addr,
@@ -56,7 +32,7 @@ async fn call(base: &str, method: &str, path: &str, headers: &str) -> (u16, Valu
 
 /// GET of a full URL through the proxy (the host part is sent as `Host`, the connection goes
 /// to `proxy`, as a browser resolving `*.localhost` to loopback does).
-async fn fetch(proxy: SocketAddr, url: &str) -> (u16, String) {
+pub async fn fetch(proxy: SocketAddr, url: &str) -> (u16, String) {
     let rest = url.trim_start_matches("http://");
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
     let (code, _, body) = exchange(
