@@ -23,13 +23,17 @@ use crate::containers::{BUSYBOX_IMAGE, NOSHELL_IMAGE, TestContainer, docker, ima
 
 /// Starts `previewd serve` with the test agent binary.
 pub fn server(state: &Path) -> Server {
-    Server::start_with(
-        state,
-        &[(
-            "PREVIEWD_AGENT_BINARY",
-            env!("CARGO_BIN_EXE_previewd-agent"),
-        )],
-    )
+    server_with(state, &[])
+}
+
+/// Starts `previewd serve` with the test agent binary and `extra` environment.
+pub fn server_with(state: &Path, extra: &[(&str, &str)]) -> Server {
+    let mut env = vec![(
+        "PREVIEWD_AGENT_BINARY",
+        env!("CARGO_BIN_EXE_previewd-agent"),
+    )];
+    env.extend_from_slice(extra);
+    Server::start_with(state, &env)
 }
 
 pub fn injection(name: &str, container: &str) -> DaemonInjection {

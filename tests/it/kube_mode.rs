@@ -30,18 +30,12 @@ async fn a_kube_mode_replica_serves_previews_within_its_rbac() {
         &[API_ONLY, ("PREVIEWD_AUDIT_LOG", audit_env.as_str())],
     );
     let kc = crate::leader::kubeconfig(dir.path(), &apiserver.url);
-    let kc = kc.to_string_lossy().into_owned();
-    let replica = Server::start_with(
+    let replica = crate::leader::kube_replica(
         &dir.path().join("replica"),
+        &kc,
         &[
-            ("PREVIEWD_STORE", "kube"),
-            ("PREVIEWD_KUBECONFIG", kc.as_str()),
             ("PREVIEWD_IDENTITY", "replica-0"),
             ("POD_NAMESPACE", "previewd"),
-            (
-                "PREVIEWD_AGENT_BINARY",
-                env!("CARGO_BIN_EXE_previewd-agent"),
-            ),
         ],
     );
     assert!(

@@ -23,21 +23,27 @@ pub fn kubeconfig(dir: &Path, server: &str) -> std::path::PathBuf {
     path
 }
 
-fn replica(dir: &Path, kubeconfig: &Path, identity: &str) -> Server {
+/// Starts `previewd serve --store kube` against the API server `kubeconfig` names, with the
+/// test agent binary and `extra` environment.
+pub fn kube_replica(state: &Path, kubeconfig: &Path, extra: &[(&str, &str)]) -> Server {
     let kc = kubeconfig.to_string_lossy().into_owned();
+    let mut env = vec![
+        ("PREVIEWD_STORE", "kube"),
+        ("PREVIEWD_KUBECONFIG", kc.as_str()),
+    ];
+    env.extend_from_slice(extra);
+    crate::docker::server_with(state, &env)
+}
+
+fn replica(dir: &Path, kubeconfig: &Path, identity: &str) -> Server {
     let lease = LEASE_SECONDS.to_string();
-    Server::start_with(
+    kube_replica(
         &dir.join(identity),
+        kubeconfig,
         &[
-            ("PREVIEWD_STORE", "kube"),
-            ("PREVIEWD_KUBECONFIG", kc.as_str()),
             ("PREVIEWD_IDENTITY", identity),
             ("PREVIEWD_LEASE_DURATION_SECONDS", lease.as_str()),
             ("PREVIEWD_LEASE_GRACE_SECONDS", "1"),
-            (
-                "PREVIEWD_AGENT_BINARY",
-                env!("CARGO_BIN_EXE_previewd-agent"),
-            ),
         ],
     )
 }

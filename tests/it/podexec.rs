@@ -1085,18 +1085,7 @@ async fn a_kube_mode_replica_serves_links_to_pods() {
     let fake = FakeApiServer::start_with(rt.client(), &[V5, V4], Some(rest)).await;
     fake.add_pod("web", &app.name);
     let kc = crate::leader::kubeconfig(dir.path(), &fake.url);
-    let kc = kc.to_string_lossy().into_owned();
-    let replica = crate::common::Server::start_with(
-        &dir.path().join("replica"),
-        &[
-            ("PREVIEWD_STORE", "kube"),
-            ("PREVIEWD_KUBECONFIG", kc.as_str()),
-            (
-                "PREVIEWD_AGENT_BINARY",
-                env!("CARGO_BIN_EXE_previewd-agent"),
-            ),
-        ],
-    );
+    let replica = crate::leader::kube_replica(&dir.path().join("replica"), &kc, &[]);
 
     let links: kube::Api<PreviewLink> = kube::Api::namespaced(fake.client.clone(), NS);
     let dis: kube::Api<DaemonInjection> = kube::Api::namespaced(fake.client.clone(), NS);

@@ -480,15 +480,9 @@ async fn slow_request_heads_are_cut_but_long_streams_are_not() {
     images(rt.client()).await;
     let app = TestContainer::testapp(rt.client(), "0.0.0.0:8080", HostConfig::default()).await;
     let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let server = Server::start_with(
+    let server = crate::docker::server_with(
         state.path(),
-        &[
-            (
-                "PREVIEWD_AGENT_BINARY",
-                env!("CARGO_BIN_EXE_previewd-agent"),
-            ),
-            ("PREVIEWD_PROXY_HEADER_TIMEOUT_MS", "1000"),
-        ],
+        &[("PREVIEWD_PROXY_HEADER_TIMEOUT_MS", "1000")],
     );
     let links: Api<PreviewLink> = Api::default_namespaced(server.client());
     links

@@ -451,16 +451,7 @@ async fn every_documented_call_answers_as_its_openapi_document_says() {
     images(rt.client()).await;
     let app = TestContainer::testapp(rt.client(), "127.0.0.1:3000", HostConfig::default()).await;
     let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let srv = Server::start_with(
-        state.path(),
-        &[
-            (
-                "PREVIEWD_AGENT_BINARY",
-                env!("CARGO_BIN_EXE_previewd-agent"),
-            ),
-            ("PREVIEWD_REST_WAIT_SECONDS", "20"),
-        ],
-    );
+    let srv = crate::docker::server_with(state.path(), &[("PREVIEWD_REST_WAIT_SECONDS", "20")]);
     let (code, doc) = call(&srv.url, "GET", "/api/openapi.json", "").await;
     assert_eq!(code, 200);
     assert_eq!(doc["paths"].as_object().map(|p| p.len()), Some(5), "{doc}");
