@@ -101,7 +101,9 @@ impl Outcome {
     fn from_runtime(e: RuntimeError) -> Self {
         let message = e.to_string();
         match e {
-            RuntimeError::ContainerNotFound(_) => Outcome::failed("ContainerNotFound", message),
+            RuntimeError::ContainerNotFound(_) | RuntimeError::ContainerRemoved { .. } => {
+                Outcome::failed("ContainerNotFound", message)
+            }
             RuntimeError::ContainerNotRunning { .. } => Outcome::Waiting {
                 reason: "ContainerNotRunning",
                 message,
@@ -351,7 +353,7 @@ async fn observe_and_inject_on<R: ContainerRuntime, T: ContainerRuntime>(
     // A step failed: if the container went away or stopped meanwhile, say that instead.
     if let Outcome::Failed { .. } = outcome {
         match docker.resolve(&container).await {
-            Err(e @ RuntimeError::ContainerNotFound(_)) => return Ok(Outcome::from_runtime(e)),
+            Err(e) if e.is_gone() => return Ok(Outcome::from_runtime(e)),
             Ok(now) if now.id != info.id || !now.running => {
                 return Ok(Outcome::Waiting {
                     reason: "ContainerNotRunning",
@@ -838,8 +840,7 @@ async fn stop_agent<R: ContainerRuntime, T: ContainerRuntime>(
                         ),
                     });
                 }
-                Err(RuntimeError::ContainerNotFound(_))
-                | Err(RuntimeError::ContainerNotRunning { .. }) => {}
+                Err(e) if e.is_gone() || matches!(e, RuntimeError::ContainerNotRunning { .. }) => {}
                 Err(e) => {
                     return Err(Error::Injection {
                         reason: "CleanupFailed",
@@ -863,7 +864,7 @@ async fn stop_agent<R: ContainerRuntime, T: ContainerRuntime>(
             };
             let _ = ctx.recorder.publish(&ev, &obj.object_ref(&())).await;
         }
-        Err(RuntimeError::ContainerNotFound(_)) => {}
+        Err(e) if e.is_gone() => {}
         Err(e) => {
             return Err(Error::Injection {
                 reason: "CleanupFailed",

@@ -29,8 +29,8 @@ use crate::resources::target::DockerTarget;
 use crate::resources::{
     DaemonInjection, DaemonInjectionSpec, PreviewLink, PreviewLinkStatus, Target,
 };
+use crate::runtime::ContainerRuntime;
 use crate::runtime::pod::PodTarget;
-use crate::runtime::{ContainerRuntime, RuntimeError};
 
 /// Finalizer that releases a link's token and shared injection before it goes.
 pub const FINALIZER: &str = "previewd.dev/link-cleanup";
@@ -488,7 +488,7 @@ async fn direct<T: ContainerRuntime>(
                 ),
             }),
         },
-        Err(e @ RuntimeError::ContainerNotFound(_)) => Ok(LinkOutcome::Failed {
+        Err(e) if e.is_gone() => Ok(LinkOutcome::Failed {
             reason: "ContainerNotFound",
             message: e.to_string(),
         }),

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
 use bollard::exec::StartExecResults;
-use bollard::models::ExecConfig;
+use bollard::models::{ContainerStateStatusEnum, ExecConfig};
 use bollard::query_parameters::{EventsOptionsBuilder, UploadToContainerOptionsBuilder};
 use futures::StreamExt;
 use tokio_util::io::StreamReader;
@@ -191,6 +191,14 @@ impl ContainerRuntime for DockerRuntime {
         })
         .await?;
         let state = c.state.as_ref();
+        if let Some(gone @ (ContainerStateStatusEnum::REMOVING | ContainerStateStatusEnum::DEAD)) =
+            state.and_then(|s| s.status)
+        {
+            return Err(RuntimeError::ContainerRemoved {
+                container: container.to_owned(),
+                state: gone.to_string(),
+            });
+        }
         let running = state.and_then(|s| s.running).unwrap_or(false)
             && !state.and_then(|s| s.paused).unwrap_or(false)
             && !state.and_then(|s| s.restarting).unwrap_or(false);

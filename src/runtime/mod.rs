@@ -97,6 +97,16 @@ pub enum RuntimeError {
     /// No container has that id or name.
     #[error("container {0:?} not found")]
     ContainerNotFound(String),
+    /// The container still exists but only until the engine removes it (Docker's `removing`
+    /// and `dead` states): it can never run again, so it counts as gone. A failed removal
+    /// leaves a container `dead` with no `destroy` event, so nothing would say so otherwise.
+    #[error("container {container:?} is {state}: it is being removed and can never run again")]
+    ContainerRemoved {
+        /// Id or name.
+        container: String,
+        /// The engine's state word.
+        state: String,
+    },
     /// The container exists but cannot run an exec now.
     #[error("container {container:?} is not running ({state})")]
     ContainerNotRunning {
@@ -138,6 +148,17 @@ pub enum RuntimeError {
         /// What is missing.
         why: String,
     },
+}
+
+impl RuntimeError {
+    /// Whether the container is gone for good (removed, or being removed): what previewd
+    /// set up for it is moot, and waiting for it to start is pointless.
+    pub fn is_gone(&self) -> bool {
+        matches!(
+            self,
+            RuntimeError::ContainerNotFound(_) | RuntimeError::ContainerRemoved { .. }
+        )
+    }
 }
 
 /// Bound on the output kept from a command, by every runtime.

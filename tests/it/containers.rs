@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use bollard::Docker;
 use bollard::models::{ContainerCreateBody, HostConfig};
@@ -335,12 +336,24 @@ impl Drop for TestContainer {
                 .build()
             {
                 rt.block_on(async {
-                    let _ = docker
-                        .remove_container(
-                            &name,
-                            Some(RemoveContainerOptionsBuilder::default().force(true).build()),
-                        )
-                        .await;
+                    // fuse-overlayfs sometimes fails a removal ("directory not empty") and
+                    // leaves the container dead; a second attempt removes it.
+                    for _ in 0..3 {
+                        let removed = docker
+                            .remove_container(
+                                &name,
+                                Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+                            )
+                            .await;
+                        match removed {
+                            Ok(()) => return,
+                            Err(bollard::errors::Error::DockerResponseServerError {
+                                status_code: 404,
+                                ..
+                            }) => return,
+                            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                        }
+                    }
                 });
             }
         })

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bollard::models::HostConfig;
+use bollard::query_parameters::RemoveContainerOptionsBuilder;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, DeleteParams, PostParams};
@@ -443,7 +444,16 @@ async fn a_container_vanishing_mid_injection_is_reported() {
     api.create(&PostParams::default(), &injection("vanish", &c.name))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    drop(c);
+    // One removal, as a user would: on fuse-overlayfs the engine sometimes fails it and
+    // leaves the container `dead` (no `destroy` event), which counts as gone too.
+    let removed = rt
+        .client()
+        .remove_container(
+            &c.name,
+            Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+        )
+        .await;
+    eprintln!("docker rm -f: {removed:?}");
     // Whatever step the removal interrupted, the status ends up saying the container is gone.
     eventually(
         Duration::from_secs(30),

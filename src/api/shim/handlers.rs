@@ -104,6 +104,9 @@ impl Shim {
             Err(RuntimeError::ContainerNotFound(_)) => {
                 Err(ShimError::ContainerNotFound(format!("no container {id:?}")))
             }
+            Err(e @ RuntimeError::ContainerRemoved { .. }) => {
+                Err(ShimError::ContainerNotFound(e.to_string()))
+            }
             Err(e) => Err(ShimError::DockerUnavailable(e.to_string())),
         }
     }
