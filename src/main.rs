@@ -404,6 +404,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// mimalloc: the proxy allocates per request (headers, bodies, futures) on several threads,
+/// and glibc's malloc cost it a measurable share of its CPU per request (bench/proxy.sh).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     match run(Cli::parse()).await {

@@ -208,9 +208,12 @@ pub async fn run(
         metrics.clone(),
         docker,
         client.clone(),
-        proxy_listener,
         links.preview_domain.clone(),
-        config.proxy_header_timeout,
+        crate::proxy::Serving {
+            listener: proxy_listener,
+            header_read_timeout: config.proxy_header_timeout,
+            workers: std::thread::available_parallelism().map_or(1, usize::from),
+        },
         stopped(stop_rx.clone()),
     ));
     // A real API server expires Events itself; the embedded one needs this.
