@@ -70,8 +70,8 @@ pub struct Serving {
 /// single-threaded runtime, accept on the same socket, and a client connection, the upstream
 /// connection it uses and the response bodies between them then live on one thread. A
 /// request costs no wake-up of another thread, no work stealing and no pool shared between
-/// cores; on the multi-threaded runtime those were a quarter of the proxy's CPU per request
-/// (bench/proxy.sh measures it against nginx).
+/// cores (bench/proxy.sh measured about 8 % less CPU per request than on the multi-threaded
+/// runtime).
 pub async fn run(
     metrics: Arc<Metrics>,
     docker: Option<crate::runtime::docker::DockerRuntime>,
