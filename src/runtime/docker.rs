@@ -18,14 +18,10 @@ use futures::StreamExt;
 use tokio_util::io::StreamReader;
 
 use super::{
-    ContainerEvent, ContainerInfo, ContainerRuntime, EventStream, ExecOutput, ExecSpec, ExecStdio,
-    FileUpload, MAX_EXEC_OUTPUT, RuntimeError, StartupOutput,
+    CALL_TIMEOUT, ContainerEvent, ContainerInfo, ContainerRuntime, EXEC_TIMEOUT, EventStream,
+    ExecOutput, ExecSpec, ExecStdio, FileUpload, MAX_EXEC_OUTPUT, RuntimeError, StartupOutput,
+    bounded,
 };
-
-/// Bound on engine calls that should be quick (inspect, exec create/start).
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bound on a command run to completion.
-const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A connection to a Docker engine (`DOCKER_HOST`, else the local socket).
 #[derive(Clone)]
@@ -92,15 +88,6 @@ fn classify(container: &str, action: &'static str, e: DockerError) -> RuntimeErr
             message: other.to_string(),
         },
     }
-}
-
-async fn bounded<T>(
-    action: &'static str,
-    fut: impl Future<Output = Result<T, RuntimeError>>,
-) -> Result<T, RuntimeError> {
-    tokio::time::timeout(CALL_TIMEOUT, fut)
-        .await
-        .map_err(|_| RuntimeError::Timeout(action))?
 }
 
 /// Builds the tar unpacked at `/` (by dockerd, or by tar in a pod): parent directories
@@ -171,7 +158,7 @@ impl DockerRuntime {
         stdin: bool,
         action: &'static str,
     ) -> Result<bollard::exec::CreateExecResults, RuntimeError> {
-        bounded(action, async {
+        bounded(CALL_TIMEOUT, action, async {
             self.docker
                 .create_exec(container_id, exec_config(spec, stdin))
                 .await
@@ -183,7 +170,7 @@ impl DockerRuntime {
 
 impl ContainerRuntime for DockerRuntime {
     async fn resolve(&self, container: &str) -> Result<ContainerInfo, RuntimeError> {
-        let c = bounded("inspect the container", async {
+        let c = bounded(CALL_TIMEOUT, "inspect the container", async {
             self.docker
                 .inspect_container(container, None)
                 .await
@@ -313,9 +300,7 @@ impl ContainerRuntime for DockerRuntime {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
-        tokio::time::timeout(EXEC_TIMEOUT, run)
-            .await
-            .map_err(|_| RuntimeError::Timeout("finish a command"))?
+        bounded(EXEC_TIMEOUT, "finish a command", run).await
     }
 
     async fn exec_until_ready(
@@ -355,9 +340,7 @@ impl ContainerRuntime for DockerRuntime {
                 .and_then(|i| i.exit_code);
             Err(seen.not_ready(action, &exit.map_or("unknown".into(), |c| c.to_string())))
         };
-        tokio::time::timeout(CALL_TIMEOUT, wait)
-            .await
-            .map_err(|_| RuntimeError::Timeout("report the daemon ready"))?
+        bounded(CALL_TIMEOUT, "report the daemon ready", wait).await
     }
 
     async fn exec_stdio(
@@ -367,7 +350,7 @@ impl ContainerRuntime for DockerRuntime {
     ) -> Result<ExecStdio, RuntimeError> {
         let action = "attach to a process";
         let created = self.create_exec(container_id, spec, true, action).await?;
-        bounded(action, async {
+        bounded(CALL_TIMEOUT, action, async {
             match self.docker.start_exec(&created.id, None).await.map_err(|e| classify(container_id, action, e))? {
                 StartExecResults::Attached { output, input } => {
                     let stdout = output.filter_map(|chunk| async move {

@@ -9,6 +9,7 @@ pub mod pod;
 
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
@@ -163,6 +164,23 @@ impl RuntimeError {
 
 /// Bound on the output kept from a command, by every runtime.
 pub(crate) const MAX_EXEC_OUTPUT: usize = 64 * 1024;
+
+/// Bound on runtime calls that should be quick (an inspect or a pod get, creating or
+/// starting an exec, a daemon reporting ready), by every runtime.
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on a command run to completion, by every runtime.
+pub(crate) const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `fut`'s result, or [`RuntimeError::Timeout`] naming `action` once `limit` has passed.
+pub(crate) async fn bounded<T>(
+    limit: Duration,
+    action: &'static str,
+    fut: impl Future<Output = Result<T, RuntimeError>>,
+) -> Result<T, RuntimeError> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| RuntimeError::Timeout(action))?
+}
 
 /// The output of a daemon being started, kept (bounded) until it announces it is ready:
 /// both runtimes read it the same way.

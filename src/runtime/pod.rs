@@ -44,14 +44,11 @@ use tokio::io::{ReadHalf, SimplexStream, WriteHalf};
 
 use super::docker::RESYNC;
 use super::{
-    ContainerEvent, ContainerInfo, ContainerRuntime, EventStream, ExecOutput, ExecSpec, ExecStdio,
-    FileUpload, MAX_EXEC_OUTPUT, RuntimeError, StartupOutput,
+    CALL_TIMEOUT, ContainerEvent, ContainerInfo, ContainerRuntime, EXEC_TIMEOUT, EventStream,
+    ExecOutput, ExecSpec, ExecStdio, FileUpload, MAX_EXEC_OUTPUT, RuntimeError, StartupOutput,
+    bounded,
 };
 
-/// Bound on API calls that should be quick (get, exec upgrade).
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bound on a command run to completion.
-const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound on one upload (the agent is a few MB over a WebSocket).
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// Buffer between the exec's WebSocket task and previewd, per stream.
@@ -573,16 +570,17 @@ impl ContainerRuntime for PodRuntime {
             }
             Ok(())
         };
-        tokio::time::timeout(UPLOAD_TIMEOUT, work)
-            .await
-            .map_err(|_| RuntimeError::Timeout("upload files"))?
+        bounded(UPLOAD_TIMEOUT, "upload files", work).await
     }
 
     async fn exec(&self, container_id: &str, spec: &ExecSpec) -> Result<ExecOutput, RuntimeError> {
         let target: PodTarget = container_id.parse()?;
-        tokio::time::timeout(EXEC_TIMEOUT, self.run(&target, spec, "run a command"))
-            .await
-            .map_err(|_| RuntimeError::Timeout("finish a command"))?
+        bounded(
+            EXEC_TIMEOUT,
+            "finish a command",
+            self.run(&target, spec, "run a command"),
+        )
+        .await
     }
 
     async fn exec_until_ready(
@@ -641,9 +639,7 @@ impl ContainerRuntime for PodRuntime {
             };
             Err(seen.not_ready(action, &exit))
         };
-        tokio::time::timeout(CALL_TIMEOUT, wait)
-            .await
-            .map_err(|_| RuntimeError::Timeout("report the daemon ready"))?
+        bounded(CALL_TIMEOUT, "report the daemon ready", wait).await
     }
 
     async fn exec_stdio(
