@@ -3,7 +3,6 @@
 //! project's agent, and busybox for a shell and servers), so no registry is needed.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use bollard::Docker;
@@ -96,14 +95,8 @@ async fn import(docker: &Docker, image: &str, rootfs: Vec<u8>, changes: Vec<Stri
         .unwrap_or_else(|e| panic!("docker import {image}: {e}"));
 }
 
-/// Builds both test images once per test run.
-pub async fn images(docker: &Docker) {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    let _guard = LOCK.lock().await;
-    if BUILT.get().is_some() {
-        return;
-    }
+/// A root filesystem with `/etc` and busybox at `/bin/busybox`, linked as `applets`.
+fn busybox_root(applets: &[&str]) -> tar::Builder<Vec<u8>> {
     let busybox = std::fs::read(BUSYBOX).unwrap_or_else(|e| {
         panic!("{BUSYBOX} is needed for the test images (apt-get install busybox-static): {e}")
     });
@@ -111,11 +104,22 @@ pub async fn images(docker: &Docker) {
     etc(&mut b);
     tar_dir(&mut b, "bin/", 0o755);
     tar_file(&mut b, "bin/busybox", &busybox, 0o755);
-    for applet in [
-        "sh", "httpd", "ls", "ps", "cat", "sleep", "id", "kill", "test", "nc", "echo",
-    ] {
+    for applet in applets {
         tar_symlink(&mut b, &format!("bin/{applet}"), "busybox");
     }
+    b
+}
+
+/// Builds both test images once per test run.
+pub async fn images(docker: &Docker) {
+    static BUILT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    BUILT.get_or_init(|| build_images(docker)).await;
+}
+
+async fn build_images(docker: &Docker) {
+    let mut b = busybox_root(&[
+        "sh", "httpd", "ls", "ps", "cat", "sleep", "id", "kill", "test", "nc", "echo",
+    ]);
     // The project's own static test upstream (HTTP, SSE, WebSocket, streams), built by
     // `cargo test` as an example.
     let testapp = std::path::Path::new(env!("CARGO_BIN_EXE_previewd"))
@@ -165,7 +169,6 @@ pub async fn images(docker: &Docker) {
         ],
     )
     .await;
-    let _ = BUILT.set(());
 }
 
 /// A busybox image whose applets include tar (pod exec uploads stream into it).
@@ -175,20 +178,12 @@ pub const BUSYBOX_NOTAR_IMAGE: &str = "previewd-test/busybox-notar:it";
 
 /// Builds the two busybox images the pod-exec tests need, once per test run.
 pub async fn podexec_images(docker: &Docker) {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    let _guard = LOCK.lock().await;
-    if BUILT.get().is_some() {
-        return;
-    }
-    let busybox = std::fs::read(BUSYBOX).unwrap_or_else(|e| {
-        panic!("{BUSYBOX} is needed for the test images (apt-get install busybox-static): {e}")
-    });
+    static BUILT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    BUILT.get_or_init(|| build_podexec_images(docker)).await;
+}
+
+async fn build_podexec_images(docker: &Docker) {
     for (image, with_tar) in [(BUSYBOX_TAR_IMAGE, true), (BUSYBOX_NOTAR_IMAGE, false)] {
-        let mut b = tar::Builder::new(Vec::new());
-        etc(&mut b);
-        tar_dir(&mut b, "bin/", 0o755);
-        tar_file(&mut b, "bin/busybox", &busybox, 0o755);
         let mut applets = vec![
             "sh",
             "cat",
@@ -208,9 +203,7 @@ pub async fn podexec_images(docker: &Docker) {
         if with_tar {
             applets.push("tar");
         }
-        for applet in applets {
-            tar_symlink(&mut b, &format!("bin/{applet}"), "busybox");
-        }
+        let b = busybox_root(&applets);
         import(
             docker,
             image,
@@ -222,7 +215,6 @@ pub async fn podexec_images(docker: &Docker) {
         )
         .await;
     }
-    let _ = BUILT.set(());
 }
 
 /// A test container, removed (with `-f`) when dropped.
