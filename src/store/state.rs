@@ -1075,35 +1075,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let store = open(dir.path());
         let leases = kind("leases");
-        let writer = |manager: &str, force: bool| Writer {
-            manager: manager.into(),
-            force,
-            ..Writer::default()
+        // `who` applies a Lease naming itself as the holder.
+        let apply = |who: &str, force: bool| {
+            let hold = Patch::Apply(json!({"apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease", "spec": {"holderIdentity": who}}));
+            let writer = Writer {
+                manager: who.into(),
+                force,
+                ..Writer::default()
+            };
+            store.patch(&leases, "default", "l", Target::Main, &hold, &writer)
         };
-        let hold = |who: &str| {
-            Patch::Apply(
-                json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                                "spec": {"holderIdentity": who}}),
-            )
-        };
-        let created = ok(store.patch(
-            &leases,
-            "default",
-            "l",
-            Target::Main,
-            &hold("a"),
-            &writer("a", false),
-        ));
+        let created = ok(apply("a", false));
         assert_eq!(created.object["spec"]["holderIdentity"], "a");
-        let refused = store.patch(
-            &leases,
-            "default",
-            "l",
-            Target::Main,
-            &hold("b"),
-            &writer("b", false),
-        );
-        match refused {
+        match apply("b", false) {
             Err(StoreError::Conflict { reason, .. }) => {
                 assert!(
                     reason.contains(r#"conflict with "a": .spec.holderIdentity"#),
@@ -1113,35 +1098,10 @@ mod tests {
             other => panic!("expected a conflict, got {other:?}"),
         }
         // Re-applying its own value is fine; forcing takes the field over.
-        ok(store.patch(
-            &leases,
-            "default",
-            "l",
-            Target::Main,
-            &hold("a"),
-            &writer("a", false),
-        ));
-        let forced = ok(store.patch(
-            &leases,
-            "default",
-            "l",
-            Target::Main,
-            &hold("b"),
-            &writer("b", true),
-        ));
+        ok(apply("a", false));
+        let forced = ok(apply("b", true));
         assert_eq!(forced.object["spec"]["holderIdentity"], "b");
-        assert!(
-            store
-                .patch(
-                    &leases,
-                    "default",
-                    "l",
-                    Target::Main,
-                    &hold("a"),
-                    &writer("a", false)
-                )
-                .is_err()
-        );
+        assert!(apply("a", false).is_err());
     }
 
     #[test]
