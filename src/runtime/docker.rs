@@ -92,7 +92,14 @@ fn classify(container: &str, action: &'static str, e: DockerError) -> RuntimeErr
 
 /// Builds the tar unpacked at `/` (by dockerd, or by tar in a pod): parent directories
 /// (0755, root-owned) and the files (root-owned, with their modes).
-pub(super) fn archive(files: &[FileUpload]) -> std::io::Result<Vec<u8>> {
+pub(super) fn archive(files: &[FileUpload]) -> Result<Vec<u8>, RuntimeError> {
+    tar_of(files).map_err(|e| RuntimeError::Engine {
+        action: "build the upload archive",
+        message: e.to_string(),
+    })
+}
+
+fn tar_of(files: &[FileUpload]) -> std::io::Result<Vec<u8>> {
     let mut builder = tar::Builder::new(Vec::new());
     let mtime = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -231,10 +238,7 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     async fn upload(&self, container_id: &str, files: &[FileUpload]) -> Result<(), RuntimeError> {
-        let tar = archive(files).map_err(|e| RuntimeError::Engine {
-            action: "build the upload archive",
-            message: e.to_string(),
-        })?;
+        let tar = archive(files)?;
         let options = UploadToContainerOptionsBuilder::default()
             .path("/")
             .no_overwrite_dir_non_dir("true")
@@ -470,7 +474,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn archives_hold_parent_directories_and_modes() -> std::io::Result<()> {
+    fn archives_hold_parent_directories_and_modes() -> Result<(), Box<dyn std::error::Error>> {
         let files = [FileUpload {
             path: "/.previewd/web/previewd-agent".into(),
             contents: bytes::Bytes::from_static(b"\x7fELF"),

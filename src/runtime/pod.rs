@@ -519,10 +519,7 @@ impl ContainerRuntime for PodRuntime {
         let work = async {
             let half_close = self.supports_stdin_close(&target).await?;
             if half_close && self.has(&target, &["tar", "--help"]).await? {
-                let tar = super::docker::archive(files).map_err(|e| RuntimeError::Engine {
-                    action: "build the upload archive",
-                    message: e.to_string(),
-                })?;
+                let tar = super::docker::archive(files)?;
                 let argv = ["tar", "-x", "-f", "-", "-C", "/"]
                     .map(str::to_owned)
                     .to_vec();
