@@ -194,9 +194,11 @@ pub async fn run(
     };
     // The proxy reaches containers without a routable address through exec.
     let docker = crate::runtime::docker::DockerRuntime::connect().await.ok();
+    let routes = crate::proxy::Routes::watch(client.clone());
     let shim = Shim::new(
         client.clone(),
         docker.clone(),
+        routes.links.clone(),
         ShimConfig {
             namespace: config.rest_namespace,
             wait: config.rest_wait,
@@ -207,7 +209,7 @@ pub async fn run(
     let proxy = tokio::spawn(crate::proxy::run(
         metrics.clone(),
         docker,
-        client.clone(),
+        routes,
         links.preview_domain.clone(),
         crate::proxy::Serving {
             listener: proxy_listener,

@@ -37,6 +37,38 @@ use body::ProxyBody;
 use errors::ProxyError;
 use routes::Upstream;
 
+/// The proxy's view of the API: reflector stores of PreviewLinks and previewd's Secrets.
+///
+/// Made apart from the proxy so that the REST shim can read the same store and answer a
+/// revoke only once this replica's proxy refuses the link.
+#[derive(Clone)]
+pub struct Routes {
+    /// Every PreviewLink, as the proxy routes from it.
+    pub links: Store<PreviewLink>,
+    secrets: Store<Secret>,
+}
+
+impl Routes {
+    /// Starts the two reflectors on the current runtime; they run for the process's life.
+    pub fn watch(client: Client) -> Self {
+        let (links, writer) = reflector::store();
+        let link_feed = watcher(
+            Api::<PreviewLink>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff();
+        tokio::spawn(reflector::reflector(writer, link_feed).for_each(|_| async {}));
+        let (secrets, writer) = reflector::store();
+        let secret_feed = watcher(
+            Api::<Secret>::all(client),
+            watcher::Config::default().labels(&format!("{MANAGED_BY}=previewd")),
+        )
+        .default_backoff();
+        tokio::spawn(reflector::reflector(writer, secret_feed).for_each(|_| async {}));
+        Routes { links, secrets }
+    }
+}
+
 /// What the proxy serves, shared by its workers.
 struct Proxy {
     metrics: Arc<Metrics>,
@@ -64,7 +96,7 @@ pub struct Serving {
     pub workers: usize,
 }
 
-/// Starts the reflectors and serves until `shutdown` resolves.
+/// Serves the links `routes` holds until `shutdown` resolves.
 ///
 /// The proxy runs the way nginx's worker processes do: `workers` threads, each with a
 /// single-threaded runtime, accept on the same socket, and a client connection, the upstream
@@ -75,29 +107,15 @@ pub struct Serving {
 pub async fn run(
     metrics: Arc<Metrics>,
     docker: Option<crate::runtime::docker::DockerRuntime>,
-    client: Client,
+    routes: Routes,
     domain: String,
     serving: Serving,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let (links, writer) = reflector::store();
-    let link_feed = watcher(
-        Api::<PreviewLink>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff();
-    tokio::spawn(reflector::reflector(writer, link_feed).for_each(|_| async {}));
-    let (secrets, writer) = reflector::store();
-    let secret_feed = watcher(
-        Api::<Secret>::all(client),
-        watcher::Config::default().labels(&format!("{MANAGED_BY}=previewd")),
-    )
-    .default_backoff();
-    tokio::spawn(reflector::reflector(writer, secret_feed).for_each(|_| async {}));
     let proxy = Arc::new(Proxy {
         metrics,
-        links,
-        secrets,
+        links: routes.links,
+        secrets: routes.secrets,
         domain,
     });
     let listener = serving.listener.into_std()?;

@@ -143,10 +143,16 @@ pub fn parse_upstream(upstream: &str) -> Result<Upstream, ProxyError> {
 }
 
 /// What a link allows now: its upstream and whether a token is needed, or why not.
+///
+/// A link whose deletion was asked for is refused at once, before its finalizer has run:
+/// deleting a link revokes it.
 pub fn admit(
     link: &PreviewLink,
     now: k8s_openapi::jiff::Timestamp,
 ) -> Result<(Upstream, Option<&str>), ProxyError> {
+    if link.metadata.deletion_timestamp.is_some() {
+        return Err(ProxyError::LinkNotFound);
+    }
     let st = link
         .status
         .as_ref()
@@ -280,5 +286,8 @@ mod tests {
             s.expires_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
         }
         assert_eq!(admit(&link, now), Err(ProxyError::LinkExpired));
+        link.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
+        assert_eq!(admit(&link, now), Err(ProxyError::LinkNotFound));
     }
 }

@@ -10,6 +10,7 @@ use axum::extract::{Path, Query, State};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::wait::await_condition;
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -203,6 +204,30 @@ impl Shim {
                 self.wait.as_secs()
             ))),
         }
+    }
+
+    /// Waits until this replica's proxy refuses the link `name`: its store has seen the
+    /// deletion. The API's watch and the proxy's reflector are two streams, and a revoke must
+    /// not answer while the URL still works here. (Other replicas follow within their
+    /// watch's delay.)
+    async fn wait_unrouted(&self, name: &str) -> Result<(), ShimError> {
+        let key = ObjectRef::new(name).within(&self.namespace);
+        let routed = || {
+            self.routes
+                .get(&key)
+                .is_some_and(|l| l.metadata.deletion_timestamp.is_none())
+        };
+        let refused = async {
+            while routed() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(self.wait, refused).await.map_err(|_| {
+            ShimError::Timeout(format!(
+                "{name} was deleted, but the proxy still routed it after {}s",
+                self.wait.as_secs()
+            ))
+        })
     }
 
     async fn delete_and_wait<K>(&self, api: &Api<K>, name: &str) -> Result<(), ShimError>
@@ -524,6 +549,7 @@ pub async fn remove(
     }
     for name in &ours {
         s.wait_gone(&links, name).await?;
+        s.wait_unrouted(name).await?;
     }
     Ok(Json(RemoveAnswer {
         status: RemoveStatus::Removed,
@@ -625,6 +651,7 @@ pub async fn revoke(
     match api.get_opt(&name).await.map_err(kube_err)? {
         Some(l) if l.labels().contains_key(SHIM_LINK_LABEL) => {
             s.delete_and_wait(&api, &name).await?;
+            s.wait_unrouted(&name).await?;
         }
         _ => return Err(missing()),
     }

@@ -12,12 +12,14 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::routing::get;
+use kube::runtime::reflector::Store;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub use crate::controller::link::REQUESTED_LABEL;
 use crate::controller::link::{LinkConfig, container_key};
+use crate::resources::PreviewLink;
 use crate::runtime::docker::DockerRuntime;
 
 /// Label on PreviewLinks made through the shim; its value names the container's shared
@@ -44,6 +46,7 @@ pub struct ShimInner {
     links_config: LinkConfig,
     api_url: String,
     docker: Option<DockerRuntime>,
+    routes: Store<PreviewLink>,
     wait: Duration,
 }
 
@@ -68,10 +71,17 @@ pub struct ShimConfig {
 }
 
 impl Shim {
-    /// A shim creating objects through `client` and checking containers with `docker`.
-    pub fn new(client: kube::Client, docker: Option<DockerRuntime>, config: ShimConfig) -> Self {
+    /// A shim creating objects through `client`, checking containers with `docker`, and
+    /// answering a revoke once `routes` (the proxy's store) refuses the link.
+    pub fn new(
+        client: kube::Client,
+        docker: Option<DockerRuntime>,
+        routes: Store<PreviewLink>,
+        config: ShimConfig,
+    ) -> Self {
         Shim(Arc::new(ShimInner {
             client,
+            routes,
             namespace: config.namespace,
             links_config: config.links,
             api_url: config.api_url,
