@@ -139,7 +139,7 @@ struct ServeArgs {
     /// Kubeconfig of the Kubernetes API server (implies --store kube under auto).
     #[arg(long, env = "PREVIEWD_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
-    /// Reconcile this namespace only [default: all namespaces].
+    /// Reconcile and route this namespace only [default: all namespaces].
     #[arg(long = "namespace", env = "PREVIEWD_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
     /// This replica's identity in leader election [default: $POD_NAME, else host and pid].

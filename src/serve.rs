@@ -110,7 +110,7 @@ pub enum ServeError {
 }
 
 async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client, ServeError> {
-    let config = match kubeconfig {
+    let mut config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)
                 .map_err(|e| ServeError::Kube(format!("{}: {e}", path.display())))?;
@@ -121,8 +121,16 @@ async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client, Serve
         None => kube::Config::incluster()
             .map_err(|e| ServeError::Kube(format!("in-cluster configuration: {e}")))?,
     };
+    // The API server's audit log then names previewd as the caller.
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(USER_AGENT),
+    ));
     kube::Client::try_from(config).map_err(|e| ServeError::Kube(e.to_string()))
 }
+
+/// What previewd calls itself on a Kubernetes API server.
+pub const USER_AGENT: &str = concat!("previewd/", env!("CARGO_PKG_VERSION"));
 
 async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
     tokio::net::TcpListener::bind(addr)
@@ -194,7 +202,12 @@ pub async fn run(
     };
     // The proxy reaches containers without a routable address through exec.
     let docker = crate::runtime::docker::DockerRuntime::connect().await.ok();
-    let routes = crate::proxy::Routes::watch(client.clone());
+    // The proxy routes the links of the namespace the controllers reconcile.
+    let watched = config
+        .controller
+        .as_ref()
+        .and_then(|c| c.namespace.as_deref());
+    let routes = crate::proxy::Routes::watch(client.clone(), watched);
     let shim = Shim::new(
         client.clone(),
         docker.clone(),

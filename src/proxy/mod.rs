@@ -49,23 +49,35 @@ pub struct Routes {
 }
 
 impl Routes {
-    /// Starts the two reflectors on the current runtime; they run for the process's life.
-    pub fn watch(client: Client) -> Self {
+    /// Starts the two reflectors on the current runtime, over `namespace` (`None`: all, which
+    /// needs cluster-wide read access); they run for the process's life.
+    pub fn watch(client: Client, namespace: Option<&str>) -> Self {
         let (links, writer) = reflector::store();
         let link_feed = watcher(
-            Api::<PreviewLink>::all(client.clone()),
+            scoped(client.clone(), namespace),
             watcher::Config::default(),
         )
         .default_backoff();
         tokio::spawn(reflector::reflector(writer, link_feed).for_each(|_| async {}));
         let (secrets, writer) = reflector::store();
         let secret_feed = watcher(
-            Api::<Secret>::all(client),
+            scoped(client, namespace),
             watcher::Config::default().labels(&format!("{MANAGED_BY}=previewd")),
         )
         .default_backoff();
         tokio::spawn(reflector::reflector(writer, secret_feed).for_each(|_| async {}));
         Routes { links, secrets }
+    }
+}
+
+/// The objects of kind `K` in `namespace`, or in all namespaces.
+fn scoped<K>(client: Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
     }
 }
 

@@ -1,7 +1,8 @@
 //! `previewd serve --store kube` end to end on a real Docker engine: a replica talks to an
 //! API server over HTTP (a previewd serving only its embedded API, with an audit log, stands
 //! in for kube-apiserver), serves a backend's preview of a loopback-only app, writes the same
-//! status as in local mode, and makes only calls that deploy/'s RBAC allows.
+//! status as in local mode, and makes only calls that deploy/'s RBAC allows, all within the
+//! namespace it watches.
 
 use std::time::Duration;
 
@@ -36,6 +37,8 @@ async fn a_kube_mode_replica_serves_previews_within_its_rbac() {
         &[
             ("PREVIEWD_IDENTITY", "replica-0"),
             ("POD_NAMESPACE", "previewd"),
+            // Scoped like a replica with a namespaced Role: nothing may be read cluster-wide.
+            ("PREVIEWD_WATCH_NAMESPACE", "default"),
         ],
     );
     assert!(
@@ -115,8 +118,18 @@ async fn a_kube_mode_replica_serves_previews_within_its_rbac() {
     missing.sort();
     missing.dedup();
     assert!(missing.is_empty(), "calls RBAC does not allow: {missing:?}");
-    for e in entries.iter().filter(|e| e.resource == "leases") {
-        assert_eq!(e.namespace, "previewd", "{e:?}");
+    // The replica's own calls (the stand-in's in-process ones carry no user agent).
+    let replica_calls = entries
+        .iter()
+        .filter(|e| e.user_agent == previewd::serve::USER_AGENT);
+    assert!(replica_calls.clone().count() > 20, "{text}");
+    for e in replica_calls {
+        let expected = if e.resource == "leases" {
+            "previewd"
+        } else {
+            "default"
+        };
+        assert_eq!(e.namespace, expected, "{e:?}");
     }
     assert!(
         entries
