@@ -19,7 +19,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client};
 
 use crate::metrics::Metrics;
-use crate::resources::{DaemonInjection, PreviewLink};
+use crate::resources::{DaemonInjection, PreviewLink, scoped_api};
 use crate::runtime::ContainerRuntime;
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::pod::PodRuntime;
@@ -173,14 +173,8 @@ pub async fn run_with<R: ContainerRuntime + Clone>(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let shutdown = shutdown.shared();
-    let api = |client: Client| match namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client, ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client)),
-    };
-    let (injections, links): (Api<DaemonInjection>, Api<PreviewLink>) = api(ctx.client.clone());
+    let injections: Api<DaemonInjection> = scoped_api(ctx.client.clone(), namespace);
+    let links: Api<PreviewLink> = scoped_api(ctx.client.clone(), namespace);
     // Container lifecycle events re-check every injection (there are few per machine).
     let docker_events = match &ctx.docker {
         Ok(d) => d.events().boxed(),

@@ -22,9 +22,9 @@ use futures::StreamExt;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use hyper::body::Incoming;
 use k8s_openapi::api::core::v1::Secret;
+use kube::Client;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
 use tokio::sync::oneshot;
 
 use crate::controller::injection::{SECRET_KEY as AGENT_SECRET_KEY, agent_secret_name};
@@ -32,7 +32,7 @@ use crate::controller::link::injection_name_for;
 use crate::controller::shared::MANAGED_BY;
 use crate::controller::shared::secret_str;
 use crate::metrics::Metrics;
-use crate::resources::PreviewLink;
+use crate::resources::{PreviewLink, scoped_api};
 use body::ProxyBody;
 use errors::ProxyError;
 use routes::Upstream;
@@ -54,30 +54,19 @@ impl Routes {
     pub fn watch(client: Client, namespace: Option<&str>) -> Self {
         let (links, writer) = reflector::store();
         let link_feed = watcher(
-            scoped(client.clone(), namespace),
+            scoped_api(client.clone(), namespace),
             watcher::Config::default(),
         )
         .default_backoff();
         tokio::spawn(reflector::reflector(writer, link_feed).for_each(|_| async {}));
         let (secrets, writer) = reflector::store();
         let secret_feed = watcher(
-            scoped(client, namespace),
+            scoped_api(client, namespace),
             watcher::Config::default().labels(&format!("{MANAGED_BY}=previewd")),
         )
         .default_backoff();
         tokio::spawn(reflector::reflector(writer, secret_feed).for_each(|_| async {}));
         Routes { links, secrets }
-    }
-}
-
-/// The objects of kind `K` in `namespace`, or in all namespaces.
-fn scoped<K>(client: Client, namespace: Option<&str>) -> Api<K>
-where
-    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
-{
-    match namespace {
-        Some(ns) => Api::namespaced(client, ns),
-        None => Api::all(client),
     }
 }
 

@@ -23,3 +23,15 @@ pub const VERSION: &str = "v1alpha1";
 pub const API_VERSION: &str = "previewd.dev/v1alpha1";
 /// The `kubectl get previewd` category both kinds belong to.
 pub const CATEGORY: &str = "previewd";
+
+/// Objects of a namespaced kind in `namespace`, or in all namespaces (`None`, which needs
+/// cluster-wide access): how every watch follows `--namespace`.
+pub fn scoped_api<K>(client: kube::Client, namespace: Option<&str>) -> kube::Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => kube::Api::namespaced(client, ns),
+        None => kube::Api::all(client),
+    }
+}
