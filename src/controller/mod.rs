@@ -149,7 +149,9 @@ pub async fn run(
         ),
         client: client.clone(),
         docker,
-        pods: config.pod_targets.then(|| PodRuntime::new(client.clone())),
+        pods: config
+            .pod_targets
+            .then(|| PodRuntime::new(client.clone(), config.namespace.as_deref())),
         agent: {
             let agent = AgentBinary::load(config.agent_binary);
             if let Err(e) = &agent.contents {

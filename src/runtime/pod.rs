@@ -48,6 +48,7 @@ use super::{
     ExecOutput, ExecSpec, ExecStdio, FileUpload, MAX_EXEC_OUTPUT, RuntimeError, StartupOutput,
     bounded,
 };
+use crate::resources::scoped_api;
 
 /// Bound on one upload (the agent is a few MB over a WebSocket).
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(120);
@@ -122,15 +123,19 @@ impl fmt::Display for PodTarget {
 #[derive(Clone)]
 pub struct PodRuntime {
     client: Client,
+    /// Where its pod watch looks (`None`: all namespaces), as `--namespace` says.
+    watched: Option<String>,
     /// Whether the API server's exec subprotocol can half-close stdin (v5), once known.
     stream_close: std::sync::Arc<tokio::sync::OnceCell<bool>>,
 }
 
 impl PodRuntime {
-    /// A runtime over `client`; it needs `pods` get/list/watch and `pods/exec` get+create.
-    pub fn new(client: Client) -> Self {
+    /// A runtime over `client` for pods in `watched` (`None`: all namespaces); it needs
+    /// `pods` get/list/watch and `pods/exec` get+create there.
+    pub fn new(client: Client, watched: Option<&str>) -> Self {
         PodRuntime {
             client,
+            watched: watched.map(str::to_owned),
             stream_close: std::sync::Arc::new(tokio::sync::OnceCell::new()),
         }
     }
@@ -684,7 +689,7 @@ impl ContainerRuntime for PodRuntime {
     }
 
     fn events(&self) -> EventStream {
-        let api: Api<Pod> = Api::all(self.client.clone());
+        let api: Api<Pod> = scoped_api(self.client.clone(), self.watched.as_deref());
         let stream = watcher(api, watcher::Config::default())
             .default_backoff()
             .filter_map(|event| async move {

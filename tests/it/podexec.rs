@@ -100,7 +100,7 @@ impl FakeApiServer {
             watch: tokio::sync::broadcast::channel(64).0,
         });
         let app = axum::Router::new()
-            .route("/api/v1/pods", get(list_or_watch))
+            .route("/api/v1/namespaces/{ns}/pods", get(list_or_watch))
             .route("/api/v1/namespaces/{ns}/pods/{pod}", get(get_pod))
             .route("/api/v1/namespaces/{ns}/pods/{pod}/exec", get(exec))
             .with_state(state.clone());
@@ -125,7 +125,7 @@ impl FakeApiServer {
     }
 
     fn runtime(&self) -> PodRuntime {
-        PodRuntime::new(self.client.clone())
+        PodRuntime::new(self.client.clone(), Some(NS))
     }
 
     /// Declares pod `NS/{pod}` whose container `app` is the Docker container `backing`.
@@ -263,20 +263,35 @@ async fn get_pod(
     }
 }
 
-async fn list_or_watch(State(fake): State<Arc<Fake>>, RawQuery(query): RawQuery) -> Response {
+/// The pods of one namespace: previewd watches only the namespace it is given.
+async fn list_or_watch(
+    State(fake): State<Arc<Fake>>,
+    Path(namespace): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
     let query: Vec<(String, String)> =
         serde_urlencoded::from_str(query.as_deref().unwrap_or("")).unwrap_or_default();
     if query.iter().any(|(k, v)| k == "watch" && v == "true") {
         let events = tokio_stream::wrappers::BroadcastStream::new(fake.watch.subscribe())
-            .filter_map(|line| async move {
-                line.ok().map(|l| Ok::<_, std::io::Error>(format!("{l}\n")))
+            .filter_map(move |line| {
+                let line = line.ok().filter(|l| {
+                    serde_json::from_str::<Value>(l).is_ok_and(|e| {
+                        e["object"]["metadata"]["namespace"].as_str() == Some(namespace.as_str())
+                    })
+                });
+                async move { line.map(|l| Ok::<_, std::io::Error>(format!("{l}\n"))) }
             });
         return axum::body::Body::from_stream(events).into_response();
     }
     let keys: Vec<(String, String)> = fake
         .pods
         .lock()
-        .map(|p| p.keys().cloned().collect())
+        .map(|p| {
+            p.keys()
+                .filter(|(ns, _)| *ns == namespace)
+                .cloned()
+                .collect()
+        })
         .unwrap_or_default();
     let mut items = Vec::new();
     for (ns, pod) in keys {
