@@ -211,7 +211,7 @@ pub async fn run(
     let shim = Shim::new(
         client.clone(),
         docker.clone(),
-        routes.links.clone(),
+        routes.clone(),
         ShimConfig {
             namespace: config.rest_namespace,
             wait: config.rest_wait,

@@ -186,9 +186,9 @@ fn agent_failure(e: AgentError) -> ProxyError {
 impl UpstreamConnector {
     async fn open(&self) -> Result<UpstreamStream, ProxyError> {
         let secret = || {
-            self.secret.as_deref().ok_or_else(|| {
-                ProxyError::TargetNotReady("the agent's secret is not known yet".into())
-            })
+            self.secret
+                .as_deref()
+                .ok_or_else(|| ProxyError::TargetNotReady(super::AGENT_SECRET_UNKNOWN.into()))
         };
         match &self.upstream {
             Upstream::Direct(addr) => Ok(UpstreamStream::Tcp(connect(*addr).await?)),

@@ -39,12 +39,12 @@ use routes::Upstream;
 
 /// The proxy's view of the API: reflector stores of PreviewLinks and previewd's Secrets.
 ///
-/// Made apart from the proxy so that the REST shim can read the same store and answer a
-/// revoke only once this replica's proxy refuses the link.
+/// Made apart from the proxy so that the REST shim can ask it [`Routes::check`]: a preview
+/// is answered only once this replica's proxy serves the link, a revoke only once it
+/// refuses it.
 #[derive(Clone)]
 pub struct Routes {
-    /// Every PreviewLink, as the proxy routes from it.
-    pub links: Store<PreviewLink>,
+    links: Store<PreviewLink>,
     secrets: Store<Secret>,
 }
 
@@ -68,13 +68,37 @@ impl Routes {
         tokio::spawn(reflector::reflector(writer, secret_feed).for_each(|_| async {}));
         Routes { links, secrets }
     }
+
+    /// Whether the proxy forwards requests for the link `key` now, or the error it answers
+    /// with: the link must be admitted and, through the agent, its secret known.
+    pub fn check(&self, key: &ObjectRef<PreviewLink>) -> Result<(), ProxyError> {
+        let link = self.links.get(key).ok_or(ProxyError::LinkNotFound)?;
+        match routes::admit(&link, k8s_openapi::jiff::Timestamp::now())?.0 {
+            Upstream::Direct(_) => Ok(()),
+            Upstream::Agent { .. } | Upstream::Exec { .. } => self
+                .agent_secret(&link)
+                .filter(|s| secret_value(s).is_some())
+                .map(|_| ())
+                .ok_or_else(|| ProxyError::TargetNotReady(AGENT_SECRET_UNKNOWN.into())),
+        }
+    }
+
+    /// The agent secret of the shared injection a link's traffic goes through (the Secret
+    /// object; the value is borrowed from it).
+    fn agent_secret(&self, link: &PreviewLink) -> Option<Arc<Secret>> {
+        let ns = link.metadata.namespace.as_deref().unwrap_or("default");
+        let name = agent_secret_name(&injection_name_for(&link.spec.target));
+        self.secrets.get(&ObjectRef::new(&name).within(ns))
+    }
 }
+
+/// Why a link through the agent cannot be served before the proxy has its secret.
+const AGENT_SECRET_UNKNOWN: &str = "the agent's secret is not known yet";
 
 /// What the proxy serves, shared by its workers.
 struct Proxy {
     metrics: Arc<Metrics>,
-    links: Store<PreviewLink>,
-    secrets: Store<Secret>,
+    routes: Routes,
     domain: String,
 }
 
@@ -115,8 +139,7 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let proxy = Arc::new(Proxy {
         metrics,
-        links: routes.links,
-        secrets: routes.secrets,
+        routes,
         domain,
     });
     let listener = serving.listener.into_std()?;
@@ -264,14 +287,6 @@ async fn handle(
     Ok(resp.map(|body| body.in_flight(in_flight)))
 }
 
-/// The agent secret of the shared injection a link's traffic goes through (the Secret
-/// object; the value is borrowed from it).
-fn agent_secret(proxy: &Proxy, link: &PreviewLink) -> Option<Arc<Secret>> {
-    let ns = link.metadata.namespace.as_deref().unwrap_or("default");
-    let name = agent_secret_name(&injection_name_for(&link.spec.target));
-    proxy.secrets.get(&ObjectRef::new(&name).within(ns))
-}
-
 fn secret_value(secret: &Secret) -> Option<&str> {
     secret_str(secret, AGENT_SECRET_KEY)
 }
@@ -292,6 +307,7 @@ async fn serve(
     let path = parts.uri.path();
     let routed = routes::route(host, path, &proxy.domain).ok_or(ProxyError::LinkNotFound)?;
     let link = proxy
+        .routes
         .links
         .get(&routed.link)
         .ok_or(ProxyError::LinkNotFound)?;
@@ -353,7 +369,7 @@ async fn serve(
         original_host.as_ref(),
     );
     let secret = match upstream {
-        Upstream::Agent { .. } | Upstream::Exec { .. } => agent_secret(proxy, &link),
+        Upstream::Agent { .. } | Upstream::Exec { .. } => proxy.routes.agent_secret(&link),
         Upstream::Direct(_) => None,
     };
     let to = conn.worker.upstreams.destination(

@@ -31,6 +31,7 @@ use crate::agent::protocol::SECRET_ENV;
 use crate::controller::injection::{Layout, SECRET_KEY as AGENT_SECRET_KEY, agent_secret_name};
 use crate::controller::link::{self, TOKEN_KEY, injection_name, token_secret_name};
 use crate::controller::shared::{MANAGED_BY, secret_str};
+use crate::proxy::errors::ProxyError;
 use crate::resources::conditions::{self, READY};
 use crate::resources::daemon_injection::DaemonPhase;
 use crate::resources::preview_link::{Access, LinkPhase, Via};
@@ -206,27 +207,30 @@ impl Shim {
         }
     }
 
-    /// Waits until this replica's proxy refuses the link `name`: its store has seen the
-    /// deletion. The API's watch and the proxy's reflector are two streams, and a revoke must
-    /// not answer while the URL still works here. (Other replicas follow within their
-    /// watch's delay.)
-    async fn wait_unrouted(&self, name: &str) -> Result<(), ShimError> {
+    /// Waits until this replica's proxy has caught up with the link `name`: serves it, or
+    /// refuses it for a reason of the link's own (expired), when `serving`; refuses it when
+    /// not. The API's watch and the proxy's reflector are two streams: a preview must not
+    /// answer before its URL works here, nor a revoke while it still does. (Other replicas
+    /// follow within their watch's delay.)
+    async fn wait_for_proxy(&self, name: &str, serving: bool) -> Result<(), ShimError> {
         let key = ObjectRef::new(name).within(&self.namespace);
-        let routed = || {
-            self.routes
-                .get(&key)
-                .is_some_and(|l| l.metadata.deletion_timestamp.is_none())
+        let caught_up = || match self.routes.check(&key) {
+            Err(ProxyError::LinkNotFound | ProxyError::TargetNotReady(_)) => !serving,
+            Ok(()) => serving,
+            Err(_) => true,
         };
-        let refused = async {
-            while routed() {
+        let settled = async {
+            while !caught_up() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         };
-        tokio::time::timeout(self.wait, refused).await.map_err(|_| {
-            ShimError::Timeout(format!(
-                "{name} was deleted, but the proxy still routed it after {}s",
-                self.wait.as_secs()
-            ))
+        tokio::time::timeout(self.wait, settled).await.map_err(|_| {
+            let state = if serving {
+                "is Ready, but the proxy did not serve it"
+            } else {
+                "was deleted, but the proxy still routed it"
+            };
+            ShimError::Timeout(format!("{name} {state} after {}s", self.wait.as_secs()))
         })
     }
 
@@ -549,7 +553,7 @@ pub async fn remove(
     }
     for name in &ours {
         s.wait_gone(&links, name).await?;
-        s.wait_unrouted(name).await?;
+        s.wait_for_proxy(name, false).await?;
     }
     Ok(Json(RemoveAnswer {
         status: RemoveStatus::Removed,
@@ -599,6 +603,7 @@ pub async fn preview(
             return Err(e);
         }
     };
+    s.wait_for_proxy(&name, true).await?;
     let st = link.status.clone().unwrap_or_default();
     let public = link.spec.access == Access::Public;
     let token = if public {
@@ -651,7 +656,7 @@ pub async fn revoke(
     match api.get_opt(&name).await.map_err(kube_err)? {
         Some(l) if l.labels().contains_key(SHIM_LINK_LABEL) => {
             s.delete_and_wait(&api, &name).await?;
-            s.wait_unrouted(&name).await?;
+            s.wait_for_proxy(&name, false).await?;
         }
         _ => return Err(missing()),
     }

@@ -12,14 +12,13 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::routing::get;
-use kube::runtime::reflector::Store;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub use crate::controller::link::REQUESTED_LABEL;
 use crate::controller::link::{LinkConfig, container_key};
-use crate::resources::PreviewLink;
+use crate::proxy::Routes;
 use crate::runtime::docker::DockerRuntime;
 
 /// Label on PreviewLinks made through the shim; its value names the container's shared
@@ -46,7 +45,7 @@ pub struct ShimInner {
     links_config: LinkConfig,
     api_url: String,
     docker: Option<DockerRuntime>,
-    routes: Store<PreviewLink>,
+    routes: Routes,
     wait: Duration,
 }
 
@@ -72,11 +71,11 @@ pub struct ShimConfig {
 
 impl Shim {
     /// A shim creating objects through `client`, checking containers with `docker`, and
-    /// answering a revoke once `routes` (the proxy's store) refuses the link.
+    /// answering a preview or a revoke once `routes` (the proxy's) serves or refuses the link.
     pub fn new(
         client: kube::Client,
         docker: Option<DockerRuntime>,
-        routes: Store<PreviewLink>,
+        routes: Routes,
         config: ShimConfig,
     ) -> Self {
         Shim(Arc::new(ShimInner {
