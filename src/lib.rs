@@ -4,6 +4,7 @@
 //! Kubernetes-compatible API over a local YAML store, and the client used by the CLI.
 
 pub mod agent;
+pub mod allocator;
 pub mod api;
 pub mod cli;
 pub mod controller;

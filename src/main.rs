@@ -407,7 +407,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// mimalloc: the proxy allocates per request (headers, bodies, futures) on several threads,
 /// and glibc's malloc cost it a measurable share of its CPU per request (bench/proxy.sh).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: previewd::allocator::MiMalloc = previewd::allocator::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {

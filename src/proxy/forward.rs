@@ -53,6 +53,11 @@ fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
 /// Removes hop-by-hop headers (and those named in `Connection`), keeping an upgrade request's
 /// `Connection: upgrade` + `Upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most requests and responses carry none (headers named in `Connection` need one):
+    // comparing the names present costs far less than hashing eight names to remove.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let upgrade = upgrade_of(headers);
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -566,6 +571,23 @@ mod tests {
             ws.get(header::CONNECTION).map(|v| v.as_bytes()),
             Some(&b"upgrade"[..])
         );
+    }
+
+    #[test]
+    fn headers_without_hop_by_hop_ones_stay_as_they_are() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("app.local"));
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.insert("x-keep-alive-ish", HeaderValue::from_static("1"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+
+        // One hop-by-hop header among them is enough to take the full path.
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
     }
 
     #[test]
