@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use crate::agent::client::{self as agent, AgentError};
 use crate::agent::protocol::SECRET_ENV;
 use crate::proxy::errors::ProxyError;
+use crate::proxy::h1::{self, H1Body, H1Conn, H1Error};
 use crate::proxy::routes::Upstream;
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::{ContainerRuntime, ExecSpec, ExecStdio};
@@ -247,17 +248,35 @@ const MAX_IDLE: usize = 64;
 /// How long a connection may sit idle in a pool before it is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// An upstream connection between requests: driven by hyper on a task of its own (it
+/// carried a request with a body, an upgrade, or runs over exec), or a plain socket that
+/// client connections' tasks speak HTTP/1.1 on themselves ([`h1`]).
+enum Idle {
+    Hyper(SendRequest<Outgoing>),
+    H1(H1Conn),
+}
+
+impl Idle {
+    /// Whether the connection may still carry a request (without waiting).
+    fn may_be_open(&self) -> bool {
+        match self {
+            Idle::Hyper(sender) => !sender.is_closed(),
+            Idle::H1(conn) => conn.is_idle_alive(),
+        }
+    }
+}
+
 /// The keep-alive connections to one upstream (with one agent secret): a LIFO stack of idle
-/// senders whose connection tasks are running. A request takes one (or opens a
-/// connection), and its response body gives it back once the body has been read to its end.
-/// hyper-util's pooled client did the same with a spawned task, a boxed connect future and a
-/// key lookup per request; this costs one short lock.
+/// connections. A request takes one (or opens a connection), and its response body gives it
+/// back once the body has been read to its end. hyper-util's pooled client did the same
+/// with a spawned task, a boxed connect future and a key lookup per request; this costs one
+/// short lock.
 pub struct Pool {
     connector: UpstreamConnector,
     /// The `Host` sent upstream through the agent (`localhost:{port}`, what dev servers
     /// accept), or to a direct upstream when the client sent none; built once per upstream.
     pub default_host: Option<HeaderValue>,
-    idle: Mutex<Vec<(SendRequest<Outgoing>, Instant)>>,
+    idle: Mutex<Vec<(Idle, Instant)>>,
 }
 
 /// A client connection's own upstream connection: the one its last response came on, kept
@@ -276,7 +295,7 @@ impl Affinity {
         if connector.upstream == *upstream && connector.secret.as_deref() == secret {
             Some(kept)
         } else {
-            kept.pool.put(kept.sender);
+            kept.pool.put(kept.conn);
             None
         }
     }
@@ -286,7 +305,7 @@ impl Drop for Affinity {
     fn drop(&mut self) {
         // The client connection is gone: its upstream connection serves others.
         if let Some(kept) = self.0.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
-            kept.pool.put(kept.sender);
+            kept.pool.put(kept.conn);
         }
     }
 }
@@ -294,11 +313,19 @@ impl Drop for Affinity {
 /// A connection lent to one request: goes back to its client connection's [`Affinity`] (or
 /// its pool) when its response body ends.
 pub struct Lent {
-    sender: SendRequest<Outgoing>,
+    conn: Idle,
     pool: Arc<Pool>,
 }
 
 impl Lent {
+    /// A plain connection whose response body ended cleanly, to give back.
+    pub fn h1(conn: H1Conn, pool: Arc<Pool>) -> Lent {
+        Lent {
+            conn: Idle::H1(conn),
+            pool,
+        }
+    }
+
     /// Keeps the connection for the next request of `home`'s client connection (the response
     /// body was read to its end, so the connection is about to accept another request).
     pub fn give_back(self, home: &Affinity) {
@@ -308,17 +335,30 @@ impl Lent {
             .unwrap_or_else(|p| p.into_inner())
             .replace(self);
         if let Some(previous) = previous {
-            previous.pool.put(previous.sender);
+            previous.pool.put(previous.conn);
         }
     }
 }
 
+/// What came back from upstream, its body still streaming.
+pub enum Upstreamed {
+    /// Through hyper: the response and, unless the connection was upgraded, the connection
+    /// to give back once the body has ended.
+    Hyper(Response<Incoming>, Option<Lent>),
+    /// Through [`h1`]: the body holds the connection; it goes back to this pool.
+    H1(Response<H1Body>, Arc<Pool>),
+}
+
+fn h1_failure(e: H1Error) -> ProxyError {
+    ProxyError::UpstreamUnreachable(e.to_string())
+}
+
 impl Pool {
     /// Keeps an idle connection for any client connection.
-    fn put(&self, sender: SendRequest<Outgoing>) {
+    fn put(&self, conn: Idle) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
-            idle.push((sender, Instant::now()));
+            idle.push((conn, Instant::now()));
         }
     }
 
@@ -344,32 +384,39 @@ impl Pool {
                 tick.tick().await;
                 let Some(pool) = weak.upgrade() else { return };
                 let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
-                idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
+                idle.retain(|(c, since)| c.may_be_open() && since.elapsed() < IDLE_TIMEOUT);
             }
         });
         pool
     }
 
-    /// The most recently used live idle connection (`true`: reused), or a new one.
-    async fn checkout(&self) -> Result<(SendRequest<Outgoing>, bool), ProxyError> {
+    /// `own` (the client connection's kept connection) if it is still usable, else the most
+    /// recently used live idle one, if any.
+    async fn reuse(&self, own: Option<Idle>) -> Option<Idle> {
+        let mut candidate = own.map(|c| (c, Instant::now()));
         loop {
-            let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-            let Some((mut sender, since)) = idle else {
-                return Ok((self.open().await?, false));
+            let (conn, since) = match candidate.take() {
+                Some(c) => c,
+                None => self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()?,
             };
-            if sender.is_closed() || since.elapsed() >= IDLE_TIMEOUT {
+            if since.elapsed() >= IDLE_TIMEOUT || !conn.may_be_open() {
                 continue;
             }
-            // A returned connection turns ready once its task has finished the last response.
-            if sender.ready().await.is_ok() {
-                return Ok((sender, true));
+            match conn {
+                Idle::H1(conn) => return Some(Idle::H1(conn)),
+                // A returned connection turns ready once its task has finished the last
+                // response.
+                Idle::Hyper(mut sender) => {
+                    if sender.ready().await.is_ok() {
+                        return Some(Idle::Hyper(sender));
+                    }
+                }
             }
         }
     }
 
-    /// Opens a connection and runs it (with upgrades) on its own task.
-    async fn open(&self) -> Result<SendRequest<Outgoing>, ProxyError> {
-        let stream = self.connector.open().await?;
+    /// Runs hyper's HTTP/1 client on `stream`, with upgrades, on its own task.
+    async fn drive(&self, stream: UpstreamStream) -> Result<SendRequest<Outgoing>, ProxyError> {
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -382,34 +429,94 @@ impl Pool {
         Ok(sender)
     }
 
-    /// Sends `req` on `own` (the client connection's kept connection) or a pooled one; a
-    /// reused connection that turns out closed before the request left is replaced by a new
-    /// one, once.
+    /// Sends `req` on `own` (the client connection's kept connection), a pooled connection or
+    /// a new one: a plain request ([`h1::is_plain`]) over a TCP upstream through [`h1`],
+    /// anything else through hyper.
     async fn send(
         self: Arc<Self>,
-        own: Option<SendRequest<Outgoing>>,
+        own: Option<Idle>,
         req: Request<Outgoing>,
-    ) -> Result<(Response<Incoming>, Lent), ProxyError> {
+    ) -> Result<Upstreamed, ProxyError> {
+        let (parts, body) = req.into_parts();
+        let plain = h1::is_plain(&parts, body.is_end_stream())
+            && !matches!(self.connector.upstream, Upstream::Exec { .. });
+        match self.reuse(own).await {
+            Some(Idle::H1(conn)) if plain => self.send_h1(conn, true, parts).await,
+            Some(Idle::H1(conn)) => {
+                let sender = self.drive(UpstreamStream::Tcp(conn.into_io())).await?;
+                let req = Request::from_parts(parts, body);
+                self.send_hyper(sender, true, req).await
+            }
+            Some(Idle::Hyper(sender)) => {
+                let req = Request::from_parts(parts, body);
+                self.send_hyper(sender, true, req).await
+            }
+            None => match self.connector.open().await? {
+                UpstreamStream::Tcp(stream) if plain => {
+                    self.send_h1(H1Conn::new(stream), false, parts).await
+                }
+                stream => {
+                    let sender = self.drive(stream).await?;
+                    let req = Request::from_parts(parts, body);
+                    self.send_hyper(sender, false, req).await
+                }
+            },
+        }
+    }
+
+    /// Sends a plain request on `conn`; when a `reused` connection turns out closed before
+    /// answering, an idempotent request is sent again once, on a new connection.
+    async fn send_h1(
+        self: Arc<Self>,
+        mut conn: H1Conn,
+        reused: bool,
+        parts: http::request::Parts,
+    ) -> Result<Upstreamed, ProxyError> {
+        let head = match conn.exchange(&parts).await {
+            Ok(head) => head,
+            Err(H1Error::NoAnswer(_)) if reused && h1::is_idempotent(&parts.method) => {
+                conn = match self.connector.open().await? {
+                    UpstreamStream::Tcp(stream) => H1Conn::new(stream),
+                    UpstreamStream::Exec(_) => {
+                        return Err(ProxyError::UpstreamUnreachable(
+                            "an exec upstream cannot carry a plain exchange".into(),
+                        ));
+                    }
+                };
+                conn.exchange(&parts).await.map_err(h1_failure)?
+            }
+            Err(e) => return Err(h1_failure(e)),
+        };
+        let mut resp = Response::new(head.body(conn));
+        *resp.status_mut() = head.status;
+        *resp.headers_mut() = head.headers;
+        Ok(Upstreamed::H1(resp, self))
+    }
+
+    /// Sends `req` through hyper on `sender`; a `reused` connection that turns out closed
+    /// before the request left is replaced by a new one, once.
+    async fn send_hyper(
+        self: Arc<Self>,
+        mut sender: SendRequest<Outgoing>,
+        reused: bool,
+        req: Request<Outgoing>,
+    ) -> Result<Upstreamed, ProxyError> {
         let failed = |e: hyper::Error| ProxyError::UpstreamUnreachable(e.to_string());
-        let own = match own {
-            Some(mut sender) => sender.ready().await.is_ok().then_some(sender),
-            None => None,
-        };
-        let (mut sender, reused) = match own {
-            Some(sender) => (sender, true),
-            None => self.checkout().await?,
-        };
         let resp = match sender.try_send_request(req).await {
             Ok(resp) => resp,
             Err(mut e) => match e.take_message() {
                 Some(req) if reused => {
-                    sender = self.open().await?;
+                    sender = self.drive(self.connector.open().await?).await?;
                     sender.send_request(req).await.map_err(failed)?
                 }
                 _ => return Err(failed(e.into_error())),
             },
         };
-        Ok((resp, Lent { sender, pool: self }))
+        let lent = Lent {
+            conn: Idle::Hyper(sender),
+            pool: self,
+        };
+        Ok(Upstreamed::Hyper(resp, Some(lent)))
     }
 }
 
@@ -418,7 +525,7 @@ impl Pool {
 pub struct Destination {
     /// The upstream's pool.
     pub pool: Arc<Pool>,
-    own: Option<SendRequest<Outgoing>>,
+    own: Option<Idle>,
 }
 
 /// The agent secret a pool's connections use, and the pool.
@@ -436,10 +543,6 @@ pub struct Clients {
 /// Upstream endpoints change only when agents are re-injected; past this many, the map is
 /// cleared rather than kept forever.
 const MAX_CLIENTS: usize = 1024;
-
-/// What came back from upstream: the response (its body still streaming) and, unless the
-/// connection was upgraded, the connection to give back once that body has ended.
-pub type Forwarded = (Response<Incoming>, Option<Lent>);
 
 impl Clients {
     /// An empty set of pools; `docker` serves exec upstreams.
@@ -460,9 +563,9 @@ impl Clients {
         secret: Option<&str>,
     ) -> Destination {
         match affinity.take(upstream, secret) {
-            Some(Lent { sender, pool }) => Destination {
+            Some(Lent { conn, pool }) => Destination {
                 pool,
-                own: Some(sender),
+                own: Some(conn),
             },
             None => Destination {
                 pool: self.pool(upstream, secret),
@@ -499,9 +602,15 @@ impl Clients {
     pub async fn forward(
         to: Destination,
         mut req: Request<Outgoing>,
-    ) -> Result<Forwarded, ProxyError> {
+    ) -> Result<Upstreamed, ProxyError> {
         let client_upgrade = upgrade_of(req.headers()).map(|_| hyper::upgrade::on(&mut req));
-        let (mut resp, lent) = to.pool.send(to.own, req).await?;
+        let (mut resp, lent) = match to.pool.send(to.own, req).await? {
+            Upstreamed::Hyper(resp, lent) => (resp, lent),
+            Upstreamed::H1(mut resp, pool) => {
+                strip_hop_by_hop(resp.headers_mut());
+                return Ok(Upstreamed::H1(resp, pool));
+            }
+        };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_upgrade) = client_upgrade
         {
@@ -525,12 +634,12 @@ impl Clients {
                 }
             });
             // The connection now belongs to the tunnel.
-            return Ok((resp, None));
+            return Ok(Upstreamed::Hyper(resp, None));
         }
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             strip_hop_by_hop(resp.headers_mut());
         }
-        Ok((resp, Some(lent)))
+        Ok(Upstreamed::Hyper(resp, lent))
     }
 }
 

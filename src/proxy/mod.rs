@@ -9,6 +9,7 @@ pub mod auth;
 pub mod body;
 pub mod errors;
 pub mod forward;
+pub mod h1;
 pub mod routes;
 
 use std::borrow::Cow;
@@ -387,10 +388,15 @@ async fn serve(
         parts.headers.insert(header::HOST, h);
     }
     let asked = std::time::Instant::now();
-    let (resp, lent) = forward::Clients::forward(to, Request::from_parts(parts, body)).await?;
+    let upstreamed = forward::Clients::forward(to, Request::from_parts(parts, body)).await?;
     proxy.metrics.upstream_answered(asked.elapsed());
-    let home = lent.map(|l| (l, conn.affinity.clone()));
-    let mut resp = resp.map(|body| ProxyBody::upstream(body, home));
+    let home = conn.affinity.clone();
+    let mut resp = match upstreamed {
+        forward::Upstreamed::Hyper(resp, lent) => {
+            resp.map(|body| ProxyBody::upstream(body, lent, home))
+        }
+        forward::Upstreamed::H1(resp, pool) => resp.map(|body| ProxyBody::h1(body, pool, home)),
+    };
     if let Some(c) = set_cookie {
         resp.headers_mut().append(header::SET_COOKIE, c);
     }
