@@ -116,13 +116,23 @@ fn is_token_cookie(pair: &str) -> bool {
 /// carries no token, else rebuilt without it (`None` when nothing is left). What previewd did
 /// not consume is left byte for byte, and costs no allocation.
 pub fn strip<'q>(headers: &mut HeaderMap, query: Option<&'q str>) -> Option<Cow<'q, str>> {
-    headers.remove(TOKEN_HEADER);
-    let has_token_cookie = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .any(|c| is_token_cookie(c.trim()));
+    // One pass over the names present spares the lookups when neither is there (the
+    // common case for public links).
+    let (mut token_header, mut cookies) = (false, false);
+    for name in headers.keys() {
+        token_header |= name == TOKEN_HEADER;
+        cookies |= name == header::COOKIE;
+    }
+    if token_header {
+        headers.remove(TOKEN_HEADER);
+    }
+    let has_token_cookie = cookies
+        && headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .any(|c| is_token_cookie(c.trim()));
     if has_token_cookie {
         let cookies: Vec<String> = headers
             .get_all(header::COOKIE)

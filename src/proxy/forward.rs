@@ -52,12 +52,15 @@ fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
 }
 
 /// Removes hop-by-hop headers (and those named in `Connection`), keeping an upgrade request's
-/// `Connection: upgrade` + `Upgrade`.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most requests and responses carry none (headers named in `Connection` need one):
-    // comparing the names present costs far less than hashing eight names to remove.
+/// `Connection: upgrade` + `Upgrade`; returns whether it kept them (the message asks for an
+/// upgrade).
+#[must_use]
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
+    // Most requests and responses carry none (headers named in `Connection` need one, and
+    // so does an upgrade): comparing the names present costs far less than hashing eight
+    // names to remove.
     if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
-        return;
+        return false;
     }
     let upgrade = upgrade_of(headers);
     let named: Vec<HeaderName> = headers
@@ -74,9 +77,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for h in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(h);
     }
-    if let Some(proto) = upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, proto);
+    match upgrade {
+        Some(proto) => {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, proto);
+            true
+        }
+        None => false,
     }
 }
 
@@ -97,6 +104,9 @@ pub fn add_forwarded(
     client_ip: Option<&HeaderValue>,
     original_host: Option<&HeaderValue>,
 ) {
+    // Room for the three at once: hyper sizes a request's map to the headers it came with,
+    // and growing it one insert at a time reallocated it twice per request.
+    headers.reserve(3);
     if let Some(ip) = client_ip {
         let chain = match headers.get(X_FORWARDED_FOR).map(|v| v.to_str()) {
             Some(Ok(prev)) => {
@@ -393,13 +403,21 @@ impl Pool {
     /// `own` (the client connection's kept connection) if it is still usable, else the most
     /// recently used live idle one, if any.
     async fn reuse(&self, own: Option<Idle>) -> Option<Idle> {
-        let mut candidate = own.map(|c| (c, Instant::now()));
+        // The client connection's own was in use a moment ago: no need to ask the clock.
+        let mut candidate = own;
         loop {
-            let (conn, since) = match candidate.take() {
-                Some(c) => c,
-                None => self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()?,
+            let conn = match candidate.take() {
+                Some(conn) => conn,
+                None => {
+                    let (conn, since) =
+                        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
+                    if since.elapsed() >= IDLE_TIMEOUT {
+                        continue;
+                    }
+                    conn
+                }
             };
-            if since.elapsed() >= IDLE_TIMEOUT || !conn.may_be_open() {
+            if !conn.may_be_open() {
                 continue;
             }
             match conn {
@@ -436,9 +454,10 @@ impl Pool {
         self: Arc<Self>,
         own: Option<Idle>,
         req: Request<Outgoing>,
+        upgrade: bool,
     ) -> Result<Upstreamed, ProxyError> {
         let (parts, body) = req.into_parts();
-        let plain = h1::is_plain(&parts, body.is_end_stream())
+        let plain = h1::is_plain(&parts.method, body.is_end_stream(), upgrade)
             && !matches!(self.connector.upstream, Upstream::Exec { .. });
         match self.reuse(own).await {
             Some(Idle::H1(conn)) if plain => self.send_h1(conn, true, parts).await,
@@ -596,18 +615,19 @@ impl Clients {
         pool
     }
 
-    /// Sends `req` (already rewritten: origin-form URI, headers) to `to` and returns
-    /// the response with its body streaming. For an upgrade, the two connections are spliced
-    /// after the 101.
+    /// Sends `req` (already rewritten: origin-form URI, headers; `upgrade` as
+    /// [`strip_hop_by_hop`] found) to `to` and returns the response with its body streaming.
+    /// For an upgrade, the two connections are spliced after the 101.
     pub async fn forward(
         to: Destination,
         mut req: Request<Outgoing>,
+        upgrade: bool,
     ) -> Result<Upstreamed, ProxyError> {
-        let client_upgrade = upgrade_of(req.headers()).map(|_| hyper::upgrade::on(&mut req));
-        let (mut resp, lent) = match to.pool.send(to.own, req).await? {
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut resp, lent) = match to.pool.send(to.own, req, upgrade).await? {
             Upstreamed::Hyper(resp, lent) => (resp, lent),
             Upstreamed::H1(mut resp, pool) => {
-                strip_hop_by_hop(resp.headers_mut());
+                let _ = strip_hop_by_hop(resp.headers_mut());
                 return Ok(Upstreamed::H1(resp, pool));
             }
         };
@@ -637,7 +657,7 @@ impl Clients {
             return Ok(Upstreamed::Hyper(resp, None));
         }
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            strip_hop_by_hop(resp.headers_mut());
+            let _ = strip_hop_by_hop(resp.headers_mut());
         }
         Ok(Upstreamed::Hyper(resp, lent))
     }
@@ -660,7 +680,7 @@ mod tests {
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer app"),
         );
-        strip_hop_by_hop(&mut h);
+        assert!(!strip_hop_by_hop(&mut h));
         assert!(
             h.get("x-secret").is_none()
                 && h.get("keep-alive").is_none()
@@ -671,7 +691,7 @@ mod tests {
         let mut ws = HeaderMap::new();
         ws.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         ws.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        strip_hop_by_hop(&mut ws);
+        assert!(strip_hop_by_hop(&mut ws));
         assert_eq!(
             ws.get(header::UPGRADE).map(|v| v.as_bytes()),
             Some(&b"websocket"[..])
@@ -690,12 +710,12 @@ mod tests {
         h.append(header::COOKIE, HeaderValue::from_static("b=2"));
         h.insert("x-keep-alive-ish", HeaderValue::from_static("1"));
         let before = h.clone();
-        strip_hop_by_hop(&mut h);
+        assert!(!strip_hop_by_hop(&mut h));
         assert_eq!(h, before);
 
         // One hop-by-hop header among them is enough to take the full path.
         h.insert(header::TE, HeaderValue::from_static("trailers"));
-        strip_hop_by_hop(&mut h);
+        assert!(!strip_hop_by_hop(&mut h));
         assert_eq!(h, before);
     }
 

@@ -14,11 +14,12 @@
 //! `Content-Length`s are refused, a body without either ends at close, and a connection is
 //! reused only when its response ended exactly at the end of what was read.
 
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header, request};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -56,6 +57,10 @@ pub enum H1Error {
 pub struct H1Conn {
     io: TcpStream,
     buf: BytesMut,
+    /// The request head being written, kept for the next one.
+    out: Vec<u8>,
+    /// A response's header names and value offsets, kept for the next one.
+    fields: Vec<(HeaderName, usize, usize)>,
 }
 
 /// A response head, and how its body is framed.
@@ -80,15 +85,11 @@ impl Head {
     }
 }
 
-/// Whether a request can go through [`H1Conn::exchange`]: no body (none announced, none
-/// chunked), no upgrade (after `strip_hop_by_hop`, a remaining `Connection` header means
-/// one), no `Expect`, not `CONNECT`.
-pub fn is_plain(parts: &request::Parts, body_ended: bool) -> bool {
-    body_ended
-        && parts.method != Method::CONNECT
-        && !parts.headers.contains_key(header::TRANSFER_ENCODING)
-        && !parts.headers.contains_key(header::CONNECTION)
-        && !parts.headers.contains_key(header::EXPECT)
+/// Whether a request can go through [`H1Conn::exchange`]: no body (`body_ended`: none
+/// announced, none chunked), no upgrade, not `CONNECT`. (An `Expect: 100-continue` on a
+/// bodyless request asks for nothing: the interim answer it may bring is skipped.)
+pub fn is_plain(method: &Method, body_ended: bool, upgrade: bool) -> bool {
+    body_ended && !upgrade && *method != Method::CONNECT
 }
 
 /// Whether a request may be sent again when a reused connection turned out closed: its
@@ -122,6 +123,8 @@ impl H1Conn {
         H1Conn {
             io,
             buf: BytesMut::new(),
+            out: Vec::new(),
+            fields: Vec::new(),
         }
     }
 
@@ -140,10 +143,10 @@ impl H1Conn {
     /// Sends a bodyless request (see [`is_plain`]) and reads the response head; the body
     /// follows on this connection ([`Head::body`]).
     pub async fn exchange(&mut self, req: &request::Parts) -> Result<Head, H1Error> {
-        let mut out = Vec::with_capacity(256 + req.headers.len() * 48);
-        encode_head(req, &mut out);
+        self.out.clear();
+        encode_head(req, &mut self.out);
         self.io
-            .write_all(&out)
+            .write_all(&self.out)
             .await
             .map_err(|e| H1Error::NoAnswer(Some(e)))?;
         self.read_head(&req.method).await
@@ -176,9 +179,14 @@ impl H1Conn {
             if self.buf.is_empty() {
                 return Ok(None);
             }
-            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut parsed = httparse::Response::new(&mut slots);
-            let len = match parsed.parse(&self.buf) {
+            let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+            let mut parsed = httparse::Response::new(&mut []);
+            let parsing = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut parsed,
+                &self.buf,
+                &mut slots,
+            );
+            let len = match parsing {
                 Ok(httparse::Status::Complete(len)) => len,
                 Ok(httparse::Status::Partial) => return Ok(None),
                 Err(httparse::Error::TooManyHeaders) => {
@@ -198,25 +206,28 @@ impl H1Conn {
                 self.buf.advance(len);
                 continue;
             }
-            let http11 = parsed.version == Some(1);
             // Header values are kept as slices of the head (no copy): their offsets now,
-            // the bytes once the parse's borrow of the buffer ends.
+            // the bytes once the parse's borrow of the buffer ends. What framing needs is
+            // noted on the way, so it costs no lookups afterwards.
             let base = self.buf.as_ptr() as usize;
-            let mut fields = Vec::with_capacity(parsed.headers.len());
+            let mut framing = FramingHeaders::default();
+            self.fields.clear();
             for h in parsed.headers.iter() {
+                framing.note(h.name, h.value)?;
                 let name = HeaderName::from_bytes(h.name.as_bytes())
                     .map_err(|_| H1Error::Malformed("invalid header name"))?;
                 let start = h.value.as_ptr() as usize - base;
-                fields.push((name, start, start + h.value.len()));
+                self.fields.push((name, start, start + h.value.len()));
             }
+            let http11 = parsed.version == Some(1);
+            let (body, reusable) = framing.decide(method, status, http11);
             let head = self.buf.split_to(len).freeze();
-            let mut headers = HeaderMap::with_capacity(fields.len());
-            for (name, start, end) in fields {
+            let mut headers = HeaderMap::with_capacity(self.fields.len());
+            for (name, start, end) in self.fields.drain(..) {
                 let value = HeaderValue::from_maybe_shared(head.slice(start..end))
                     .map_err(|_| H1Error::Malformed("invalid header value"))?;
                 headers.append(name, value);
             }
-            let (body, reusable) = framing(method, status, http11, &headers)?;
             return Ok(Some(Head {
                 status,
                 headers,
@@ -227,61 +238,71 @@ impl H1Conn {
     }
 }
 
-/// How a response body is framed, and whether its connection may be reused after it
-/// (RFC 9112 §6.3, §9.3).
-fn framing(
-    method: &Method,
-    status: StatusCode,
-    http11: bool,
-    headers: &HeaderMap,
-) -> Result<(BodyState, bool), H1Error> {
-    let closes = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
-    let reusable = http11 && !closes;
-    if *method == Method::HEAD
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok((BodyState::Length(0), reusable));
-    }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-            .map(<[u8]>::trim_ascii)
-            .rfind(|c| !c.is_empty());
-        let chunked = last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
-        // With a Content-Length as well the message is suspect: read it as chunked, then
-        // close the connection.
-        let keep = reusable && chunked && !headers.contains_key(header::CONTENT_LENGTH);
-        return Ok(if chunked {
-            (BodyState::ChunkSize, keep)
-        } else {
-            (BodyState::UntilClose, false)
-        });
-    }
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|b| *b == b',') {
-            let item = item.trim_ascii();
-            let n = (!item.is_empty() && item.len() <= 19 && item.iter().all(u8::is_ascii_digit))
-                .then(|| std::str::from_utf8(item).ok()?.parse::<u64>().ok())
-                .flatten()
-                .ok_or(H1Error::Malformed("invalid content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(H1Error::Malformed("conflicting content-length"));
+/// The comma-separated items of a header value, trimmed.
+fn items(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    value.split(|b| *b == b',').map(<[u8]>::trim_ascii)
+}
+
+/// What a response head says about its framing (RFC 9112 §6.3, §9.3), gathered header by
+/// header.
+#[derive(Default)]
+struct FramingHeaders {
+    /// `Connection: close`.
+    close: bool,
+    /// Some `Transfer-Encoding`, and whether its last coding is chunked.
+    transfer_encoding: Option<bool>,
+    /// The `Content-Length` (every one given must agree).
+    content_length: Option<u64>,
+}
+
+impl FramingHeaders {
+    /// Takes one header line into account; differing or invalid lengths are refused.
+    fn note(&mut self, name: &str, value: &[u8]) -> Result<(), H1Error> {
+        if name.eq_ignore_ascii_case("connection") {
+            self.close |= items(value).any(|t| t.eq_ignore_ascii_case(b"close"));
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            let last = items(value).rfind(|c| !c.is_empty());
+            // A later line's codings come after an earlier one's.
+            let chunked = match last {
+                Some(c) => c.eq_ignore_ascii_case(b"chunked"),
+                None => self.transfer_encoding.unwrap_or(false),
+            };
+            self.transfer_encoding = Some(chunked);
+        } else if name.eq_ignore_ascii_case("content-length") {
+            for item in items(value) {
+                let n =
+                    (!item.is_empty() && item.len() <= 19 && item.iter().all(u8::is_ascii_digit))
+                        .then(|| std::str::from_utf8(item).ok()?.parse::<u64>().ok())
+                        .flatten()
+                        .ok_or(H1Error::Malformed("invalid content-length"))?;
+                if self.content_length.is_some_and(|l| l != n) {
+                    return Err(H1Error::Malformed("conflicting content-length"));
+                }
+                self.content_length = Some(n);
             }
-            length = Some(n);
+        }
+        Ok(())
+    }
+
+    /// How the body is framed, and whether the connection may be reused after it.
+    fn decide(&self, method: &Method, status: StatusCode, http11: bool) -> (BodyState, bool) {
+        let reusable = http11 && !self.close;
+        if *method == Method::HEAD
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return (BodyState::Length(0), reusable);
+        }
+        match (self.transfer_encoding, self.content_length) {
+            // With a Content-Length as well the message is suspect: read it as chunked,
+            // then close the connection.
+            (Some(true), length) => (BodyState::ChunkSize, reusable && length.is_none()),
+            // A coding other than chunked last: the body runs to the connection's close.
+            (Some(false), _) => (BodyState::UntilClose, false),
+            (None, Some(n)) => (BodyState::Length(n), reusable),
+            (None, None) => (BodyState::UntilClose, false),
         }
     }
-    Ok(match length {
-        Some(n) => (BodyState::Length(n), reusable),
-        None => (BodyState::UntilClose, false),
-    })
 }
 
 /// Where a body's decoding is.
@@ -470,6 +491,7 @@ impl H1Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header;
     use std::future::poll_fn;
     use std::time::Duration;
     use tokio::net::TcpListener;
@@ -605,6 +627,12 @@ mod tests {
         // A coding other than chunked last: the body runs to close.
         let gzip = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nraw";
         assert_eq!(once(gzip).await.unwrap(), (b"raw".to_vec(), false));
+        // Codings over several lines: the last line's last coding decides.
+        let split = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nzz\r\n0\r\n\r\n";
+        assert_eq!(once(split).await.unwrap(), (b"zz".to_vec(), true));
+        let split =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\nraw";
+        assert_eq!(once(split).await.unwrap(), (b"raw".to_vec(), false));
         // Bytes past the response's end: not reused.
         let extra = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhiHTTP/1.1 200 OK\r\n\r\n";
         assert_eq!(once(extra).await.unwrap(), (b"hi".to_vec(), false));
@@ -675,26 +703,11 @@ mod tests {
 
     #[test]
     fn only_bodyless_requests_without_upgrade_are_plain() {
-        let get = request(Method::GET, "/");
-        assert!(is_plain(&get, true));
-        assert!(!is_plain(&get, false), "a body is coming");
-        let mut chunked = request(Method::POST, "/");
-        chunked.headers.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        assert!(!is_plain(&chunked, true));
-        let mut upgrade = request(Method::GET, "/ws");
-        upgrade
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        assert!(!is_plain(&upgrade, true));
-        let mut expect = request(Method::POST, "/");
-        expect
-            .headers
-            .insert(header::EXPECT, HeaderValue::from_static("100-continue"));
-        assert!(!is_plain(&expect, true));
-        assert!(!is_plain(&request(Method::CONNECT, "/"), true));
+        assert!(is_plain(&Method::GET, true, false));
+        assert!(is_plain(&Method::POST, true, false));
+        assert!(!is_plain(&Method::POST, false, false), "a body is coming");
+        assert!(!is_plain(&Method::GET, true, true), "an upgrade");
+        assert!(!is_plain(&Method::CONNECT, true, false));
         assert!(is_idempotent(&Method::GET) && !is_idempotent(&Method::POST));
     }
 }

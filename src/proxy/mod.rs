@@ -298,12 +298,10 @@ async fn serve(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
+    let original_host = parts.headers.get(header::HOST).cloned();
     let host = match parts.uri.authority() {
         Some(a) => Some(a.as_str()),
-        None => parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok()),
+        None => original_host.as_ref().and_then(|h| h.to_str().ok()),
     };
     let path = parts.uri.path();
     let routed = routes::route(host, path, &proxy.domain).ok_or(ProxyError::LinkNotFound)?;
@@ -362,8 +360,7 @@ async fn serve(
     if let Some(uri) = uri {
         parts.uri = uri.map_err(|_| ProxyError::LinkNotFound)?;
     }
-    let original_host = parts.headers.get(header::HOST).cloned();
-    forward::strip_hop_by_hop(&mut parts.headers);
+    let upgrade = forward::strip_hop_by_hop(&mut parts.headers);
     forward::add_forwarded(
         &mut parts.headers,
         conn.client_ip.as_ref(),
@@ -388,7 +385,8 @@ async fn serve(
         parts.headers.insert(header::HOST, h);
     }
     let asked = std::time::Instant::now();
-    let upstreamed = forward::Clients::forward(to, Request::from_parts(parts, body)).await?;
+    let upstreamed =
+        forward::Clients::forward(to, Request::from_parts(parts, body), upgrade).await?;
     proxy.metrics.upstream_answered(asked.elapsed());
     let home = conn.affinity.clone();
     let mut resp = match upstreamed {
