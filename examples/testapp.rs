@@ -5,9 +5,12 @@
 //! - `GET /download?bytes=N` → N bytes, streamed;
 //! - `POST /upload` → the number of bytes received, counted as they stream in;
 //! - `GET /ws` → a WebSocket echo (text and binary);
-//! - `GET /headers` → the request's headers, one per line.
+//! - `GET /headers` → the request's headers, one per line;
+//! - `GET /bye` → `bye`, then the connection is dropped 100 ms later without notice (what a
+//!   kept-alive connection closed by the server's idle timeout looks like to a proxy).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -35,10 +38,21 @@ fn param(req: &Request<Incoming>, name: &str) -> Option<u64> {
         .find_map(|p| p.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
 }
 
-async fn serve(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+/// Serves one request; `bye` drops its connection when notified.
+async fn serve(
+    mut req: Request<Incoming>,
+    bye: Arc<tokio::sync::Notify>,
+) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
     let resp = match (req.method().as_str(), path.as_str()) {
         ("GET", "/") => Response::new(full("hello from testapp\n")),
+        ("GET", "/bye") => {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                bye.notify_one();
+            });
+            Response::new(full("bye\n"))
+        }
         ("GET", "/headers") => {
             let lines: String = req
                 .headers()
@@ -152,10 +166,19 @@ async fn main() -> std::io::Result<()> {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service_fn(serve))
-                .with_upgrades()
-                .await;
+            let bye = Arc::new(tokio::sync::Notify::new());
+            let service = {
+                let bye = bye.clone();
+                service_fn(move |req| serve(req, bye.clone()))
+            };
+            let conn = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            // Dropping the connection closes it without a word.
+            tokio::select! {
+                _ = conn => {}
+                _ = bye.notified() => {}
+            }
         });
     }
 }

@@ -1,6 +1,7 @@
 //! Forwarding requests upstream over pooled keep-alive connections: streaming bodies both
 //! ways (no buffering), WebSocket and any other `Upgrade` spliced after the 101, hop-by-hop
-//! headers removed, `X-Forwarded-*` set.
+//! headers removed, `X-Forwarded-*` set. Bodyless requests to TCP upstreams are exchanged by
+//! [`super::h1`] on the client connection's task; the rest go through hyper's client.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

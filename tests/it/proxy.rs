@@ -530,3 +530,91 @@ async fn slow_request_heads_are_cut_but_long_streams_are_not() {
         assert!(body.contains(&format!("data: event {i}\n")), "{body}");
     }
 }
+
+/// One request on a kept-alive client connection to the proxy, sent with hyper's client.
+async fn send_on(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    method: &str,
+    path: &str,
+    body: &'static [u8],
+) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "127.0.0.1")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(body)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The previous response's end reaches the connection's task a moment after its body.
+    sender
+        .ready()
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: the connection closed: {e}"));
+    let resp = sender
+        .send_request(req)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let code = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path} body: {e}"))
+        .to_bytes();
+    (code, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The upstream drops a kept-alive connection without notice between two requests of one
+/// client connection: the next requests are still answered, whether bodyless (the proxy's
+/// own HTTP/1.1 client) or with a body (hyper's, which takes over a plain connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_closed_while_kept_alive_are_replaced() {
+    let Some(rt) = docker().await else { return };
+    images(rt.client()).await;
+    let app = TestContainer::testapp(rt.client(), "0.0.0.0:8080", HostConfig::default()).await;
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server = crate::docker::server_with(state.path(), &[]);
+    let links: Api<PreviewLink> = Api::default_namespaced(server.client());
+    links
+        .create(
+            &PostParams::default(),
+            &link(
+                "keep",
+                &app.name,
+                8080,
+                serde_json::json!({"via": "direct", "access": "public"}),
+            ),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    ready(&links, "keep").await;
+
+    let stream = TcpStream::connect(server.proxy)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(conn);
+    let upload = &[b'u'; 100_000][..];
+    for round in 0..3 {
+        let bye = send_on(&mut sender, "GET", "/p/keep.default/bye", b"").await;
+        assert_eq!(bye, (200, "bye\n".into()), "round {round}");
+        // The upstream has closed the connection the proxy keeps for this client.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let hello = send_on(&mut sender, "GET", "/p/keep.default/", b"").await;
+        assert_eq!(hello, (200, "hello from testapp\n".into()), "round {round}");
+        // A body: the kept plain connection goes to hyper's client.
+        let counted = send_on(&mut sender, "POST", "/p/keep.default/upload", upload).await;
+        assert_eq!(counted, (200, "100000".into()), "round {round}");
+        let hello = send_on(&mut sender, "GET", "/p/keep.default/", b"").await;
+        assert_eq!(hello, (200, "hello from testapp\n".into()), "round {round}");
+        // The upstream drops the connection hyper now drives.
+        let bye = send_on(&mut sender, "GET", "/p/keep.default/bye", b"").await;
+        assert_eq!(bye, (200, "bye\n".into()), "round {round}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let counted = send_on(&mut sender, "POST", "/p/keep.default/upload", upload).await;
+        assert_eq!(counted, (200, "100000".into()), "round {round}");
+    }
+}
