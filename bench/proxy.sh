@@ -9,12 +9,26 @@
 # with ../shared/tools/proxy_bench.sh (interleaved rounds; ratios from one run), at 32
 # connections and at 1 connection (added latency), with CPU per request for previewd and nginx.
 #
-# Usage: bench/proxy.sh [path to proxy_bench.sh]   (needs Docker, nginx, wrk; installs the
-# latter two with apt-get when missing)
+# With --instructions it counts instead, under valgrind's callgrind, the user-space
+# instructions previewd's proxy workers and a single-process nginx execute per request while
+# wrk loads the direct link and nginx in turn, and prints the ratio. Counts do not depend on
+# what else the machine is doing, so they show small changes that CPU time on a shared
+# machine hides (the kernel's share, most of either's CPU, is not counted).
+#
+# Usage: bench/proxy.sh [--instructions] [path to proxy_bench.sh]   (needs Docker, nginx,
+# wrk, and valgrind for --instructions; installs nginx and wrk with apt-get when missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+MODE=cpu
+if [ "${1:-}" = --instructions ]; then MODE=instructions; shift; fi
 BENCH_TOOL=${1:-../shared/tools/proxy_bench.sh}
-[ -x "$BENCH_TOOL" ] || { echo "proxy_bench.sh not found at $BENCH_TOOL" >&2; exit 2; }
+if [ $MODE = cpu ]; then
+  [ -x "$BENCH_TOOL" ] || { echo "proxy_bench.sh not found at $BENCH_TOOL" >&2; exit 2; }
+  NGINX_PROCESSES='worker_processes auto;'
+else
+  command -v valgrind >/dev/null || apt-get install -y valgrind >/dev/null
+  NGINX_PROCESSES='worker_processes 1; master_process off;'
+fi
 command -v nginx >/dev/null && command -v wrk >/dev/null || apt-get install -y nginx wrk >/dev/null
 
 cargo build --release --bins --examples -q
@@ -28,6 +42,10 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+VALGRIND=()
+if [ $MODE = instructions ]; then
+  VALGRIND=(valgrind -q --tool=callgrind --separate-threads=yes "--callgrind-out-file=$WORK/callgrind.out.%p")
+fi
 
 # The upstream: the static testapp alone in an imported image, port published on loopback.
 mkdir -p "$WORK/rootfs/etc" "$WORK/rootfs/tmp"
@@ -40,9 +58,10 @@ DIRECT_PORT=$(docker port "$NAME" 8080/tcp | head -n1 | sed 's/.*://')
 
 # previewd, with both links.
 API=127.0.0.1:18101 PROXY=127.0.0.1:18102
-PREVIEWD_AGENT_BINARY=$BIN/previewd-agent RUST_LOG=warn "$BIN/previewd" serve --api-listen $API --proxy-listen $PROXY --state-dir "$WORK/state" &
+PREVIEWD_AGENT_BINARY=$BIN/previewd-agent RUST_LOG=warn \
+  "${VALGRIND[@]}" "$BIN/previewd" serve --api-listen $API --proxy-listen $PROXY --state-dir "$WORK/state" &
 PREVIEWD_PID=$!
-for _ in $(seq 50); do curl -sf "http://$API/readyz" >/dev/null && break; sleep 0.1; done
+for _ in $(seq 300); do curl -sf "http://$API/readyz" >/dev/null && break; sleep 0.1; done
 "$BIN/previewd" apply --server "http://$API" -f - >/dev/null <<YAML
 apiVersion: previewd.dev/v1alpha1
 kind: PreviewLink
@@ -61,7 +80,7 @@ done
 
 # nginx as a tuned reverse proxy to the same container.
 cat > "$WORK/nginx.conf" <<CONF
-worker_processes auto;
+$NGINX_PROCESSES
 pid $WORK/nginx.pid;
 error_log $WORK/nginx-error.log;
 events { worker_connections 1024; }
@@ -74,9 +93,30 @@ http {
   }
 }
 CONF
-nginx -c "$WORK/nginx.conf" -g 'daemon off;' &
+"${VALGRIND[@]}" nginx -c "$WORK/nginx.conf" -g 'daemon off;' &
 NGINX_PID=$!
-for _ in $(seq 50); do curl -sf http://127.0.0.1:18103/ >/dev/null && break; sleep 0.1; done
+for _ in $(seq 300); do curl -sf http://127.0.0.1:18103/ >/dev/null && break; sleep 0.1; done
+
+if [ $MODE = instructions ]; then
+  # Instructions per request of one process under callgrind: counters zeroed after a
+  # warm-up, dumped after a measured wrk run, summed over `files` (a pattern in $WORK).
+  count() {
+    local pid=$1 url=$2 files=$3 requests total
+    wrk -t1 -c8 -d3 "$url" >/dev/null
+    callgrind_control -z "$pid" >/dev/null
+    requests=$(wrk -t1 -c8 -d10 "$url" | awk '/requests in/ {print $1}')
+    callgrind_control -d "$pid" >/dev/null
+    sleep 1
+    # previewd: only its proxy worker threads (each thread's dump names what it ran).
+    total=$(grep -l -e 'accept_loop' -e 'ngx_' "$WORK"/$files | xargs grep -h '^totals:' | awk '{s += $2} END {print s}')
+    echo $((total / requests))
+  }
+  PD=$(count "$PREVIEWD_PID" "http://$PROXY/p/direct.default/" "callgrind.out.$PREVIEWD_PID.1-*")
+  NG=$(count "$NGINX_PID" http://127.0.0.1:18103/ "callgrind.out.$NGINX_PID.1*")
+  echo "user-space instructions per request: previewd $PD, nginx $NG"
+  awk -v p="$PD" -v n="$NG" 'BEGIN { printf "previewd/nginx instructions per request: %.2f\n", p / n }'
+  exit 0
+fi
 
 echo "== 32 connections: previewd (direct link) vs direct vs nginx; agent link as an extra =="
 "$BENCH_TOOL" -c 32 -d 8 -n 3 -P "$PREVIEWD_PID" -R "$NGINX_PID" -r http://127.0.0.1:18103/ \
