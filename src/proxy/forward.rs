@@ -460,28 +460,19 @@ impl Pool {
         let (parts, body) = req.into_parts();
         let plain = h1::is_plain(&parts.method, body.is_end_stream(), upgrade)
             && !matches!(self.connector.upstream, Upstream::Exec { .. });
-        match self.reuse(own).await {
-            Some(Idle::H1(conn)) if plain => self.send_h1(conn, true, parts).await,
-            Some(Idle::H1(conn)) => {
-                let sender = self.drive(UpstreamStream::Tcp(conn.into_io())).await?;
-                let req = Request::from_parts(parts, body);
-                self.send_hyper(sender, true, req).await
-            }
-            Some(Idle::Hyper(sender)) => {
-                let req = Request::from_parts(parts, body);
-                self.send_hyper(sender, true, req).await
-            }
+        let (sender, reused) = match self.reuse(own).await {
+            Some(Idle::H1(conn)) if plain => return self.send_h1(conn, true, parts).await,
+            Some(Idle::H1(conn)) => (self.drive(UpstreamStream::Tcp(conn.into_io())).await?, true),
+            Some(Idle::Hyper(sender)) => (sender, true),
             None => match self.connector.open().await? {
                 UpstreamStream::Tcp(stream) if plain => {
-                    self.send_h1(H1Conn::new(stream), false, parts).await
+                    return self.send_h1(H1Conn::new(stream), false, parts).await;
                 }
-                stream => {
-                    let sender = self.drive(stream).await?;
-                    let req = Request::from_parts(parts, body);
-                    self.send_hyper(sender, false, req).await
-                }
+                stream => (self.drive(stream).await?, false),
             },
-        }
+        };
+        let req = Request::from_parts(parts, body);
+        self.send_hyper(sender, reused, req).await
     }
 
     /// Sends a plain request on `conn`; when a `reused` connection turns out closed before
