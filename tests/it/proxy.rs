@@ -474,22 +474,27 @@ async fn containers_without_a_network_are_served_through_exec() {
     assert!(seen.contains("data: event 3"), "the stream was cut: {seen}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_request_heads_are_cut_but_long_streams_are_not() {
-    let Some(rt) = docker().await else { return };
+/// A testapp listening on 0.0.0.0:8080, a previewd server (with `env`) and a Ready public
+/// `via: direct` link `name` to it: what the tests of the proxy's own behaviour stand on.
+/// `None` without Docker (when the tests may skip).
+struct DirectLink {
+    server: Server,
+    _state: tempfile::TempDir,
+    _app: TestContainer,
+}
+
+async fn testapp_behind_direct_link(name: &str, env: &[(&str, &str)]) -> Option<DirectLink> {
+    let rt = docker().await?;
     images(rt.client()).await;
     let app = TestContainer::testapp(rt.client(), "0.0.0.0:8080", HostConfig::default()).await;
     let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let server = crate::docker::server_with(
-        state.path(),
-        &[("PREVIEWD_PROXY_HEADER_TIMEOUT_MS", "1000")],
-    );
+    let server = crate::docker::server_with(state.path(), env);
     let links: Api<PreviewLink> = Api::default_namespaced(server.client());
     links
         .create(
             &PostParams::default(),
             &link(
-                "slow",
+                name,
                 &app.name,
                 8080,
                 serde_json::json!({"via": "direct", "access": "public"}),
@@ -497,8 +502,22 @@ async fn slow_request_heads_are_cut_but_long_streams_are_not() {
         )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    ready(&links, "slow").await;
-    let proxy = server.proxy;
+    ready(&links, name).await;
+    Some(DirectLink {
+        server,
+        _state: state,
+        _app: app,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_heads_are_cut_but_long_streams_are_not() {
+    let Some(linked) =
+        testapp_behind_direct_link("slow", &[("PREVIEWD_PROXY_HEADER_TIMEOUT_MS", "1000")]).await
+    else {
+        return;
+    };
+    let proxy = linked.server.proxy;
 
     // A head that never ends: the connection is closed once the limit has passed (hyper may
     // first answer 408).
@@ -569,27 +588,10 @@ async fn send_on(
 /// own HTTP/1.1 client) or with a body (hyper's, which takes over a plain connection).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_closed_while_kept_alive_are_replaced() {
-    let Some(rt) = docker().await else { return };
-    images(rt.client()).await;
-    let app = TestContainer::testapp(rt.client(), "0.0.0.0:8080", HostConfig::default()).await;
-    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let server = crate::docker::server_with(state.path(), &[]);
-    let links: Api<PreviewLink> = Api::default_namespaced(server.client());
-    links
-        .create(
-            &PostParams::default(),
-            &link(
-                "keep",
-                &app.name,
-                8080,
-                serde_json::json!({"via": "direct", "access": "public"}),
-            ),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    ready(&links, "keep").await;
-
-    let stream = TcpStream::connect(server.proxy)
+    let Some(linked) = testapp_behind_direct_link("keep", &[]).await else {
+        return;
+    };
+    let stream = TcpStream::connect(linked.server.proxy)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let (mut sender, conn) =
