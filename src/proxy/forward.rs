@@ -251,8 +251,43 @@ async fn connect(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
     Ok(stream)
 }
 
-/// The request body sent upstream: the client's, streamed as it arrives.
-type Outgoing = Incoming;
+/// The request body sent upstream: the client's, streamed as it arrives (a request hyper's
+/// server read), or none (a request [`super::server`] read: it serves only bodyless ones).
+pub enum Outgoing {
+    /// The body of a request read by hyper.
+    Client(Incoming),
+    /// No body.
+    Empty,
+}
+
+impl hyper::body::Body for Outgoing {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Outgoing::Client(body) => std::pin::Pin::new(body).poll_frame(cx),
+            Outgoing::Empty => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Outgoing::Client(body) => body.is_end_stream(),
+            Outgoing::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            Outgoing::Client(body) => body.size_hint(),
+            Outgoing::Empty => hyper::body::SizeHint::with_exact(0),
+        }
+    }
+}
 
 /// Idle connections kept per upstream; more are closed when they finish.
 const MAX_IDLE: usize = 64;

@@ -11,6 +11,7 @@ pub mod errors;
 pub mod forward;
 pub mod h1;
 pub mod routes;
+pub mod server;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -36,6 +37,7 @@ use crate::metrics::Metrics;
 use crate::resources::{PreviewLink, scoped_api};
 use body::ProxyBody;
 use errors::ProxyError;
+use forward::Outgoing;
 use routes::Upstream;
 
 /// The proxy's view of the API: reflector stores of PreviewLinks and previewd's Secrets.
@@ -191,9 +193,10 @@ struct Conn {
     affinity: Arc<forward::Affinity>,
 }
 
-/// Serves connections with hyper directly (no router: a request goes straight to
-/// [`handle`]): HTTP/1.1 with upgrades, a bound on reading each request head, TCP_NODELAY,
-/// and a graceful shutdown that lets requests in flight finish (for up to 5 s).
+/// Serves connections (no router: a request goes straight to [`handle`]) with
+/// [`server`]'s loop for bodyless requests, and hyper's HTTP/1.1 server, with upgrades, from
+/// the first request that loop leaves to it: a bound on reading each request head,
+/// TCP_NODELAY, and a graceful shutdown that lets requests in flight finish (for up to 5 s).
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     worker: Arc<Worker>,
@@ -230,29 +233,40 @@ async fn accept_loop(
             client_ip: forward::client_ip_header(client),
             affinity: Arc::default(),
         });
-        let service = hyper::service::service_fn(move |req| handle(conn.clone(), req));
-        let conn = http
-            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-            .with_upgrades();
         let (stop_tx, mut stop) = oneshot::channel::<()>();
         let id = next_id;
         next_id += 1;
         lock(&stops).insert(id, stop_tx);
-        let (stops, open) = (stops.clone(), open.clone());
+        let (stops, open, http) = (stops.clone(), open.clone(), http.clone());
         open.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                biased;
-                r = conn.as_mut() => r,
-                _ = &mut stop => {
-                    // Finish the request in flight, then close.
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            let plain = |parts| handle(&conn, parts, Outgoing::Empty);
+            if let server::Ended::HandOff(rest) =
+                server::serve(stream, plain, header_read_timeout, &mut stop).await
+            {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let conn = conn.clone();
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        Ok::<_, Infallible>(handle(&conn, parts, Outgoing::Client(body)).await)
+                    }
+                });
+                let served = http
+                    .serve_connection(hyper_util::rt::TokioIo::new(rest), service)
+                    .with_upgrades();
+                tokio::pin!(served);
+                let result = tokio::select! {
+                    biased;
+                    r = served.as_mut() => r,
+                    _ = &mut stop => {
+                        // Finish the request in flight, then close.
+                        served.as_mut().graceful_shutdown();
+                        served.await
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "proxy connection ended");
                 }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "proxy connection ended");
             }
             lock(&stops).remove(&id);
             open.fetch_sub(1, Ordering::SeqCst);
@@ -272,20 +286,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-async fn handle(
-    conn: Arc<Conn>,
-    req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
+/// Answers one request (its body, if any, in `body`): the upstream's response, or the
+/// proxy's error page; counted in the metrics.
+async fn handle(conn: &Conn, parts: http::request::Parts, body: Outgoing) -> Response<ProxyBody> {
     let proxy = &conn.worker.proxy;
     let in_flight = proxy.metrics.in_flight();
-    let browser = errors::wants_html(req.headers());
-    let resp = match serve(proxy, &conn, req).await {
+    let browser = errors::wants_html(&parts.headers);
+    let resp = match serve(proxy, conn, parts, body).await {
         Ok(resp) => resp,
         Err(e) => e.respond(browser),
     };
     proxy.metrics.proxied(resp.status().as_u16());
     // A streaming body stays in flight until it is sent.
-    Ok(resp.map(|body| body.in_flight(in_flight)))
+    resp.map(|body| body.in_flight(in_flight))
 }
 
 fn secret_value(secret: &Secret) -> Option<&str> {
@@ -295,9 +308,9 @@ fn secret_value(secret: &Secret) -> Option<&str> {
 async fn serve(
     proxy: &Proxy,
     conn: &Conn,
-    req: Request<Incoming>,
+    mut parts: http::request::Parts,
+    body: Outgoing,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let (mut parts, body) = req.into_parts();
     let original_host = parts.headers.get(header::HOST).cloned();
     let host = match parts.uri.authority() {
         Some(a) => Some(a.as_str()),
