@@ -76,7 +76,8 @@ impl Routes {
     /// with: the link must be admitted and, through the agent, its secret known.
     pub fn check(&self, key: &ObjectRef<PreviewLink>) -> Result<(), ProxyError> {
         let link = self.links.get(key).ok_or(ProxyError::LinkNotFound)?;
-        match routes::admit(&link, k8s_openapi::jiff::Timestamp::now())?.0 {
+        let (upstream, _) = routes::admit(&link, k8s_openapi::jiff::Timestamp::now())?;
+        match routes::parse_upstream(upstream)? {
             Upstream::Direct(_) => Ok(()),
             Upstream::Agent { .. } | Upstream::Exec { .. } => self
                 .agent_secret(&link)
@@ -191,6 +192,55 @@ struct Conn {
     client_ip: Option<HeaderValue>,
     /// The upstream connection its last response came on, for its next request.
     affinity: Arc<forward::Affinity>,
+    /// What its last request's link resolved to.
+    memo: Mutex<Memo>,
+}
+
+/// What a client connection's last request resolved to, for its next one: a browser or a
+/// load generator asks one connection for the same link again and again. The store lookup
+/// and [`routes::admit`] still run on every request, so a changed or deleted link is seen at
+/// once; what is kept is only what follows from the same id or the same link object.
+#[derive(Default)]
+struct Memo {
+    /// A link id and its store key.
+    key: Option<(String, ObjectRef<PreviewLink>)>,
+    /// A link object (as the store holds it: a changed link is a new object) and the
+    /// upstream its status names.
+    upstream: Option<(Arc<PreviewLink>, Upstream)>,
+}
+
+impl Memo {
+    /// The link `id` names, from `links`.
+    fn link(
+        &mut self,
+        links: &Store<PreviewLink>,
+        id: &str,
+    ) -> Result<Arc<PreviewLink>, ProxyError> {
+        if self.key.as_ref().is_none_or(|(known, _)| known != id) {
+            let key = routes::link_of(id).ok_or(ProxyError::LinkNotFound)?;
+            self.key = Some((id.to_owned(), key));
+        }
+        self.key
+            .as_ref()
+            .and_then(|(_, key)| links.get(key))
+            .ok_or(ProxyError::LinkNotFound)
+    }
+
+    /// The upstream `link`'s status names (`status_upstream`, as [`routes::admit`] gave it).
+    fn upstream(
+        &mut self,
+        link: &Arc<PreviewLink>,
+        status_upstream: &str,
+    ) -> Result<Upstream, ProxyError> {
+        if let Some((known, upstream)) = &self.upstream
+            && Arc::ptr_eq(known, link)
+        {
+            return Ok(upstream.clone());
+        }
+        let upstream = routes::parse_upstream(status_upstream)?;
+        self.upstream = Some((link.clone(), upstream.clone()));
+        Ok(upstream)
+    }
 }
 
 /// Serves connections (no router: a request goes straight to [`handle`]) with
@@ -232,6 +282,7 @@ async fn accept_loop(
             worker: worker.clone(),
             client_ip: forward::client_ip_header(client),
             affinity: Arc::default(),
+            memo: Mutex::default(),
         });
         let (stop_tx, mut stop) = oneshot::channel::<()>();
         let id = next_id;
@@ -318,12 +369,9 @@ async fn serve(
     };
     let path = parts.uri.path();
     let routed = routes::route(host, path, &proxy.domain).ok_or(ProxyError::LinkNotFound)?;
-    let link = proxy
-        .routes
-        .links
-        .get(&routed.link)
-        .ok_or(ProxyError::LinkNotFound)?;
-    let (upstream, token_hash) = routes::admit(&link, k8s_openapi::jiff::Timestamp::now())?;
+    let link = lock(&conn.memo).link(&proxy.routes.links, &routed.id)?;
+    let (status_upstream, token_hash) = routes::admit(&link, k8s_openapi::jiff::Timestamp::now())?;
+    let upstream = lock(&conn.memo).upstream(&link, status_upstream)?;
     // `/p/{id}` without its slash: redirect, so the app's relative URLs stay under the prefix.
     if routed.prefix != "/" && path == routed.prefix.trim_end_matches('/') {
         let target = match parts.uri.query() {
@@ -412,4 +460,50 @@ async fn serve(
         resp.headers_mut().append(header::SET_COOKIE, c);
     }
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::target::Target;
+    use crate::resources::{PreviewLinkSpec, PreviewLinkStatus};
+    use kube::runtime::watcher::Event;
+
+    fn link(upstream: &str) -> PreviewLink {
+        let mut link = PreviewLink::new("web", PreviewLinkSpec::new(Target::docker("c"), 80));
+        link.metadata.namespace = Some("default".into());
+        link.status = Some(PreviewLinkStatus {
+            upstream: Some(upstream.into()),
+            ..Default::default()
+        });
+        link
+    }
+
+    #[test]
+    fn a_connections_memo_follows_changed_and_deleted_links() {
+        let (links, mut writer) = reflector::store::<PreviewLink>();
+        let mut memo = Memo::default();
+        let resolve = |memo: &mut Memo| {
+            let link = memo.link(&links, "web.default")?;
+            let upstream = link.status.as_ref().and_then(|s| s.upstream.clone());
+            memo.upstream(&link, upstream.as_deref().unwrap_or_default())
+        };
+        assert_eq!(resolve(&mut memo), Err(ProxyError::LinkNotFound));
+        writer.apply_watcher_event(&Event::Apply(link("http://10.0.0.1:80")));
+        let first = Upstream::Direct(([10, 0, 0, 1], 80).into());
+        assert_eq!(resolve(&mut memo), Ok(first.clone()));
+        assert_eq!(resolve(&mut memo), Ok(first));
+        // The container restarted: the same link, a new object, a new upstream.
+        writer.apply_watcher_event(&Event::Apply(link("http://10.0.0.2:80")));
+        assert_eq!(
+            resolve(&mut memo),
+            Ok(Upstream::Direct(([10, 0, 0, 2], 80).into()))
+        );
+        writer.apply_watcher_event(&Event::Delete(link("http://10.0.0.2:80")));
+        assert_eq!(resolve(&mut memo), Err(ProxyError::LinkNotFound));
+        assert_eq!(
+            memo.link(&links, "nodot").map(|_| ()),
+            Err(ProxyError::LinkNotFound)
+        );
+    }
 }

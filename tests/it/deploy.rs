@@ -985,13 +985,7 @@ fn the_example_ingress_reaches_links_by_host_and_by_path() {
         );
         let routed = route(Some(host), path, domain)
             .unwrap_or_else(|| panic!("the proxy does not route http://{host}{path}"));
-        assert_eq!(
-            (
-                routed.link.namespace.as_deref().unwrap_or(""),
-                routed.link.name.as_str()
-            ),
-            ("default", "demo")
-        );
+        assert_eq!(routed.id, "demo.default");
     }
 }
 
