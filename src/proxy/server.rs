@@ -203,7 +203,27 @@ where
         };
         let Parsed { parts, close } = *parsed;
         let bodiless = parts.method == Method::HEAD;
-        let resp = handler(parts).await;
+        let answer = handler(parts);
+        tokio::pin!(answer);
+        // While the handler waits (for the upstream's head), a client that leaves is noticed
+        // and the request abandoned, as hyper's server does. Watching costs no system call
+        // until the socket turns readable: tokio clears its readiness after the head's short
+        // read.
+        let resp = loop {
+            if !input.is_empty() {
+                // A pipelined request came: it waits its turn.
+                break answer.await;
+            }
+            make_room(&mut input);
+            tokio::select! {
+                biased;
+                resp = &mut answer => break resp,
+                read = io.read_buf(&mut input) => match read {
+                    Ok(0) | Err(_) => return Ended::Closed,
+                    Ok(_) => {}
+                },
+            }
+        };
         let kept = Exchange {
             io: &mut io,
             input: &mut input,
@@ -214,6 +234,14 @@ where
         if !kept {
             return Ended::Closed;
         }
+    }
+}
+
+/// Makes room to read into `input` while a request is served, without moving or allocating
+/// when there is some left: the request's head may still be shared with its parts.
+fn make_room(input: &mut BytesMut) {
+    if input.capacity() == input.len() {
+        input.reserve(READ_SIZE);
     }
 }
 
@@ -286,7 +314,7 @@ impl Exchange<'_> {
                 Poll::Ready(frame) => Poll::Ready(Some(frame)),
             });
             let frame = if self.out.is_empty() && self.input.is_empty() {
-                self.input.reserve(READ_SIZE);
+                make_room(self.input);
                 tokio::select! {
                     biased;
                     frame = polled => frame,
@@ -744,6 +772,36 @@ mod tests {
             assert_eq!(all, answer);
             assert!(matches!(served.await.unwrap(), Ended::Closed));
         }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_before_the_answer_abandons_the_request() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (abandoned_tx, abandoned) = oneshot::channel::<()>();
+        let served = tokio::spawn(async move {
+            let (io, _) = listener.accept().await.unwrap();
+            let (_stop_tx, mut stop) = oneshot::channel::<()>();
+            let abandoned_tx = std::sync::Mutex::new(Some(abandoned_tx));
+            // An upstream that never answers; its future holds the sender until dropped.
+            let handler = |_parts| {
+                let held = abandoned_tx.lock().unwrap().take();
+                async move {
+                    let _held = held;
+                    std::future::pending::<Response<TestBody>>().await
+                }
+            };
+            serve(io, handler, Duration::from_secs(5), &mut stop).await
+        });
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(s);
+        let dropped = tokio::time::timeout(Duration::from_secs(5), abandoned).await;
+        assert!(dropped.is_ok(), "the request was not abandoned");
+        assert!(matches!(served.await.unwrap(), Ended::Closed));
     }
 
     #[test]
