@@ -239,7 +239,7 @@ impl H1Conn {
 }
 
 /// The comma-separated items of a header value, trimmed.
-fn items(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+pub(super) fn items(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
     value.split(|b| *b == b',').map(<[u8]>::trim_ascii)
 }
 

@@ -63,13 +63,6 @@ enum Head {
     Invalid,
 }
 
-/// Whether a comma-separated header value lists `token` (case-insensitive).
-fn lists(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-}
-
 /// A request header's name and where its value lies in the head.
 type Field = (HeaderName, usize, usize);
 
@@ -115,7 +108,7 @@ fn parse(buf: &mut BytesMut, fields: &mut Vec<Field>) -> Head {
             }
             length_seen = true;
         } else if name.eq_ignore_ascii_case(b"connection") {
-            close |= lists(h.value, b"close");
+            close |= super::h1::items(h.value).any(|t| t.eq_ignore_ascii_case(b"close"));
         }
         let Ok(name) = HeaderName::from_bytes(name) else {
             return Head::HandOff;
