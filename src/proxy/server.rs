@@ -34,6 +34,10 @@ const READ_SIZE: usize = 8 * 1024;
 /// Body pieces up to this size are copied behind the head (one write); larger ones are
 /// written from where they are.
 const COPY_LIMIT: usize = 16 * 1024;
+/// What the output buffer may hold before it is written, even while more of the body is
+/// ready: a fast upstream's body does not pile up in it, and a connection keeps no more
+/// than this between responses.
+const OUT_LIMIT: usize = 64 * 1024;
 
 /// How a client connection left this loop.
 pub enum Ended {
@@ -344,7 +348,7 @@ impl Exchange<'_> {
                     if framing == Framing::Chunked {
                         let _ = write!(self.out, "{:x}\r\n", data.len());
                     }
-                    if data.len() <= COPY_LIMIT {
+                    if data.len() <= COPY_LIMIT && self.out.len() + data.len() <= OUT_LIMIT {
                         self.out.extend_from_slice(&data);
                     } else {
                         if write_both(self.io, self.out, &data).await.is_err() {
@@ -545,7 +549,7 @@ mod tests {
 
     /// A body the test writes as it goes, of unknown length.
     fn channel_body() -> (mpsc::Sender<Result<Frame<Bytes>, Infallible>>, TestBody) {
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(32);
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         (tx, StreamBody::new(stream).boxed_unsync())
     }
@@ -667,16 +671,24 @@ mod tests {
         assert!(String::from_utf8_lossy(&seen).contains("transfer-encoding: chunked\r\n"));
         let big = Bytes::from(vec![b'x'; 100_000]);
         tx.send(Ok(Frame::data(big))).await.unwrap();
-        tx.send(Ok(Frame::trailers(HeaderMap::new())))
-            .await
-            .unwrap();
-        drop(tx);
+        // Pieces small enough to be copied, more of them than the output buffer holds.
+        let small = Bytes::from(vec![b'y'; 10_000]);
+        let writer = tokio::spawn(async move {
+            for _ in 0..20 {
+                tx.send(Ok(Frame::data(small.clone()))).await.unwrap();
+            }
+            tx.send(Ok(Frame::trailers(HeaderMap::new())))
+                .await
+                .unwrap();
+        });
         read_until(&mut s, &mut seen, "\r\n0\r\n\r\n").await;
+        writer.await.unwrap();
         let text = String::from_utf8_lossy(&seen);
         let after_first = text.split("first\r\n").nth(1).unwrap();
+        let smalls = format!("2710\r\n{}\r\n", "y".repeat(10_000)).repeat(20);
         assert_eq!(
             after_first,
-            format!("186a0\r\n{}\r\n0\r\n\r\n", "x".repeat(100_000))
+            format!("186a0\r\n{}\r\n{smalls}0\r\n\r\n", "x".repeat(100_000))
         );
         // The connection carries on.
         s.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
