@@ -126,9 +126,10 @@ struct ServeArgs {
     /// --api-listen is not a loopback address).
     #[arg(long, env = "PREVIEWD_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
-    /// Namespace of the objects the REST shim (/api/daemon-proxy) creates.
-    #[arg(long, env = "PREVIEWD_REST_NAMESPACE", default_value = "default")]
-    rest_namespace: String,
+    /// Namespace of the objects the REST shim (/api/daemon-proxy) creates (default:
+    /// --namespace, else `default`; it must be a namespace the controllers watch).
+    #[arg(long, env = "PREVIEWD_REST_NAMESPACE")]
+    rest_namespace: Option<String>,
     /// Longest a REST shim call waits for a daemon or link to be ready, in seconds.
     #[arg(long, env = "PREVIEWD_REST_WAIT_SECONDS", default_value_t = 60)]
     rest_wait_seconds: u64,
@@ -327,6 +328,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 duration: Duration::from_secs(lease_duration_seconds),
                 grace: Duration::from_secs(lease_grace_seconds),
             };
+            let rest_namespace = serve::rest_namespace(
+                rest_namespace,
+                watch_namespace.as_deref().filter(|_| controllers),
+            )?;
             let pod_targets = matches!(store, StoreChoice::Kube { .. });
             let controller = ControllerConfig {
                 agent_binary: agent_binary.unwrap_or_else(AgentBinary::default_path),

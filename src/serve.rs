@@ -107,6 +107,37 @@ pub enum ServeError {
     /// Serving failed.
     #[error("the API server failed: {0}")]
     Serve(#[source] std::io::Error),
+    /// The REST shim would create objects in a namespace the controllers do not watch.
+    #[error(
+        "--rest-namespace {rest} is not the namespace the controllers watch (--namespace \
+         {watched}): links the REST shim made there would never be reconciled, and its calls \
+         would wait and answer 503; leave --rest-namespace unset or give both the same"
+    )]
+    RestNamespaceUnwatched {
+        /// The REST shim's namespace.
+        rest: String,
+        /// The namespace the controllers watch.
+        watched: String,
+    },
+}
+
+/// The namespace the REST shim creates objects in: `explicit` (`--rest-namespace`), else
+/// `watched` (the one namespace the controllers watch, if they are limited to one), else
+/// `default`. A namespace the controllers do not watch is refused at start-up rather than
+/// found out from calls that time out.
+pub fn rest_namespace(
+    explicit: Option<String>,
+    watched: Option<&str>,
+) -> Result<String, ServeError> {
+    match (explicit, watched) {
+        (Some(rest), Some(watched)) if rest != watched => Err(ServeError::RestNamespaceUnwatched {
+            rest,
+            watched: watched.to_owned(),
+        }),
+        (Some(rest), _) => Ok(rest),
+        (None, Some(watched)) => Ok(watched.to_owned()),
+        (None, None) => Ok("default".to_owned()),
+    }
 }
 
 async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client, ServeError> {
@@ -296,4 +327,25 @@ pub async fn run(
         Ok(Ok(())) => {}
     }
     served
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rest_shim_creates_objects_where_the_controllers_look() {
+        let ns = |explicit: Option<&str>, watched| {
+            rest_namespace(explicit.map(str::to_owned), watched).map_err(|e| e.to_string())
+        };
+        assert_eq!(ns(None, None), Ok("default".into()));
+        assert_eq!(ns(None, Some("team-a")), Ok("team-a".into()));
+        assert_eq!(ns(Some("team-b"), None), Ok("team-b".into()));
+        assert_eq!(ns(Some("team-a"), Some("team-a")), Ok("team-a".into()));
+        let refused = ns(Some("default"), Some("team-a")).unwrap_err();
+        assert!(
+            refused.contains("--rest-namespace default") && refused.contains("team-a"),
+            "{refused}"
+        );
+    }
 }

@@ -336,6 +336,22 @@ async fn bad_input_gets_clear_4xx_and_leaves_nothing_behind() {
 }
 
 #[test]
+fn a_rest_namespace_the_controllers_do_not_watch_is_refused_at_start() {
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let refused = Server::try_start(
+        state.path(),
+        &[
+            ("PREVIEWD_WATCH_NAMESPACE", "team-a"),
+            ("PREVIEWD_REST_NAMESPACE", "default"),
+        ],
+    );
+    let Err(log) = refused else {
+        panic!("previewd started with a REST namespace its controllers do not watch")
+    };
+    assert!(log.contains("--rest-namespace default"), "{log}");
+}
+
+#[test]
 fn beyond_loopback_the_api_needs_its_bearer_token() {
     let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let refused = Server::try_start_on(state.path(), "0.0.0.0:0", &[]);
