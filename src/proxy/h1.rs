@@ -60,7 +60,28 @@ pub struct H1Conn {
     /// The request head being written, kept for the next one.
     out: Vec<u8>,
     /// A response's header names and value offsets, kept for the next one.
-    fields: Vec<(HeaderName, usize, usize)>,
+    fields: Vec<Field>,
+}
+
+/// A header's name and where its value lies in the message head it was parsed from.
+pub(super) type Field = (HeaderName, usize, usize);
+
+/// The headers `fields` names, their values slices of `head` (no copy), with room for
+/// `room` more; `None` when a value is not a valid header value. Empties `fields` (kept by
+/// its owner for the next head).
+pub(super) fn sliced_headers(
+    head: &Bytes,
+    fields: &mut Vec<Field>,
+    room: usize,
+) -> Option<HeaderMap> {
+    let mut headers = HeaderMap::with_capacity(fields.len() + room);
+    for (name, start, end) in fields.drain(..) {
+        headers.append(
+            name,
+            HeaderValue::from_maybe_shared(head.slice(start..end)).ok()?,
+        );
+    }
+    Some(headers)
 }
 
 /// A response head, and how its body is framed.
@@ -222,12 +243,8 @@ impl H1Conn {
             let http11 = parsed.version == Some(1);
             let (body, reusable) = framing.decide(method, status, http11);
             let head = self.buf.split_to(len).freeze();
-            let mut headers = HeaderMap::with_capacity(self.fields.len());
-            for (name, start, end) in self.fields.drain(..) {
-                let value = HeaderValue::from_maybe_shared(head.slice(start..end))
-                    .map_err(|_| H1Error::Malformed("invalid header value"))?;
-                headers.append(name, value);
-            }
+            let headers = sliced_headers(&head, &mut self.fields, 0)
+                .ok_or(H1Error::Malformed("invalid header value"))?;
             return Ok(Some(Head {
                 status,
                 headers,

@@ -20,10 +20,12 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Uri, request};
+use http::{HeaderName, Method, Response, StatusCode, Uri, request};
 use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+
+use super::h1::{Field, items, sliced_headers};
 
 /// The largest request head served here; a larger one goes to hyper (which allows more).
 const MAX_HEAD: usize = 64 * 1024;
@@ -67,9 +69,6 @@ enum Head {
     Invalid,
 }
 
-/// A request header's name and where its value lies in the head.
-type Field = (HeaderName, usize, usize);
-
 /// Parses the request head at the start of `buf`, taking it from `buf` when it is one this
 /// loop serves (and leaving `buf` as it was otherwise); `fields` is room kept between
 /// requests.
@@ -112,7 +111,7 @@ fn parse(buf: &mut BytesMut, fields: &mut Vec<Field>) -> Head {
             }
             length_seen = true;
         } else if name.eq_ignore_ascii_case(b"connection") {
-            close |= super::h1::items(h.value).any(|t| t.eq_ignore_ascii_case(b"close"));
+            close |= items(h.value).any(|t| t.eq_ignore_ascii_case(b"close"));
         }
         let Ok(name) = HeaderName::from_bytes(name) else {
             return Head::HandOff;
@@ -127,13 +126,9 @@ fn parse(buf: &mut BytesMut, fields: &mut Vec<Field>) -> Head {
         return Head::Invalid;
     };
     // Room for the `X-Forwarded-*` the proxy adds, so the map does not grow for them.
-    let mut headers = HeaderMap::with_capacity(fields.len() + 3);
-    for (name, start, end) in fields.drain(..) {
-        let Ok(value) = HeaderValue::from_maybe_shared(head.slice(start..end)) else {
-            return Head::Invalid;
-        };
-        headers.append(name, value);
-    }
+    let Some(headers) = sliced_headers(&head, fields, 3) else {
+        return Head::Invalid;
+    };
     let mut parts = request::Request::new(()).into_parts().0;
     parts.method = method;
     parts.uri = uri;
@@ -279,18 +274,19 @@ impl Exchange<'_> {
         B::Error: Display,
     {
         let (head, mut body) = resp.into_parts();
+        let length = body.size_hint().exact();
         let framing = if bodiless
             || head.status == StatusCode::NO_CONTENT
             || head.status == StatusCode::NOT_MODIFIED
         {
             Framing::None
-        } else if body.size_hint().exact().is_some() {
+        } else if length.is_some() {
             Framing::Length
         } else {
             Framing::Chunked
         };
         self.out.clear();
-        encode_head(&head, body.size_hint().exact(), framing, close, self.out);
+        encode_head(&head, length, framing, close, self.out);
         let ended = self.send_body(&mut body, framing).await;
         // The body goes (with it, the upstream connection goes back) before the next request.
         drop(body);
@@ -536,6 +532,7 @@ impl AsyncWrite for Rewind {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderMap;
     use http_body_util::combinators::UnsyncBoxBody;
     use http_body_util::{BodyExt, Full, StreamBody};
     use hyper::body::Frame;
@@ -601,6 +598,26 @@ mod tests {
         }
     }
 
+    /// A client connection that has asked for `/stream`, whose body the test writes with
+    /// the sender.
+    async fn streaming() -> (
+        mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
+        TcpStream,
+        JoinHandle<Ended>,
+        oneshot::Sender<()>,
+    ) {
+        let (tx, body) = channel_body();
+        let app = App {
+            streamed: std::sync::Mutex::new(Some(body)),
+        };
+        let (addr, stop, served) = start(app, Duration::from_secs(5)).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        (tx, s, served, stop)
+    }
+
     async fn read_until(s: &mut TcpStream, seen: &mut Vec<u8>, want: &str) {
         tokio::time::timeout(Duration::from_secs(5), async {
             while !String::from_utf8_lossy(seen).contains(want) {
@@ -653,15 +670,7 @@ mod tests {
 
     #[tokio::test]
     async fn streams_a_body_of_unknown_length_chunked_as_it_comes() {
-        let (tx, body) = channel_body();
-        let app = App {
-            streamed: std::sync::Mutex::new(Some(body)),
-        };
-        let (addr, _stop, _served) = start(app, Duration::from_secs(5)).await;
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
+        let (tx, mut s, _served, _stop) = streaming().await;
         let mut seen = Vec::new();
         tx.send(Ok(Frame::data(Bytes::from_static(b"first"))))
             .await
@@ -699,15 +708,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_that_leaves_mid_stream_drops_the_body() {
-        let (tx, body) = channel_body();
-        let app = App {
-            streamed: std::sync::Mutex::new(Some(body)),
-        };
-        let (addr, _stop, served) = start(app, Duration::from_secs(5)).await;
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
+        let (tx, mut s, served, _stop) = streaming().await;
         tx.send(Ok(Frame::data(Bytes::from_static(b"event"))))
             .await
             .unwrap();
