@@ -126,6 +126,15 @@ struct ServeArgs {
     /// --api-listen is not a loopback address).
     #[arg(long, env = "PREVIEWD_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
+    /// Host names the API listener also serves when it needs no token (it always serves
+    /// localhost, 127.0.0.1, [::1], its listen address and the public URL's host); any other
+    /// Host is refused, so a web page on a rebound DNS name cannot reach the API.
+    #[arg(long, env = "PREVIEWD_API_ACCEPT_HOSTS", value_delimiter = ',')]
+    api_accept_hosts: Vec<String>,
+    /// Origins (`https://console.example.com`) whose web pages may call the API; requests
+    /// from any other site's page are refused.
+    #[arg(long, env = "PREVIEWD_API_ACCEPT_ORIGINS", value_delimiter = ',')]
+    api_accept_origins: Vec<String>,
     /// Namespace of the objects the REST shim (/api/daemon-proxy) creates (default:
     /// --namespace, else `default`; it must be a namespace the controllers watch).
     #[arg(long, env = "PREVIEWD_REST_NAMESPACE")]
@@ -291,6 +300,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 url_style,
                 public_url,
                 api_token,
+                api_accept_hosts,
+                api_accept_origins,
                 rest_namespace,
                 rest_wait_seconds,
                 store,
@@ -352,6 +363,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 controller: controllers.then_some(controller),
                 lease,
                 api_token,
+                api_accept_hosts,
+                api_accept_origins,
                 rest_namespace,
                 rest_wait: Duration::from_secs(rest_wait_seconds),
                 audit_log,

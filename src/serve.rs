@@ -59,6 +59,11 @@ pub struct ServeConfig {
     pub lease: LeaseConfig,
     /// The token API callers must present (required beyond loopback).
     pub api_token: Option<String>,
+    /// Host names the API serves besides its own (`localhost`, loopback, the listen address,
+    /// the public URL's host), when it serves without a token.
+    pub api_accept_hosts: Vec<String>,
+    /// Origins (`https://console.example.com`) whose pages may call the API.
+    pub api_accept_origins: Vec<String>,
     /// Namespace of the objects the REST shim creates.
     pub rest_namespace: String,
     /// Longest a REST shim call waits for status.
@@ -227,6 +232,13 @@ pub async fn run(
         ..config.links
     };
 
+    let guard = crate::api::guard::BrowserGuard::new(
+        addr,
+        auth.requires_token(),
+        links.public_url.as_ref().map(|p| p.host()),
+        &config.api_accept_hosts,
+        &config.api_accept_origins,
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -302,7 +314,7 @@ pub async fn run(
         tracing::info!("controllers are off: serving the API and the proxy only");
     }
 
-    let app = crate::api::router(base, shim, auth);
+    let app = crate::api::router(base, shim, guard, auth);
     let closing = store.clone();
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {

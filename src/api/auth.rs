@@ -54,6 +54,12 @@ impl ApiAuth {
         }
     }
 
+    /// Whether every call needs the token (then the token, not the `Host`, keeps browsers
+    /// out: see [`super::guard`]).
+    pub fn requires_token(&self) -> bool {
+        self.token_hash.is_some()
+    }
+
     /// Whether a request with these headers to this path is let through.
     pub fn allows(&self, path: &str, authorization: Option<&str>) -> bool {
         let Some(expected) = &self.token_hash else {

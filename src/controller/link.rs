@@ -108,6 +108,13 @@ impl std::str::FromStr for PublicUrl {
     }
 }
 
+impl PublicUrl {
+    /// The host users reach the proxy at (the API listener serves that name too).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+}
+
 impl LinkConfig {
     /// `{name}.{namespace}`: how a link is named in hosts and paths. Unambiguous, because
     /// namespaces have no dots.

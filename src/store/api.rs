@@ -23,6 +23,7 @@ use super::audit::{self, AuditEntry, AuditLog};
 use super::discovery;
 use super::error::StoreError;
 use super::kinds::Kind;
+use super::media::{MediaType, MediaTypeError};
 use super::openapi;
 use super::patch::{Patch, PatchKind};
 use super::selector::Selectors;
@@ -281,7 +282,7 @@ async fn resource(
         }
         (&Method::DELETE, Some(name)) if !status => {
             let (ns, name) = (namespace.clone().unwrap_or_default(), name.clone());
-            match read_delete_options(body).await {
+            match read_delete_options(body, &headers).await {
                 Ok(pre) => blocking(move || store.delete(&kind, &ns, &name, &pre))
                     .await
                     .map(|o| (StatusCode::OK, o)),
@@ -361,19 +362,20 @@ async fn read_bytes(body: Body) -> Result<Bytes, ApiError> {
 }
 
 async fn read_body(body: Body, headers: &HeaderMap) -> Result<Value, ApiError> {
+    let media = match MediaType::of(headers) {
+        Ok(m @ (MediaType::Json | MediaType::Yaml)) => m,
+        Ok(_) => {
+            return Err(ApiError::new(
+                415,
+                "UnsupportedMediaType",
+                "an object is sent as application/json or application/yaml",
+            ));
+        }
+        Err(e) => return Err(unsupported(e)),
+    };
     let bytes = read_bytes(body).await?;
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/json");
-    let parsed = if content_type.contains("yaml") {
+    let parsed = if media.is_yaml() {
         serde_yaml::from_slice::<Value>(&bytes).map_err(|e| e.to_string())
-    } else if content_type.contains("protobuf") {
-        return Err(ApiError::new(
-            415,
-            "UnsupportedMediaType",
-            "protobuf is not supported; send JSON or YAML",
-        ));
     } else {
         serde_json::from_slice::<Value>(&bytes).map_err(|e| e.to_string())
     };
@@ -386,10 +388,26 @@ async fn read_body(body: Body, headers: &HeaderMap) -> Result<Value, ApiError> {
     })
 }
 
-async fn read_delete_options(body: Body) -> Result<Preconditions, ApiError> {
+/// The 415 for a body whose media type the API does not read.
+pub fn unsupported(e: MediaTypeError) -> ApiError {
+    ApiError::new(415, "UnsupportedMediaType", e.to_string())
+}
+
+async fn read_delete_options(body: Body, headers: &HeaderMap) -> Result<Preconditions, ApiError> {
     let bytes = read_bytes(body).await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(Preconditions::default());
+    }
+    match MediaType::of(headers) {
+        Ok(MediaType::Json) => {}
+        Ok(_) => {
+            return Err(ApiError::new(
+                415,
+                "UnsupportedMediaType",
+                "DeleteOptions are sent as application/json",
+            ));
+        }
+        Err(e) => return Err(unsupported(e)),
     }
     let opts: Value = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::new(400, "BadRequest", format!("invalid DeleteOptions: {e}")))?;
@@ -419,15 +437,12 @@ async fn patch(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Written), ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let patch_kind = PatchKind::from_content_type(content_type).ok_or_else(|| {
+    let media = MediaType::of(headers).map_err(unsupported)?;
+    let patch_kind = PatchKind::of(media).ok_or_else(|| {
         ApiError::new(
             415,
             "UnsupportedMediaType",
-            format!("the patch content type {content_type:?} is not supported"),
+            format!("{media:?} is not a patch media type"),
         )
     })?;
     let bytes = read_bytes(body).await?;

@@ -12,6 +12,7 @@ pub mod error;
 pub mod expiry;
 pub mod fields;
 pub mod kinds;
+pub mod media;
 pub mod meta;
 pub mod openapi;
 pub mod patch;

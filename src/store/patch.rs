@@ -3,6 +3,7 @@
 use serde_json::Value;
 
 use super::error::StoreError;
+use super::media::MediaType;
 
 /// The patch types the API accepts, by `Content-Type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,16 +19,13 @@ pub enum PatchKind {
 }
 
 impl PatchKind {
-    /// Maps a request `Content-Type` to a patch kind; `None` for unsupported media types.
-    pub fn from_content_type(content_type: &str) -> Option<Self> {
-        match content_type.split(';').next().map(str::trim) {
-            Some("application/merge-patch+json")
-            | Some("application/strategic-merge-patch+json") => Some(PatchKind::Merge),
-            Some("application/json-patch+json") => Some(PatchKind::Json),
-            Some("application/apply-patch+yaml") | Some("application/apply-patch+json") => {
-                Some(PatchKind::Apply)
-            }
-            _ => None,
+    /// The patch kind a body's media type names; `None` for media types that are no patch.
+    pub fn of(media: MediaType) -> Option<Self> {
+        match media {
+            MediaType::MergePatch | MediaType::StrategicMergePatch => Some(PatchKind::Merge),
+            MediaType::JsonPatch => Some(PatchKind::Json),
+            MediaType::ApplyPatch => Some(PatchKind::Apply),
+            MediaType::Json | MediaType::Yaml => None,
         }
     }
 }
@@ -136,9 +134,13 @@ mod tests {
         assert_eq!(doc["spec"]["port"], 82);
         assert!(Patch::decode(PatchKind::Merge, b"{not json").is_err());
         assert_eq!(
-            PatchKind::from_content_type("application/merge-patch+json; charset=utf-8"),
+            PatchKind::of(MediaType::StrategicMergePatch),
             Some(PatchKind::Merge)
         );
-        assert_eq!(PatchKind::from_content_type("text/plain"), None);
+        assert_eq!(
+            PatchKind::of(MediaType::Json),
+            None,
+            "a JSON body is no patch"
+        );
     }
 }

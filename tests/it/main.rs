@@ -8,6 +8,7 @@ mod deploy;
 mod docker;
 mod durability;
 mod embedded_api;
+mod hostile;
 mod kube_mode;
 mod kubectl;
 mod leader;
