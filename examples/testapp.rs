@@ -5,9 +5,12 @@
 //! - `GET /download?bytes=N` → N bytes, streamed;
 //! - `POST /upload` → the number of bytes received, counted as they stream in;
 //! - `GET /ws` → a WebSocket echo (text and binary);
-//! - `GET /headers` → the request's headers, one per line;
+//! - `GET /headers` → the request's target, then its headers, one per line;
 //! - `GET /bye` → `bye`, then the connection is dropped 100 ms later without notice (what a
 //!   kept-alive connection closed by the server's idle timeout looks like to a proxy).
+//!
+//! `testapp ADDR RAW_ADDR` also serves, on `RAW_ADDR`, upstreams that misbehave as no HTTP
+//! library lets a server misbehave (see [`RAW`]): `GET /raw/{case}` writes that case's bytes.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -59,7 +62,7 @@ async fn serve(
                 .iter()
                 .map(|(k, v)| format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())))
                 .collect();
-            Response::new(full(lines))
+            Response::new(full(format!("target: {}\n{lines}", req.uri())))
         }
         ("GET", "/sse") => {
             let (n, ms) = (
@@ -155,11 +158,133 @@ async fn serve(
     Ok(resp)
 }
 
+/// What the raw listener answers `GET /raw/{case}` with, and whether it then closes.
+const RAW: &[(&str, &[u8], bool)] = &[
+    // A length and a body on answers that have neither.
+    (
+        "204-length",
+        b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello",
+        false,
+    ),
+    (
+        "304-length",
+        b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\nContent-Length: 5\r\n\r\n",
+        false,
+    ),
+    // An upgrade announced on an answer that switches nothing.
+    (
+        "upgrade-headers",
+        b"HTTP/1.1 200 OK\r\nConnection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 2\r\n\r\nok",
+        false,
+    ),
+    // Bodies cut short by a close.
+    (
+        "cut-length",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort",
+        true,
+    ),
+    (
+        "cut-chunked",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        true,
+    ),
+    // A chunk-size line ended by a bare LF.
+    (
+        "lf-chunk",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n",
+        false,
+    ),
+    // A protocol switch nobody asked for.
+    (
+        "101",
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        false,
+    ),
+];
+
+/// Serves one raw connection: reads request heads (and drops their bodies) and answers each
+/// as [`RAW`] says; `/raw/silent` is never answered, `/raw/slow?ms=N` after N ms.
+async fn raw(mut stream: tokio::net::TcpStream) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::new();
+    loop {
+        let end = loop {
+            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 || buf.len() > 65536 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let length = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        while buf.len() < end + length {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        buf.drain(..end + length);
+        let target = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let case = path.strip_prefix("/raw/").unwrap_or("");
+        if case == "silent" {
+            // Holds the connection without a word until the client leaves.
+            let mut sink = [0u8; 1024];
+            while stream.read(&mut sink).await? > 0 {}
+            return Ok(());
+        }
+        if case == "slow" {
+            let ms = query
+                .split('&')
+                .find_map(|p| p.strip_prefix("ms=")?.parse().ok())
+                .unwrap_or(1000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
+                .await?;
+            continue;
+        }
+        match RAW.iter().find(|(name, _, _)| *name == case) {
+            Some((_, bytes, close)) => {
+                stream.write_all(bytes).await?;
+                if *close {
+                    return Ok(());
+                }
+            }
+            None => {
+                stream
+                    .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                    .await?;
+            }
+        }
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:3000".into());
+    if let Some(raw_addr) = std::env::args().nth(2) {
+        let listener = tokio::net::TcpListener::bind(&raw_addr).await?;
+        eprintln!("testapp raw listening on {}", listener.local_addr()?);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(raw(stream));
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     eprintln!("testapp listening on {}", listener.local_addr()?);
     loop {

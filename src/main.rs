@@ -94,8 +94,8 @@ struct ServeArgs {
     /// Address of the preview proxy (link URLs point here).
     #[arg(long, env = "PREVIEWD_PROXY_LISTEN", default_value = "127.0.0.1:8002")]
     proxy_listen: SocketAddr,
-    /// Milliseconds a proxy client may take to send a request head (hidden: tests
-    /// shorten it; slow-header clients are cut after it).
+    /// Milliseconds a proxy client may take to send a request head once it began (hidden:
+    /// tests shorten it; slow-header clients get 408 after it).
     #[arg(
         long,
         env = "PREVIEWD_PROXY_HEADER_TIMEOUT_MS",
@@ -103,6 +103,49 @@ struct ServeArgs {
         hide = true
     )]
     proxy_header_timeout_ms: u64,
+    /// Seconds a proxy client connection may sit without beginning a request (new or kept
+    /// alive) before it is closed.
+    #[arg(
+        long,
+        env = "PREVIEWD_PROXY_IDLE_TIMEOUT_SECONDS",
+        default_value_t = 15
+    )]
+    proxy_idle_timeout_seconds: u64,
+    /// Seconds a proxy client may send no part of a request body before the request ends.
+    #[arg(
+        long,
+        env = "PREVIEWD_PROXY_BODY_TIMEOUT_SECONDS",
+        default_value_t = 30
+    )]
+    proxy_body_timeout_seconds: u64,
+    /// Most proxy client connections at once [default: what the open-files limit, raised
+    /// to its hard limit at start-up, allows].
+    #[arg(long, env = "PREVIEWD_PROXY_MAX_CONNECTIONS")]
+    proxy_max_connections: Option<usize>,
+    /// Most proxy client connections from one address (0: no such cap; behind a load
+    /// balancer every client has its address).
+    #[arg(
+        long,
+        env = "PREVIEWD_PROXY_MAX_CONNECTIONS_PER_CLIENT",
+        default_value_t = 256
+    )]
+    proxy_max_connections_per_client: usize,
+    /// Seconds the proxy waits for a connection to an upstream (a link's
+    /// spec.timeouts.connect overrides it), then answers 502.
+    #[arg(
+        long,
+        env = "PREVIEWD_PROXY_CONNECT_TIMEOUT_SECONDS",
+        default_value_t = 10
+    )]
+    proxy_connect_timeout_seconds: u64,
+    /// Seconds the proxy waits for an upstream's response head once the request was sent
+    /// (a link's spec.timeouts.response overrides it), then answers 504.
+    #[arg(
+        long,
+        env = "PREVIEWD_PROXY_RESPONSE_TIMEOUT_SECONDS",
+        default_value_t = 60
+    )]
+    proxy_response_timeout_seconds: u64,
     /// Wildcard domain of host-routed links (`*.localhost` resolves to loopback).
     #[arg(
         long,
@@ -296,6 +339,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 controllers,
                 proxy_listen,
                 proxy_header_timeout_ms,
+                proxy_idle_timeout_seconds,
+                proxy_body_timeout_seconds,
+                proxy_max_connections,
+                proxy_max_connections_per_client,
+                proxy_connect_timeout_seconds,
+                proxy_response_timeout_seconds,
                 preview_domain,
                 url_style,
                 public_url,
@@ -368,7 +417,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 rest_namespace,
                 rest_wait: Duration::from_secs(rest_wait_seconds),
                 audit_log,
-                proxy_header_timeout: Duration::from_millis(proxy_header_timeout_ms),
+                proxy_clients: previewd::proxy::server::ClientTimeouts {
+                    header: Duration::from_millis(proxy_header_timeout_ms.max(1)),
+                    idle: Duration::from_secs(proxy_idle_timeout_seconds.max(1)),
+                    body: Duration::from_secs(proxy_body_timeout_seconds.max(1)),
+                },
+                proxy_max_connections,
+                proxy_max_connections_per_client,
+                proxy_timeouts: previewd::proxy::forward::Timeouts {
+                    connect: Duration::from_secs(proxy_connect_timeout_seconds.max(1)),
+                    response: Duration::from_secs(proxy_response_timeout_seconds.max(1)),
+                },
                 event_ttl: Duration::from_secs(event_ttl_seconds),
             };
             serve::run(config, shutdown).await?;

@@ -70,8 +70,15 @@ pub struct ServeConfig {
     pub rest_wait: std::time::Duration,
     /// Where the embedded API records each resource request (local store only).
     pub audit_log: Option<PathBuf>,
-    /// How long a proxy client may take to send a request head (tests shorten it).
-    pub proxy_header_timeout: std::time::Duration,
+    /// How long the proxy waits on its clients.
+    pub proxy_clients: crate::proxy::server::ClientTimeouts,
+    /// Most proxy client connections at once (`None`: as many as the open-files limit
+    /// allows).
+    pub proxy_max_connections: Option<usize>,
+    /// Most proxy client connections from one address (0: no such cap).
+    pub proxy_max_connections_per_client: usize,
+    /// How long the proxy waits on upstreams, unless a link's `spec.timeouts` says otherwise.
+    pub proxy_timeouts: crate::proxy::forward::Timeouts,
     /// How long the embedded API keeps Events (local store only).
     pub event_ttl: std::time::Duration,
 }
@@ -145,6 +152,40 @@ pub fn rest_namespace(
     }
 }
 
+/// The proxy's connection caps: the open-files limit is raised to its hard limit first, and
+/// the total cap is what fits in it (or less, when asked).
+fn proxy_limits(max: Option<usize>, per_client: usize) -> crate::proxy::limits::ConnectionLimits {
+    use crate::proxy::limits;
+    let fits = match limits::raise_open_files_limit() {
+        Ok((now, before)) => {
+            tracing::info!(open_files = now, was = before, "open-files limit");
+            limits::total_for(now)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the open-files limit");
+            limits::total_for(1024)
+        }
+    };
+    let total = match max {
+        Some(m) if m > fits => {
+            tracing::warn!(
+                asked = m,
+                fits,
+                "--proxy-max-connections exceeds what the open-files limit allows; using the limit"
+            );
+            fits
+        }
+        Some(m) => m.max(1),
+        None => fits,
+    };
+    tracing::info!(
+        max_connections = total,
+        max_connections_per_client = per_client,
+        "proxy connection caps"
+    );
+    limits::ConnectionLimits { total, per_client }
+}
+
 async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client, ServeError> {
     let mut config = match kubeconfig {
         Some(path) => {
@@ -181,6 +222,11 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let auth = ApiAuth::new(config.api_listen, config.api_token.as_deref())?;
+    // Before anything opens files: the limit decides the proxy's connection cap.
+    let connection_limits = proxy_limits(
+        config.proxy_max_connections,
+        config.proxy_max_connections_per_client,
+    );
     config.lease.validate()?;
     let metrics = Metrics::new();
     // Locally, the controllers, the proxy and the shim talk to the embedded API in-process
@@ -266,10 +312,13 @@ pub async fn run(
         metrics.clone(),
         docker,
         routes,
-        links.preview_domain.clone(),
         crate::proxy::Serving {
             listener: proxy_listener,
-            header_read_timeout: config.proxy_header_timeout,
+            domain: links.preview_domain.clone(),
+            https: links.public_url.as_ref().is_some_and(|p| p.is_https()),
+            timeouts: config.proxy_timeouts,
+            clients: config.proxy_clients,
+            limits: connection_limits,
             workers: std::thread::available_parallelism().map_or(1, usize::from),
         },
         stopped(stop_rx.clone()),

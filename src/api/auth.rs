@@ -70,7 +70,7 @@ impl ApiAuth {
         }
         authorization
             .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| matches(t.trim(), expected))
+            .is_some_and(|t| matches(t.trim().as_bytes(), expected))
     }
 }
 

@@ -113,6 +113,11 @@ impl PublicUrl {
     pub fn host(&self) -> &str {
         &self.host
     }
+
+    /// Whether users reach the proxy over https.
+    pub fn is_https(&self) -> bool {
+        self.scheme == "https"
+    }
 }
 
 impl LinkConfig {

@@ -193,9 +193,16 @@ pub async fn run_with<R: ContainerRuntime + Clone>(
         .graceful_shutdown_on(shutdown.clone())
         .run(injection::reconcile, injection::error_policy, ctx.clone())
         .for_each(report);
-    // Links follow their shared injection (they are among its owners).
+    // Links follow their shared injection (they are among its owners), and their token
+    // Secret: one deleted (a rotation) gets a new token at once.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        scoped_api(ctx.client.clone(), namespace);
     let link_controller = Controller::new(links, watcher::Config::default())
         .owns(injections, watcher::Config::default())
+        .owns(
+            secrets,
+            watcher::Config::default().labels(&format!("{}=previewd", shared::MANAGED_BY)),
+        )
         .graceful_shutdown_on(shutdown)
         .run(link::reconcile, link::error_policy, ctx)
         .for_each(report);

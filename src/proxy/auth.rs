@@ -26,28 +26,68 @@ pub enum TokenSource {
 }
 
 /// The token a request presents, and where it came from (header, then query, then cookie).
-pub fn presented(headers: &HeaderMap, query: Option<&str>) -> Option<(String, TokenSource)> {
-    if let Some(v) = headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok()) {
-        return Some((v.trim().to_owned(), TokenSource::Header));
+///
+/// What counts as the token parameter or cookie here is exactly what [`strip`] removes: both
+/// read the request through [`query_pairs`] and [`cookie_pairs`], so a form that
+/// authenticates is never one that reaches the app.
+pub fn presented<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+) -> Option<(Cow<'a, [u8]>, TokenSource)> {
+    if let Some(v) = headers.get(TOKEN_HEADER) {
+        return Some((
+            Cow::Borrowed(v.as_bytes().trim_ascii()),
+            TokenSource::Header,
+        ));
     }
-    if let Some(v) = query.and_then(|q| query_value(q, TOKEN_QUERY)) {
-        return Some((v, TokenSource::Query));
+    if let Some(pair) = query.and_then(|q| query_pairs(q).find(QueryPair::is_token)) {
+        return Some((pair.value(), TokenSource::Query));
     }
-    cookie_value(headers, TOKEN_COOKIE).map(|v| (v, TokenSource::Cookie))
+    cookie_pairs(headers)
+        .find(CookiePair::is_token)
+        .map(|c| (Cow::Borrowed(c.value), TokenSource::Cookie))
 }
 
-fn query_value(query: &str, name: &str) -> Option<String> {
-    url_pairs(query).find(|(k, _)| k == name).map(|(_, v)| v)
+/// One `name=value` of a query, as it came and as an app's framework decodes it.
+#[derive(Clone, Copy, Debug)]
+pub struct QueryPair<'a> {
+    /// The pair as it came (`previewd%5Ftoken=abc`).
+    pub raw: &'a str,
+    name: &'a str,
+    value: &'a str,
 }
 
-fn url_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
-    query.split('&').filter(|p| !p.is_empty()).map(|p| {
-        let (k, v) = p.split_once('=').unwrap_or((p, ""));
-        (percent_decode(k), percent_decode(v))
+impl<'a> QueryPair<'a> {
+    /// Whether this is previewd's token parameter: its name, percent-decoded (and `+` as
+    /// space) the way the app's framework would decode it, is [`TOKEN_QUERY`].
+    pub fn is_token(&self) -> bool {
+        // Cheap first: a name of another length cannot decode to the token's name.
+        self.name.len() >= TOKEN_QUERY.len()
+            && self.name.len() <= 3 * TOKEN_QUERY.len()
+            && percent_decode(self.name) == TOKEN_QUERY.as_bytes()
+    }
+
+    /// The value, percent-decoded.
+    pub fn value(&self) -> Cow<'a, [u8]> {
+        if self.value.bytes().any(|b| b == b'%' || b == b'+') {
+            Cow::Owned(percent_decode(self.value))
+        } else {
+            Cow::Borrowed(self.value.as_bytes())
+        }
+    }
+}
+
+/// The pairs of a query (`a=1&b&&c=3`: empty pieces are no pairs).
+pub fn query_pairs(query: &str) -> impl Iterator<Item = QueryPair<'_>> {
+    query.split('&').filter(|p| !p.is_empty()).map(|raw| {
+        let (name, value) = raw.split_once('=').unwrap_or((raw, ""));
+        QueryPair { raw, name, value }
     })
 }
 
-fn percent_decode(s: &str) -> String {
+/// `application/x-www-form-urlencoded` decoding: `%XX` escapes and `+` as space; a `%` not
+/// followed by two hex digits stays as it is (as WHATWG URL parsing keeps it).
+fn percent_decode(s: &str) -> Vec<u8> {
     let hex = |b: u8| (b as char).to_digit(16).and_then(|d| u8::try_from(d).ok());
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -72,28 +112,51 @@ fn percent_decode(s: &str) -> String {
             }
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
-fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
+/// One cookie of a `Cookie` header, as browsers send it: `name=value` pieces separated by
+/// `;`, any bytes but `;` in a value (browsers send UTF-8 as it is).
+#[derive(Clone, Copy, Debug)]
+pub struct CookiePair<'a> {
+    /// The piece as it came, trimmed.
+    pub raw: &'a [u8],
+    /// The name (cookie names are case-sensitive).
+    pub name: &'a [u8],
+    /// The value.
+    pub value: &'a [u8],
+}
+
+impl CookiePair<'_> {
+    /// Whether this is previewd's token cookie.
+    pub fn is_token(&self) -> bool {
+        self.name == TOKEN_COOKIE.as_bytes()
+    }
+}
+
+/// Every cookie of every `Cookie` header, in order; pieces without `=` are skipped, as
+/// browsers and frameworks skip them.
+pub fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = CookiePair<'_>> {
     headers
         .get_all(header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|c| c.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_owned())
+        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+        .filter_map(|piece| {
+            let raw = piece.trim_ascii();
+            let at = raw.iter().position(|b| *b == b'=')?;
+            Some(CookiePair {
+                raw,
+                name: raw[..at].trim_ascii(),
+                value: raw[at + 1..].trim_ascii(),
+            })
+        })
 }
 
 /// Whether `token` hashes to `expected_hash` (hex), compared in constant time.
-pub fn matches(token: &str, expected_hash: &str) -> bool {
+pub fn matches(token: &[u8], expected_hash: &str) -> bool {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut actual = [0u8; 64];
-    for (pair, b) in actual
-        .chunks_exact_mut(2)
-        .zip(Sha256::digest(token.as_bytes()))
-    {
+    for (pair, b) in actual.chunks_exact_mut(2).zip(Sha256::digest(token)) {
         pair[0] = HEX[usize::from(b >> 4)];
         pair[1] = HEX[usize::from(b & 0xf)];
     }
@@ -106,15 +169,10 @@ pub fn matches(token: &str, expected_hash: &str) -> bool {
             == 0
 }
 
-/// Whether a cookie pair is previewd's own.
-fn is_token_cookie(pair: &str) -> bool {
-    pair.split_once('=').map(|(k, _)| k) == Some(TOKEN_COOKIE)
-}
-
 /// Removes what previewd consumed: its header, its query parameter and its cookie (other
-/// cookies stay, in order). Returns the query to forward: `query` itself (borrowed) when it
-/// carries no token, else rebuilt without it (`None` when nothing is left). What previewd did
-/// not consume is left byte for byte, and costs no allocation.
+/// cookies stay, in order, byte for byte). Returns the query to forward: `query` itself
+/// (borrowed) when it carries no token, else rebuilt without it (`None` when nothing is
+/// left). What previewd did not consume is left as it came, and costs no allocation.
 pub fn strip<'q>(headers: &mut HeaderMap, query: Option<&'q str>) -> Option<Cow<'q, str>> {
     // One pass over the names present spares the lookups when neither is there (the
     // common case for public links).
@@ -126,48 +184,39 @@ pub fn strip<'q>(headers: &mut HeaderMap, query: Option<&'q str>) -> Option<Cow<
     if token_header {
         headers.remove(TOKEN_HEADER);
     }
-    let has_token_cookie = cookies
-        && headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .any(|c| is_token_cookie(c.trim()));
-    if has_token_cookie {
-        let cookies: Vec<String> = headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| {
-                v.split(';')
-                    .map(|c| c.trim().to_owned())
-                    .collect::<Vec<_>>()
-            })
-            .filter(|c| !c.is_empty() && !is_token_cookie(c))
-            .collect();
+    if cookies && cookie_pairs(headers).any(|c| c.is_token()) {
+        let mut kept = Vec::new();
+        for c in cookie_pairs(headers).filter(|c| !c.is_token()) {
+            if !kept.is_empty() {
+                kept.extend_from_slice(b"; ");
+            }
+            kept.extend_from_slice(c.raw);
+        }
         headers.remove(header::COOKIE);
-        if !cookies.is_empty()
-            && let Ok(v) = HeaderValue::from_str(&cookies.join("; "))
+        // The pieces came from header values, so they make one again.
+        if let Ok(v) = HeaderValue::from_bytes(&kept)
+            && !kept.is_empty()
         {
             headers.insert(header::COOKIE, v);
         }
     }
     let query = query?;
-    let is_token = |p: &str| p.split('=').next() == Some(TOKEN_QUERY);
-    if !query.split('&').any(is_token) {
+    if !query_pairs(query).any(|p| p.is_token()) {
         return Some(Cow::Borrowed(query));
     }
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|p| !p.is_empty() && !is_token(p))
+    let kept: Vec<&str> = query_pairs(query)
+        .filter(|p| !p.is_token())
+        .map(|p| p.raw)
         .collect();
     (!kept.is_empty()).then(|| Cow::Owned(kept.join("&")))
 }
 
 /// The `Set-Cookie` that remembers a token for this link: HttpOnly, host-only, scoped to the
-/// link's path prefix (`/` for host-routed links).
-pub fn cookie(token: &str, path: &str) -> String {
-    format!("{TOKEN_COOKIE}={token}; Path={path}; HttpOnly; SameSite=Lax")
+/// link's path prefix (`/` for host-routed links), and `Secure` when users reach the proxy
+/// over https (a browser then never sends it in clear).
+pub fn cookie(token: &str, path: &str, secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    format!("{TOKEN_COOKIE}={token}; Path={path}; HttpOnly; SameSite=Lax{secure}")
 }
 
 #[cfg(test)]
@@ -181,6 +230,10 @@ mod tests {
             .collect()
     }
 
+    fn found(h: &HeaderMap, query: Option<&str>) -> Option<(String, TokenSource)> {
+        presented(h, query).map(|(t, s)| (String::from_utf8_lossy(&t).into_owned(), s))
+    }
+
     #[test]
     fn header_then_query_then_cookie() {
         let mut h = HeaderMap::new();
@@ -189,26 +242,26 @@ mod tests {
             HeaderValue::from_static("a=1; previewd_token=c"),
         );
         assert_eq!(
-            presented(&h, Some("x=1&previewd_token=q")),
+            found(&h, Some("x=1&previewd_token=q")),
             Some(("q".into(), TokenSource::Query))
         );
-        assert_eq!(presented(&h, None), Some(("c".into(), TokenSource::Cookie)));
+        assert_eq!(found(&h, None), Some(("c".into(), TokenSource::Cookie)));
         h.insert(TOKEN_HEADER, HeaderValue::from_static("hd"));
         assert_eq!(
-            presented(&h, Some("previewd_token=q")),
+            found(&h, Some("previewd_token=q")),
             Some(("hd".into(), TokenSource::Header))
         );
         assert_eq!(
-            presented(&HeaderMap::new(), Some("previewd_token=a%2Db")),
+            found(&HeaderMap::new(), Some("previewd_token=a%2Db")),
             Some(("a-b".into(), TokenSource::Query))
         );
     }
 
     #[test]
     fn comparison_uses_the_hash() {
-        assert!(matches("tok", &hash("tok")));
-        assert!(!matches("tok2", &hash("tok")));
-        assert!(!matches("tok", "short"));
+        assert!(matches(b"tok", &hash("tok")));
+        assert!(!matches(b"tok2", &hash("tok")));
+        assert!(!matches(b"tok", "short"));
     }
 
     #[test]
@@ -236,5 +289,70 @@ mod tests {
             matches!(strip(&mut h, Some("a=1&&b")), Some(Cow::Borrowed("a=1&&b"))),
             "a query without a token is forwarded as it came"
         );
+    }
+
+    #[test]
+    fn an_encoded_token_name_is_the_token_for_checking_and_for_stripping() {
+        for query in [
+            "previewd%5Ftoken=T",
+            "previewd%5ftoken=T",
+            "%70reviewd_token=T",
+            "x=1&previewd%5Ftoken=T&y=2",
+        ] {
+            let h = HeaderMap::new();
+            assert_eq!(
+                found(&h, Some(query)),
+                Some(("T".into(), TokenSource::Query)),
+                "{query}"
+            );
+            let kept = strip(&mut HeaderMap::new(), Some(query));
+            assert!(
+                kept.as_deref().is_none_or(|k| !k.contains('T')),
+                "{query} forwarded as {kept:?}"
+            );
+        }
+        // Names that only look alike are the app's.
+        let kept = strip(
+            &mut HeaderMap::new(),
+            Some("previewd_tokens=1&previewd+token=2"),
+        );
+        assert_eq!(kept.as_deref(), Some("previewd_tokens=1&previewd+token=2"));
+        assert_eq!(found(&HeaderMap::new(), Some("previewd_tokens=1")), None);
+    }
+
+    #[test]
+    fn cookies_are_read_as_browsers_send_them_utf8_included() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_bytes(
+                "name=\u{e9}t\u{e9}; previewd_token=tok; b=\u{1f600}".as_bytes(),
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        assert_eq!(found(&h, None), Some(("tok".into(), TokenSource::Cookie)));
+        assert_eq!(strip(&mut h, None), None);
+        assert_eq!(
+            h.get(header::COOKIE).map(|v| v.as_bytes()),
+            Some("name=\u{e9}t\u{e9}; b=\u{1f600}".as_bytes())
+        );
+        // A UTF-8 cookie alone is no token (and breaks nothing).
+        let mut alone = HeaderMap::new();
+        alone.insert(
+            header::COOKIE,
+            HeaderValue::from_bytes("n=\u{e9}".as_bytes()).unwrap_or_else(|e| panic!("{e}")),
+        );
+        assert_eq!(found(&alone, None), None);
+        // Only a token cookie: the header goes.
+        let mut only = HeaderMap::new();
+        only.insert(header::COOKIE, HeaderValue::from_static("previewd_token=t"));
+        strip(&mut only, None);
+        assert!(only.get(header::COOKIE).is_none());
+    }
+
+    #[test]
+    fn the_cookie_is_secure_behind_https() {
+        assert!(cookie("t", "/", true).ends_with("; Secure"));
+        assert!(!cookie("t", "/", false).contains("Secure"));
     }
 }

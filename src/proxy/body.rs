@@ -13,6 +13,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use crate::metrics::InFlight;
 use crate::proxy::forward::{Affinity, Lent, Pool};
 use crate::proxy::h1::H1Body;
+use crate::proxy::revoke::StreamGuard;
 
 /// Why a proxy response body failed (an upstream's, part-way).
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -27,6 +28,8 @@ pub struct ProxyBody {
     home: Option<Arc<Affinity>>,
     /// Whether the upstream body was read to its end.
     ended: bool,
+    /// Ends the body when its link is revoked or it idles too long.
+    guard: Option<StreamGuard>,
 }
 
 enum Kind {
@@ -66,7 +69,15 @@ impl ProxyBody {
             in_flight: None,
             home,
             ended: false,
+            guard: None,
         }
+    }
+
+    /// Ends the body, part-way, when `guard` says so (the client then sees the response
+    /// cut off: no last chunk, or fewer bytes than announced).
+    pub fn guarded(mut self, guard: StreamGuard) -> ProxyBody {
+        self.guard = Some(guard);
+        self
     }
 
     /// Keeps `guard` until the body is dropped.
@@ -99,7 +110,21 @@ impl Body for ProxyBody {
             Poll::Ready(Some(Err(e))) => {
                 tracing::debug!(error = %e, source = ?e.source(), "upstream body failed");
             }
-            _ => {}
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(guard) = &mut this.guard {
+                    guard.progressed();
+                }
+            }
+            Poll::Pending => {
+                if let Some(guard) = &mut this.guard
+                    && let Poll::Ready(why) = guard.poll_ended(cx)
+                {
+                    tracing::debug!(%why, "ending a streaming response");
+                    this.guard = None;
+                    this.kind = Kind::Full(None);
+                    return Poll::Ready(Some(Err(Box::new(why))));
+                }
+            }
         }
         polled
     }

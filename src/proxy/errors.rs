@@ -9,6 +9,8 @@ use crate::proxy::body::ProxyBody;
 /// Why the proxy did not forward a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProxyError {
+    /// The request is malformed (e.g. no `Host`, or two).
+    BadRequest(&'static str),
     /// No link answers to this host or path.
     LinkNotFound,
     /// A token link was asked without a token.
@@ -21,6 +23,8 @@ pub enum ProxyError {
     TargetNotReady(String),
     /// The upstream (or the agent) cannot be reached.
     UpstreamUnreachable(String),
+    /// The upstream took too long to answer.
+    UpstreamTimeout(String),
     /// The agent is there, but nothing listens on the port.
     PortClosed(u16),
 }
@@ -29,18 +33,21 @@ impl ProxyError {
     /// Status code and machine-readable code.
     pub fn code(&self) -> (StatusCode, &'static str) {
         match self {
+            ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "BAD_REQUEST"),
             ProxyError::LinkNotFound => (StatusCode::NOT_FOUND, "LINK_NOT_FOUND"),
             ProxyError::TokenMissing => (StatusCode::UNAUTHORIZED, "TOKEN_MISSING"),
             ProxyError::TokenInvalid => (StatusCode::FORBIDDEN, "TOKEN_INVALID"),
             ProxyError::LinkExpired => (StatusCode::GONE, "LINK_EXPIRED"),
             ProxyError::TargetNotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "TARGET_NOT_READY"),
             ProxyError::UpstreamUnreachable(_) => (StatusCode::BAD_GATEWAY, "UPSTREAM_UNREACHABLE"),
+            ProxyError::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "UPSTREAM_TIMEOUT"),
             ProxyError::PortClosed(_) => (StatusCode::BAD_GATEWAY, "PORT_CLOSED"),
         }
     }
 
     fn message(&self) -> String {
         match self {
+            ProxyError::BadRequest(why) => (*why).into(),
             ProxyError::LinkNotFound => "no preview link answers here".into(),
             ProxyError::TokenMissing => {
                 "this preview link needs a token: the X-Previewd-Token header or ?previewd_token="
@@ -52,6 +59,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable(why) => {
                 format!("the preview target cannot be reached: {why}")
             }
+            ProxyError::UpstreamTimeout(why) => format!("the preview target is too slow: {why}"),
             ProxyError::PortClosed(port) => {
                 format!("nothing listens on port {port} in the container")
             }

@@ -18,6 +18,7 @@ use crate::agent::client::{self as agent, AgentError};
 use crate::agent::protocol::SECRET_ENV;
 use crate::proxy::errors::ProxyError;
 use crate::proxy::h1::{self, H1Body, H1Conn, H1Error};
+use crate::proxy::revoke::{Active, Activity, StreamGuard};
 use crate::proxy::routes::Upstream;
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::{ContainerRuntime, ExecSpec, ExecStdio};
@@ -53,7 +54,7 @@ fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
 }
 
 /// Removes hop-by-hop headers (and those named in `Connection`), keeping an upgrade request's
-/// `Connection: upgrade` + `Upgrade`; returns whether it kept them (the message asks for an
+/// `Connection: upgrade` + `Upgrade`; returns whether it kept them (the request asks for an
 /// upgrade).
 #[must_use]
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
@@ -64,20 +65,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
         return false;
     }
     let upgrade = upgrade_of(headers);
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| {
-            v.split(',')
-                .map(|t| t.trim().to_ascii_lowercase())
-                .collect::<Vec<_>>()
-        })
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for h in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(h);
-    }
+    remove_hop_by_hop(headers);
     match upgrade {
         Some(proto) => {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -85,6 +73,28 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
             true
         }
         None => false,
+    }
+}
+
+/// Removes every hop-by-hop header of a response that switches no protocol (anything but
+/// a 101 to an upgrade): its `Connection: upgrade` and `Upgrade` too, which would tell the
+/// client an upgrade it never asked for happened.
+pub fn strip_response_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        remove_hop_by_hop(headers);
+    }
+}
+
+/// Removes the headers `Connection` names, then the hop-by-hop ones.
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| h1::items(v.as_bytes()))
+        .filter_map(|t| HeaderName::from_bytes(&t.to_ascii_lowercase()).ok())
+        .collect();
+    for h in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(h);
     }
 }
 
@@ -201,6 +211,16 @@ fn agent_failure(e: AgentError) -> ProxyError {
 }
 
 impl UpstreamConnector {
+    /// A connection within `limit`, or the 502 that says it did not come.
+    async fn open_within(&self, limit: Duration) -> Result<UpstreamStream, ProxyError> {
+        match tokio::time::timeout(limit, self.open()).await {
+            Ok(opened) => opened,
+            Err(_) => Err(ProxyError::UpstreamUnreachable(format!(
+                "no connection within {limit:?} (spec.timeouts.connect raises it)"
+            ))),
+        }
+    }
+
     async fn open(&self) -> Result<UpstreamStream, ProxyError> {
         let secret = || {
             self.secret
@@ -255,37 +275,175 @@ async fn connect(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
 /// server read), or none (a request [`super::server`] read: it serves only bodyless ones).
 pub enum Outgoing {
     /// The body of a request read by hyper.
-    Client(Incoming),
+    Client(Box<ClientBody>),
     /// No body.
     Empty,
 }
 
+/// A client's request body on its way upstream.
+pub struct ClientBody {
+    body: Incoming,
+    /// Told once the body has all been read (the response-head timeout counts from then).
+    ended: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Longest wait for the next piece of the body.
+    patience: Duration,
+    /// Made on the first wait, reset by each piece.
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// Why a client's request body stopped short.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    /// Reading it failed.
+    #[error(transparent)]
+    Read(#[from] hyper::Error),
+    /// The client sent nothing for too long.
+    #[error("the client sent no part of the request body for {0:?}")]
+    Stalled(Duration),
+}
+
+impl Outgoing {
+    /// The body of a request hyper's server read; a client that sends no piece of it for
+    /// `patience` ends the request.
+    pub fn client(body: Incoming, patience: Duration) -> Outgoing {
+        Outgoing::Client(Box::new(ClientBody {
+            body,
+            ended: None,
+            patience,
+            stalled: None,
+        }))
+    }
+
+    /// Resolves once the whole body has been read (at once for none).
+    fn sent(&mut self) -> impl Future<Output = ()> + use<> {
+        let rx = match self {
+            Outgoing::Client(c) if !c.body.is_end_stream() => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                c.ended = Some(tx);
+                Some(rx)
+            }
+            _ => None,
+        };
+        async move {
+            if let Some(rx) = rx {
+                // Dropped unsent: the request is over either way.
+                let _ = rx.await;
+            }
+        }
+    }
+}
+
 impl hyper::body::Body for Outgoing {
     type Data = bytes::Bytes;
-    type Error = hyper::Error;
+    type Error = ClientBodyError;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            Outgoing::Client(body) => std::pin::Pin::new(body).poll_frame(cx),
-            Outgoing::Empty => std::task::Poll::Ready(None),
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, ClientBodyError>>> {
+        use std::task::Poll;
+        let c = match self.get_mut() {
+            Outgoing::Client(c) => c,
+            Outgoing::Empty => return Poll::Ready(None),
+        };
+        let polled = std::pin::Pin::new(&mut c.body).poll_frame(cx);
+        match &polled {
+            Poll::Pending => {
+                let patience = c.patience;
+                let stalled = c
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(patience)));
+                if stalled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(ClientBodyError::Stalled(patience))));
+                }
+                return Poll::Pending;
+            }
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(stalled) = c.stalled.as_mut() {
+                    stalled
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + c.patience);
+                }
+            }
+            Poll::Ready(_) => {}
         }
+        if (matches!(polled, Poll::Ready(None)) || c.body.is_end_stream())
+            && let Some(tx) = c.ended.take()
+        {
+            let _ = tx.send(());
+        }
+        polled.map(|f| f.map(|r| r.map_err(ClientBodyError::Read)))
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Outgoing::Client(body) => body.is_end_stream(),
+            Outgoing::Client(c) => c.body.is_end_stream(),
             Outgoing::Empty => true,
         }
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         match self {
-            Outgoing::Client(body) => body.size_hint(),
+            Outgoing::Client(c) => c.body.size_hint(),
             Outgoing::Empty => hyper::body::SizeHint::with_exact(0),
         }
+    }
+}
+
+/// How long a request may wait on its upstream: the server's defaults, or a link's own
+/// (`spec.timeouts`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// For a connection (TCP, the agent's tunnel, an exec): then 502.
+    pub connect: Duration,
+    /// For the response head, counted once the request has been sent: then 504.
+    pub response: Duration,
+}
+
+impl Default for Timeouts {
+    /// nginx's `proxy_connect_timeout` is 60 s, but an upstream on this machine or its
+    /// cluster answers a connect at once or not at all; its `proxy_read_timeout` is 60 s.
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(10),
+            response: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Timeouts {
+    /// These defaults, with what a link sets instead.
+    pub fn with(self, link: Option<&crate::resources::preview_link::LinkTimeouts>) -> Self {
+        let pick = |d: Option<&kube::core::Duration>, default: Duration| {
+            d.map(|d| Duration::from(*d))
+                .filter(|d| !d.is_zero())
+                .unwrap_or(default)
+        };
+        match link {
+            None => self,
+            Some(l) => Timeouts {
+                connect: pick(l.connect.as_ref(), self.connect),
+                response: pick(l.response.as_ref(), self.response),
+            },
+        }
+    }
+}
+
+/// `work`, or the 504 after `limit` (counted from when `started` resolves).
+async fn head_within<T>(
+    limit: Duration,
+    started: impl Future<Output = ()>,
+    work: impl Future<Output = Result<T, ProxyError>>,
+) -> Result<T, ProxyError> {
+    let expired = async {
+        started.await;
+        tokio::time::sleep(limit).await;
+    };
+    tokio::select! {
+        r = work => r,
+        () = expired => Err(ProxyError::UpstreamTimeout(format!(
+            "no response within {limit:?} (spec.timeouts.response raises it)"
+        ))),
     }
 }
 
@@ -491,23 +649,28 @@ impl Pool {
         own: Option<Idle>,
         req: Request<Outgoing>,
         upgrade: bool,
+        timeouts: Timeouts,
     ) -> Result<Upstreamed, ProxyError> {
         let (parts, body) = req.into_parts();
         let plain = h1::is_plain(&parts.method, body.is_end_stream(), upgrade)
             && !matches!(self.connector.upstream, Upstream::Exec { .. });
         let (sender, reused) = match self.reuse(own).await {
-            Some(Idle::H1(conn)) if plain => return self.send_h1(conn, true, parts).await,
+            Some(Idle::H1(conn)) if plain => {
+                return self.send_h1(conn, true, parts, timeouts).await;
+            }
             Some(Idle::H1(conn)) => (self.drive(UpstreamStream::Tcp(conn.into_io())).await?, true),
             Some(Idle::Hyper(sender)) => (sender, true),
-            None => match self.connector.open().await? {
+            None => match self.connector.open_within(timeouts.connect).await? {
                 UpstreamStream::Tcp(stream) if plain => {
-                    return self.send_h1(H1Conn::new(stream), false, parts).await;
+                    return self
+                        .send_h1(H1Conn::new(stream), false, parts, timeouts)
+                        .await;
                 }
                 stream => (self.drive(stream).await?, false),
             },
         };
         let req = Request::from_parts(parts, body);
-        self.send_hyper(sender, reused, req).await
+        self.send_hyper(sender, reused, req, timeouts).await
     }
 
     /// Sends a plain request on `conn`; when a `reused` connection turns out closed before
@@ -517,22 +680,26 @@ impl Pool {
         mut conn: H1Conn,
         reused: bool,
         parts: http::request::Parts,
+        timeouts: Timeouts,
     ) -> Result<Upstreamed, ProxyError> {
-        let head = match conn.exchange(&parts).await {
-            Ok(head) => head,
-            Err(H1Error::NoAnswer(_)) if reused && h1::is_idempotent(&parts.method) => {
-                conn = match self.connector.open().await? {
-                    UpstreamStream::Tcp(stream) => H1Conn::new(stream),
-                    UpstreamStream::Exec(_) => {
-                        return Err(ProxyError::UpstreamUnreachable(
-                            "an exec upstream cannot carry a plain exchange".into(),
-                        ));
-                    }
-                };
-                conn.exchange(&parts).await.map_err(h1_failure)?
+        let exchange = async {
+            match conn.exchange(&parts).await {
+                Ok(head) => Ok(head),
+                Err(H1Error::NoAnswer(_)) if reused && h1::is_idempotent(&parts.method) => {
+                    conn = match self.connector.open_within(timeouts.connect).await? {
+                        UpstreamStream::Tcp(stream) => H1Conn::new(stream),
+                        UpstreamStream::Exec(_) => {
+                            return Err(ProxyError::UpstreamUnreachable(
+                                "an exec upstream cannot carry a plain exchange".into(),
+                            ));
+                        }
+                    };
+                    conn.exchange(&parts).await.map_err(h1_failure)
+                }
+                Err(e) => Err(h1_failure(e)),
             }
-            Err(e) => return Err(h1_failure(e)),
         };
+        let head = head_within(timeouts.response, async {}, exchange).await?;
         let mut resp = Response::new(head.body(conn));
         *resp.status_mut() = head.status;
         *resp.headers_mut() = head.headers;
@@ -545,19 +712,26 @@ impl Pool {
         self: Arc<Self>,
         mut sender: SendRequest<Outgoing>,
         reused: bool,
-        req: Request<Outgoing>,
+        mut req: Request<Outgoing>,
+        timeouts: Timeouts,
     ) -> Result<Upstreamed, ProxyError> {
         let failed = |e: hyper::Error| ProxyError::UpstreamUnreachable(e.to_string());
-        let resp = match sender.try_send_request(req).await {
-            Ok(resp) => resp,
-            Err(mut e) => match e.take_message() {
-                Some(req) if reused => {
-                    sender = self.drive(self.connector.open().await?).await?;
-                    sender.send_request(req).await.map_err(failed)?
-                }
-                _ => return Err(failed(e.into_error())),
-            },
+        let sent = req.body_mut().sent();
+        let exchange = async {
+            match sender.try_send_request(req).await {
+                Ok(resp) => Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(req) if reused => {
+                        sender = self
+                            .drive(self.connector.open_within(timeouts.connect).await?)
+                            .await?;
+                        sender.send_request(req).await.map_err(failed)
+                    }
+                    _ => Err(failed(e.into_error())),
+                },
+            }
         };
+        let resp = head_within(timeouts.response, sent, exchange).await?;
         let lent = Lent {
             conn: Idle::Hyper(sender),
             pool: self,
@@ -649,32 +823,51 @@ impl Clients {
         to: Destination,
         mut req: Request<Outgoing>,
         upgrade: bool,
+        timeouts: Timeouts,
+        tunnel: StreamGuard,
     ) -> Result<Upstreamed, ProxyError> {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (mut resp, lent) = match to.pool.send(to.own, req, upgrade).await? {
+        let (mut resp, lent) = match to.pool.send(to.own, req, upgrade, timeouts).await? {
             Upstreamed::Hyper(resp, lent) => (resp, lent),
             Upstreamed::H1(mut resp, pool) => {
-                let _ = strip_hop_by_hop(resp.headers_mut());
+                strip_response_hop_by_hop(resp.headers_mut());
                 return Ok(Upstreamed::H1(resp, pool));
             }
         };
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-            && let Some(client_upgrade) = client_upgrade
-        {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // A switch nobody asked for: the client would be told its connection now speaks
+            // another protocol, and the upstream connection is unusable for anything else.
+            let Some(client_upgrade) = client_upgrade else {
+                return Err(ProxyError::UpstreamUnreachable(
+                    "the upstream switched protocols (101) for a request that asked for no upgrade"
+                        .into(),
+                ));
+            };
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
                 match tokio::try_join!(client_upgrade, upstream_upgrade) {
                     Ok((client, upstream)) => {
-                        let (mut c, mut u) = (TokioIo::new(client), TokioIo::new(upstream));
-                        if let Err(e) = tokio::io::copy_bidirectional_with_sizes(
-                            &mut c,
-                            &mut u,
-                            SPLICE_BUFFER,
-                            SPLICE_BUFFER,
-                        )
-                        .await
-                        {
-                            tracing::debug!(error = %e, "upgraded connection ended");
+                        let activity = Activity::new();
+                        let mut c = Active {
+                            io: TokioIo::new(client),
+                            activity: activity.clone(),
+                        };
+                        let mut u = TokioIo::new(upstream);
+                        let splice = async {
+                            if let Err(e) = tokio::io::copy_bidirectional_with_sizes(
+                                &mut c,
+                                &mut u,
+                                SPLICE_BUFFER,
+                                SPLICE_BUFFER,
+                            )
+                            .await
+                            {
+                                tracing::debug!(error = %e, "upgraded connection ended");
+                            }
+                        };
+                        // Revocation or idleness drops both connections, closing them.
+                        if let Err(why) = tunnel.run_tunnel(activity, splice).await {
+                            tracing::debug!(%why, "ending an upgraded connection");
                         }
                     }
                     Err(e) => tracing::debug!(error = %e, "upgrade failed"),
@@ -683,9 +876,7 @@ impl Clients {
             // The connection now belongs to the tunnel.
             return Ok(Upstreamed::Hyper(resp, None));
         }
-        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            let _ = strip_hop_by_hop(resp.headers_mut());
-        }
+        strip_response_hop_by_hop(resp.headers_mut());
         Ok(Upstreamed::Hyper(resp, lent))
     }
 }
@@ -744,6 +935,57 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         assert!(!strip_hop_by_hop(&mut h));
         assert_eq!(h, before);
+    }
+
+    #[tokio::test]
+    async fn a_connect_that_hangs_is_given_up_at_the_limit() {
+        // A listener whose accept queue is full: the kernel drops further SYNs, so a connect
+        // neither succeeds nor fails.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap_or_else(|e| panic!("{e}"));
+        socket
+            .bind("127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}")))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let listener = socket.listen(0).unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let mut queued = Vec::new();
+        for _ in 0..4 {
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+            {
+                queued.push(s);
+            }
+        }
+        let connector = UpstreamConnector {
+            upstream: Upstream::Direct(addr),
+            secret: None,
+            docker: None,
+        };
+        let started = Instant::now();
+        let opened = connector.open_within(Duration::from_millis(300)).await;
+        let took = started.elapsed();
+        match opened {
+            Err(ProxyError::UpstreamUnreachable(why)) => {
+                assert!(why.contains("no connection within"), "{why}");
+            }
+            Err(e) => panic!("{e:?}"),
+            Ok(_) => panic!("connected through a full accept queue"),
+        }
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        drop(queued);
+    }
+
+    #[test]
+    fn a_response_keeps_no_upgrade_it_did_not_make() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        strip_response_hop_by_hop(&mut h);
+        assert!(h.get(header::CONNECTION).is_none() && h.get(header::UPGRADE).is_none());
+        assert!(h.get(header::CONTENT_TYPE).is_some());
     }
 
     #[test]

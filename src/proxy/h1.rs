@@ -350,31 +350,48 @@ pub struct H1Body {
     reusable: bool,
 }
 
-/// The length of the line at the start of `buf` (without its CRLF), if a whole one is there.
-fn line_len(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == b"\r\n")
+/// The length of the line at the start of `buf` (without its CRLF), once a whole one is
+/// there. A line ends in CRLF and nowhere else: a bare LF, or a CR not followed by LF, is
+/// refused as soon as it is seen, as hyper's decoder refuses it (a peer that reads bare LF
+/// as a line end would frame the body differently).
+fn line_len(buf: &[u8]) -> Result<Option<usize>, H1Error> {
+    match buf.iter().position(|b| *b == b'\r' || *b == b'\n') {
+        None => Ok(None),
+        Some(at) if buf[at] == b'\n' => Err(H1Error::Malformed("bare LF in a chunked body")),
+        Some(at) => match buf.get(at + 1) {
+            None => Ok(None),
+            Some(b'\n') => Ok(Some(at)),
+            Some(_) => Err(H1Error::Malformed("CR without LF in a chunked body")),
+        },
+    }
 }
 
-/// A chunk-size line: hex digits, then optional whitespace and `;`-extensions (ignored).
+/// A chunk-size line (without its CRLF), with hyper's grammar: one or more hex digits (any
+/// number, as long as the size fits in 64 bits), then optional spaces or tabs, then
+/// optional `;`-extensions (ignored).
 fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
     let malformed = H1Error::Malformed("invalid chunk size");
     let digits = line
         .iter()
         .position(|b| !b.is_ascii_hexdigit())
         .unwrap_or(line.len());
-    if digits == 0 || digits > 16 {
+    if digits == 0 {
         return Err(malformed);
     }
-    let rest = line[digits..].trim_ascii_start();
-    if !(rest.is_empty() || rest.starts_with(b";"))
-        || rest.contains(&b'\r')
-        || rest.contains(&b'\n')
-    {
+    let rest = &line[digits..];
+    let spaces = rest
+        .iter()
+        .position(|b| *b != b' ' && *b != b'\t')
+        .unwrap_or(rest.len());
+    if !(rest[spaces..].is_empty() || rest[spaces] == b';') {
         return Err(malformed);
     }
-    std::str::from_utf8(&line[..digits])
-        .ok()
-        .and_then(|d| u64::from_str_radix(d, 16).ok())
+    line[..digits]
+        .iter()
+        .try_fold(0u64, |size, b| {
+            let digit = (*b as char).to_digit(16).map(u64::from)?;
+            size.checked_mul(16)?.checked_add(digit)
+        })
         .ok_or(malformed)
 }
 
@@ -411,7 +428,7 @@ impl H1Body {
                 BodyState::UntilClose if !buf.is_empty() => {
                     return Poll::Ready(Some(Ok(buf.split().freeze())));
                 }
-                BodyState::ChunkSize => match line_len(buf) {
+                BodyState::ChunkSize => match line_len(buf)? {
                     Some(len) => {
                         let size = chunk_size(&buf[..len])?;
                         buf.advance(len + 2);
@@ -437,7 +454,7 @@ impl H1Body {
                     buf.advance(2);
                     self.state = BodyState::ChunkSize;
                 }
-                BodyState::Trailers(seen) => match line_len(buf) {
+                BodyState::Trailers(seen) => match line_len(buf)? {
                     Some(0) => {
                         buf.advance(2);
                         self.state = BodyState::Done;
@@ -659,6 +676,9 @@ mod tests {
         assert_eq!(once(close).await.unwrap(), (b"x".to_vec(), false));
         let old = b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx";
         assert_eq!(once(old).await.unwrap(), (b"x".to_vec(), false));
+        // hyper's grammar: leading zeros, then spaces or tabs before an extension.
+        let lenient = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n000000000000000000003 \t;e=1\r\nabc\r\n0\r\n\r\n";
+        assert_eq!(once(lenient).await.unwrap(), (b"abc".to_vec(), true));
         // The same length twice is one length.
         let twice = b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok";
         assert_eq!(once(twice).await.unwrap(), (b"ok".to_vec(), true));
@@ -673,6 +693,12 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n11111111111111111\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3 x\r\nabc\r\n0\r\n\r\n",
+            // Lines end in CRLF only, as hyper reads them: a bare LF or a lone CR is refused.
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\n;x\r\nabc\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\rabc\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\x0c\r\nabc\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx: 1\n\r\n",
         ] {
             let answer = String::from_utf8_lossy(bad).into_owned();
             match once(bad).await {

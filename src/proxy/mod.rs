@@ -10,6 +10,8 @@ pub mod body;
 pub mod errors;
 pub mod forward;
 pub mod h1;
+pub mod limits;
+pub mod revoke;
 pub mod routes;
 pub mod server;
 
@@ -49,6 +51,8 @@ use routes::Upstream;
 pub struct Routes {
     links: Store<PreviewLink>,
     secrets: Store<Secret>,
+    /// What admitted requests hold, revoked as the links change.
+    revocations: revoke::Revocations,
 }
 
 impl Routes {
@@ -61,7 +65,16 @@ impl Routes {
             watcher::Config::default(),
         )
         .default_backoff();
-        tokio::spawn(reflector::reflector(writer, link_feed).for_each(|_| async {}));
+        let revocations = revoke::Revocations::default();
+        let observer = revocations.clone();
+        tokio::spawn(
+            reflector::reflector(writer, link_feed).for_each(move |event| {
+                if let Ok(event) = &event {
+                    observer.observe(event);
+                }
+                async {}
+            }),
+        );
         let (secrets, writer) = reflector::store();
         let secret_feed = watcher(
             scoped_api(client, namespace),
@@ -69,7 +82,11 @@ impl Routes {
         )
         .default_backoff();
         tokio::spawn(reflector::reflector(writer, secret_feed).for_each(|_| async {}));
-        Routes { links, secrets }
+        Routes {
+            links,
+            secrets,
+            revocations,
+        }
     }
 
     /// Whether the proxy forwards requests for the link `key` now, or the error it answers
@@ -104,23 +121,37 @@ struct Proxy {
     metrics: Arc<Metrics>,
     routes: Routes,
     domain: String,
+    /// Whether users reach the proxy over https (its token cookie is then `Secure`).
+    https: bool,
+    /// How long requests wait on upstreams, unless a link says otherwise.
+    timeouts: forward::Timeouts,
 }
 
 /// One proxy worker: a thread with its own single-threaded runtime and upstream pools.
 struct Worker {
     proxy: Arc<Proxy>,
     upstreams: forward::Clients,
+    /// How long it waits on clients.
+    clients: server::ClientTimeouts,
+    /// The connections of all workers, against the caps.
+    connections: Arc<limits::Connections>,
 }
 
-/// How the proxy serves: its listener, the limit on reading a request head, and how many
-/// worker threads accept on it.
+/// How the proxy serves: its listener and names, how long it waits on clients and on
+/// upstreams, how many connections it holds, and how many worker threads accept on it.
 pub struct Serving {
     /// The bound proxy listener.
     pub listener: tokio::net::TcpListener,
-    /// A client gets this long to send each request head (30 s in production), so
-    /// slow-header clients cannot hold connections open forever; bodies and upgraded streams
-    /// have no such bound.
-    pub header_read_timeout: Duration,
+    /// The wildcard domain of host-routed links.
+    pub domain: String,
+    /// Whether users reach the proxy over https (`--public-url https://…`).
+    pub https: bool,
+    /// How long requests wait on upstreams, unless a link's `spec.timeouts` says otherwise.
+    pub timeouts: forward::Timeouts,
+    /// How long the proxy waits on clients.
+    pub clients: server::ClientTimeouts,
+    /// How many client connections it holds open.
+    pub limits: limits::ConnectionLimits,
     /// Worker threads (the machine's cores, in production).
     pub workers: usize,
 }
@@ -137,16 +168,18 @@ pub async fn run(
     metrics: Arc<Metrics>,
     docker: Option<crate::runtime::docker::DockerRuntime>,
     routes: Routes,
-    domain: String,
     serving: Serving,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let proxy = Arc::new(Proxy {
         metrics,
         routes,
-        domain,
+        domain: serving.domain,
+        https: serving.https,
+        timeouts: serving.timeouts,
     });
     let listener = serving.listener.into_std()?;
+    let connections = limits::Connections::new(serving.limits);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut finished = Vec::new();
     for i in 0..serving.workers.max(1) {
@@ -154,9 +187,10 @@ pub async fn run(
         let worker = Arc::new(Worker {
             proxy: proxy.clone(),
             upstreams: forward::Clients::new(docker.clone()),
+            clients: serving.clients,
+            connections: connections.clone(),
         });
         let mut stop = stop_rx.clone();
-        let header_read_timeout = serving.header_read_timeout;
         let (done, finish) = oneshot::channel();
         std::thread::Builder::new()
             .name(format!("proxy-{i}"))
@@ -170,7 +204,7 @@ pub async fn run(
                             let stopped = async move {
                                 let _ = stop.wait_for(|s| *s).await;
                             };
-                            accept_loop(listener, worker, header_read_timeout, stopped).await
+                            accept_loop(listener, worker, stopped).await
                         })
                     });
                 let _ = done.send(served);
@@ -204,9 +238,9 @@ struct Conn {
 struct Memo {
     /// A link id and its store key.
     key: Option<(String, ObjectRef<PreviewLink>)>,
-    /// A link object (as the store holds it: a changed link is a new object) and the
-    /// upstream its status names.
-    upstream: Option<(Arc<PreviewLink>, Upstream)>,
+    /// A link object (as the store holds it: a changed link is a new object), the upstream
+    /// its status names, and the grant requests admitted under it hold.
+    upstream: Option<(Arc<PreviewLink>, Upstream, revoke::Grant)>,
 }
 
 impl Memo {
@@ -226,20 +260,23 @@ impl Memo {
             .ok_or(ProxyError::LinkNotFound)
     }
 
-    /// The upstream `link`'s status names (`status_upstream`, as [`routes::admit`] gave it).
+    /// The upstream `link`'s status names (`status_upstream`, as [`routes::admit`] gave it),
+    /// and the grant of `link`'s present state from `revocations`.
     fn upstream(
         &mut self,
         link: &Arc<PreviewLink>,
         status_upstream: &str,
-    ) -> Result<Upstream, ProxyError> {
-        if let Some((known, upstream)) = &self.upstream
+        revocations: &revoke::Revocations,
+    ) -> Result<(Upstream, revoke::Grant), ProxyError> {
+        if let Some((known, upstream, grant)) = &self.upstream
             && Arc::ptr_eq(known, link)
         {
-            return Ok(upstream.clone());
+            return Ok((upstream.clone(), grant.clone()));
         }
         let upstream = routes::parse_upstream(status_upstream)?;
-        self.upstream = Some((link.clone(), upstream.clone()));
-        Ok(upstream)
+        let grant = revocations.grant(link);
+        self.upstream = Some((link.clone(), upstream.clone(), grant.clone()));
+        Ok((upstream, grant))
     }
 }
 
@@ -250,9 +287,10 @@ impl Memo {
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     worker: Arc<Worker>,
-    header_read_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let clients = worker.clients;
+    let refusing = Arc::new(AtomicUsize::new(0));
     // One stop signal per connection, dropped to ask for a graceful shutdown: polling a
     // oneshot receiver is an atomic load, where a shared watch channel took a lock on every
     // poll of every connection.
@@ -261,7 +299,7 @@ async fn accept_loop(
     let open = Arc::new(AtomicUsize::new(0));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
+        .header_read_timeout(clients.header);
     tokio::pin!(shutdown);
     loop {
         let (stream, client) = tokio::select! {
@@ -275,6 +313,13 @@ async fn accept_loop(
                 }
             },
             _ = &mut shutdown => break,
+        };
+        let admitted = match worker.connections.admit(client.ip()) {
+            Ok(admitted) => admitted,
+            Err(over) => {
+                refuse(stream, over, &refusing);
+                continue;
+            }
         };
         // Small writes (WebSocket frames, SSE events) must not wait for Nagle.
         let _ = stream.set_nodelay(true);
@@ -291,15 +336,17 @@ async fn accept_loop(
         let (stops, open, http) = (stops.clone(), open.clone(), http.clone());
         open.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
+            let _admitted = admitted;
             let plain = |parts| handle(&conn, parts, Outgoing::Empty);
             if let server::Ended::HandOff(rest) =
-                server::serve(stream, plain, header_read_timeout, &mut stop).await
+                server::serve(stream, plain, clients, &mut stop).await
             {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let conn = conn.clone();
                     async move {
                         let (parts, body) = req.into_parts();
-                        Ok::<_, Infallible>(handle(&conn, parts, Outgoing::Client(body)).await)
+                        let body = Outgoing::client(body, clients.body);
+                        Ok::<_, Infallible>(handle(&conn, parts, body).await)
                     }
                 });
                 let served = http
@@ -332,6 +379,44 @@ async fn accept_loop(
     Ok(())
 }
 
+/// Answers a connection over a cap with a short 503 and closes it: the answer is written,
+/// the write side shut, and what the client sent read and dropped for a moment, so that the
+/// close does not reset the connection before the client read why. At most
+/// [`MAX_REFUSING`] connections per worker linger like this; past that the answer is written
+/// only if the socket takes it at once, and the connection closed.
+fn refuse(stream: tokio::net::TcpStream, over: limits::OverLimit, refusing: &Arc<AtomicUsize>) {
+    if refusing.fetch_add(1, Ordering::SeqCst) >= MAX_REFUSING {
+        refusing.fetch_sub(1, Ordering::SeqCst);
+        // No lingering: the answer goes out if the socket takes it now (a client that sent
+        // nothing still reads it before the close).
+        let _ = stream.try_write(over.response());
+        return;
+    }
+    let refusing = refusing.clone();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = stream;
+        let linger = async {
+            stream.write_all(over.response()).await?;
+            stream.shutdown().await?;
+            let mut sink = [0u8; 4096];
+            let mut left: usize = 64 * 1024;
+            while left > 0 {
+                match stream.read(&mut sink).await? {
+                    0 => break,
+                    n => left = left.saturating_sub(n),
+                }
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), linger).await;
+        refusing.fetch_sub(1, Ordering::SeqCst);
+    });
+}
+
+/// How many refused connections one worker lets linger at once (see [`refuse`]).
+const MAX_REFUSING: usize = 64;
+
 /// Locks `m`, also after a panic elsewhere (the map stays usable).
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -362,7 +447,15 @@ async fn serve(
     mut parts: http::request::Parts,
     body: Outgoing,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let original_host = parts.headers.get(header::HOST).cloned();
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let original_host = hosts.next().cloned();
+    // HTTP/1.1 requires exactly one Host (RFC 9112 §3.2); HTTP/1.0 may have none.
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("the request has two Host headers"));
+    }
+    if original_host.is_none() && parts.version != http::Version::HTTP_10 {
+        return Err(ProxyError::BadRequest("the request has no Host header"));
+    }
     let host = match parts.uri.authority() {
         Some(a) => Some(a.as_str()),
         None => original_host.as_ref().and_then(|h| h.to_str().ok()),
@@ -371,7 +464,8 @@ async fn serve(
     let routed = routes::route(host, path, &proxy.domain).ok_or(ProxyError::LinkNotFound)?;
     let link = lock(&conn.memo).link(&proxy.routes.links, &routed.id)?;
     let (status_upstream, token_hash) = routes::admit(&link, k8s_openapi::jiff::Timestamp::now())?;
-    let upstream = lock(&conn.memo).upstream(&link, status_upstream)?;
+    let (upstream, grant) =
+        lock(&conn.memo).upstream(&link, status_upstream, &proxy.routes.revocations)?;
     // `/p/{id}` without its slash: redirect, so the app's relative URLs stay under the prefix.
     if routed.prefix != "/" && path == routed.prefix.trim_end_matches('/') {
         let target = match parts.uri.query() {
@@ -393,8 +487,12 @@ async fn serve(
         if !auth::matches(&token, hash) {
             return Err(ProxyError::TokenInvalid);
         }
-        if source == auth::TokenSource::Query {
-            set_cookie = HeaderValue::try_from(auth::cookie(&token, &routed.prefix)).ok();
+        // The token matched, so it is the link's own (URL-safe base64).
+        if source == auth::TokenSource::Query
+            && let Ok(token) = std::str::from_utf8(&token)
+        {
+            set_cookie =
+                HeaderValue::try_from(auth::cookie(token, &routed.prefix, proxy.https)).ok();
         }
     }
     // What goes upstream: the path under the link's prefix, and the query less the token.
@@ -446,16 +544,43 @@ async fn serve(
         parts.headers.insert(header::HOST, h);
     }
     let asked = std::time::Instant::now();
-    let upstreamed =
-        forward::Clients::forward(to, Request::from_parts(parts, body), upgrade).await?;
+    let timeouts = proxy.timeouts.with(link.spec.timeouts.as_ref());
+    let idle = link
+        .spec
+        .timeouts
+        .as_ref()
+        .and_then(|t| t.idle)
+        .map(Duration::from)
+        .filter(|d| !d.is_zero());
+    let upstreamed = forward::Clients::forward(
+        to,
+        Request::from_parts(parts, body),
+        upgrade,
+        timeouts,
+        revoke::StreamGuard::new(grant.clone(), idle),
+    )
+    .await?;
     proxy.metrics.upstream_answered(asked.elapsed());
     let home = conn.affinity.clone();
+    let guard = revoke::StreamGuard::new(grant, idle);
     let mut resp = match upstreamed {
         forward::Upstreamed::Hyper(resp, lent) => {
-            resp.map(|body| ProxyBody::upstream(body, lent, home))
+            resp.map(|body| ProxyBody::upstream(body, lent, home).guarded(guard))
         }
-        forward::Upstreamed::H1(resp, pool) => resp.map(|body| ProxyBody::h1(body, pool, home)),
+        forward::Upstreamed::H1(resp, pool) => {
+            resp.map(|body| ProxyBody::h1(body, pool, home).guarded(guard))
+        }
     };
+    if matches!(
+        resp.status(),
+        StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+    ) {
+        // No body follows, so nothing may frame one (RFC 9110 §8.6): an upstream's length
+        // would make a client wait for bytes that never come.
+        let headers = resp.headers_mut();
+        headers.remove(header::CONTENT_LENGTH);
+        headers.remove(header::TRANSFER_ENCODING);
+    }
     if let Some(c) = set_cookie {
         resp.headers_mut().append(header::SET_COOKIE, c);
     }
@@ -483,10 +608,12 @@ mod tests {
     fn a_connections_memo_follows_changed_and_deleted_links() {
         let (links, mut writer) = reflector::store::<PreviewLink>();
         let mut memo = Memo::default();
+        let revocations = revoke::Revocations::default();
         let resolve = |memo: &mut Memo| {
             let link = memo.link(&links, "web.default")?;
             let upstream = link.status.as_ref().and_then(|s| s.upstream.clone());
-            memo.upstream(&link, upstream.as_deref().unwrap_or_default())
+            memo.upstream(&link, upstream.as_deref().unwrap_or_default(), &revocations)
+                .map(|(upstream, _)| upstream)
         };
         assert_eq!(resolve(&mut memo), Err(ProxyError::LinkNotFound));
         writer.apply_watcher_event(&Event::Apply(link("http://10.0.0.1:80")));

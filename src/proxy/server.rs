@@ -65,7 +65,8 @@ enum Head {
     Partial,
     /// A request this loop leaves to hyper (see the module doc).
     HandOff,
-    /// A head that parsed but whose target or a header value `http` refuses: answered 400.
+    /// A head that parsed but has no `Host` or two, or whose target or a header value `http`
+    /// refuses: answered 400.
     Invalid,
 }
 
@@ -97,9 +98,11 @@ fn parse(buf: &mut BytesMut, fields: &mut Vec<Field>) -> Head {
     let offset = |s: &[u8]| s.as_ptr() as usize - base;
     let mut close = false;
     let mut length_seen = false;
+    let mut hosts = 0;
     fields.clear();
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
+        hosts += usize::from(name.eq_ignore_ascii_case(b"host"));
         if name.eq_ignore_ascii_case(b"transfer-encoding") || name.eq_ignore_ascii_case(b"upgrade")
         {
             return Head::HandOff;
@@ -122,6 +125,11 @@ fn parse(buf: &mut BytesMut, fields: &mut Vec<Field>) -> Head {
     let target = offset(path.as_bytes());
     let target = target..target + path.len();
     let head = buf.split_to(len).freeze();
+    // An HTTP/1.1 request names exactly one Host (RFC 9112 §3.2): with none or two, which
+    // link it is for is a guess.
+    if hosts != 1 {
+        return Head::Invalid;
+    }
     let Ok(uri) = Uri::from_maybe_shared(head.slice(target)) else {
         return Head::Invalid;
     };
@@ -136,16 +144,40 @@ fn parse(buf: &mut BytesMut, fields: &mut Vec<Field>) -> Head {
     Head::Request(Box::new(Parsed { parts, close }))
 }
 
+/// How long the proxy waits on a client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientTimeouts {
+    /// For a whole request head once its first byte came (then 408, and the connection is
+    /// closed).
+    pub header: Duration,
+    /// For the first byte of a request, on a new or a kept-alive connection (then the
+    /// connection is closed without a word, as a keep-alive timeout closes it).
+    pub idle: Duration,
+    /// For each piece of a request body (then the request ends: a client that stops
+    /// sending holds no upstream connection open).
+    pub body: Duration,
+}
+
+impl Default for ClientTimeouts {
+    fn default() -> Self {
+        ClientTimeouts {
+            header: Duration::from_secs(30),
+            idle: Duration::from_secs(15),
+            body: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Serves requests on `io` with `handler` until the connection closes, a request for hyper
 /// arrives, or `stop` resolves (between requests: one in progress is finished first).
 ///
-/// A client gets `header_timeout` for each request head, counted from when the loop starts
-/// waiting for it (an idle keep-alive connection too, as hyper counts it): then it is
-/// closed, with a 408 if part of a head had come.
+/// A client gets `timeouts.idle` to begin each request (a connection that sends nothing is
+/// closed after it), then `timeouts.header` from its first byte for the whole head (then a
+/// 408).
 pub async fn serve<H, F, B>(
     mut io: TcpStream,
     handler: H,
-    header_timeout: Duration,
+    timeouts: ClientTimeouts,
     stop: &mut (impl Future + Unpin),
 ) -> Ended
 where
@@ -157,7 +189,7 @@ where
     let mut input = BytesMut::new();
     let mut out = Vec::new();
     let mut fields = Vec::new();
-    let deadline = tokio::time::sleep(header_timeout);
+    let deadline = tokio::time::sleep(timeouts.idle);
     tokio::pin!(deadline);
     loop {
         let mut waiting = false;
@@ -173,16 +205,24 @@ where
             }
             if !waiting {
                 waiting = true;
-                deadline
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + header_timeout);
+                let limit = if input.is_empty() {
+                    timeouts.idle
+                } else {
+                    timeouts.header
+                };
+                deadline.as_mut().reset(tokio::time::Instant::now() + limit);
             }
             input.reserve(READ_SIZE);
+            let was_empty = input.is_empty();
             tokio::select! {
                 biased;
                 _ = &mut *stop => return Ended::Closed,
                 read = io.read_buf(&mut input) => match read {
                     Ok(0) | Err(_) => return Ended::Closed,
+                    // The request began: the head gets its own time from here.
+                    Ok(_) if was_empty => deadline
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + timeouts.header),
                     Ok(_) => {}
                 },
                 () = &mut deadline => {
@@ -240,6 +280,8 @@ fn make_room(input: &mut BytesMut) {
 /// What a 400 answer to an unusable head is.
 const BAD_REQUEST: &[u8] =
     b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+/// What a response whose upstream body broke before anything was sent becomes.
+const BROKEN_UPSTREAM: &[u8] = b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: application/json\r\ncontent-length: 95\r\nconnection: close\r\n\r\n{\"error\":\"UPSTREAM_UNREACHABLE\",\"message\":\"the upstream's answer broke off before it was sent\"}";
 /// What a head that took too long is answered with.
 const REQUEST_TIMEOUT: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
@@ -275,10 +317,7 @@ impl Exchange<'_> {
     {
         let (head, mut body) = resp.into_parts();
         let length = body.size_hint().exact();
-        let framing = if bodiless
-            || head.status == StatusCode::NO_CONTENT
-            || head.status == StatusCode::NOT_MODIFIED
-        {
+        let framing = if bodiless || is_bodiless_status(head.status) {
             Framing::None
         } else if length.is_some() {
             Framing::Length
@@ -299,6 +338,8 @@ impl Exchange<'_> {
         B: Body<Data = Bytes> + Unpin,
         B::Error: Display,
     {
+        // Until the head went out, a failing body can still be answered with a 502.
+        let mut head_sent = false;
         loop {
             // What is ready goes behind the head; a flush only when the body must wait.
             let polled = std::future::poll_fn(|cx| match Pin::new(&mut *body).poll_frame(cx) {
@@ -326,11 +367,18 @@ impl Exchange<'_> {
                     if self.io.write_all(self.out).await.is_err() {
                         return false;
                     }
+                    head_sent = true;
                     self.out.clear();
                 }
                 Some(None) => break,
                 Some(Some(Err(e))) => {
                     tracing::debug!(error = %e, "response body failed part-way");
+                    // Nothing reached the client yet: it is told the upstream failed, as
+                    // nginx answers an upstream that closed before its response was sent.
+                    // Else the close cuts the body short where the client sees it.
+                    if !head_sent {
+                        let _ = self.io.write_all(BROKEN_UPSTREAM).await;
+                    }
                     return false;
                 }
                 Some(Some(Ok(frame))) => {
@@ -350,6 +398,7 @@ impl Exchange<'_> {
                         if write_both(self.io, self.out, &data).await.is_err() {
                             return false;
                         }
+                        head_sent = true;
                         self.out.clear();
                     }
                     if framing == Framing::Chunked {
@@ -363,6 +412,11 @@ impl Exchange<'_> {
         }
         self.io.write_all(self.out).await.is_ok()
     }
+}
+
+/// Whether a response with this status never has a body: 204 No Content, 304 Not Modified.
+fn is_bodiless_status(status: StatusCode) -> bool {
+    status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED
 }
 
 /// Writes `head` then `data` (vectored: one system call when the socket takes both).
@@ -403,8 +457,12 @@ fn encode_head(
     );
     out.extend_from_slice(b"\r\n");
     let mut dated = false;
+    // The response's own framing headers go, except on a HEAD answer (which says what a GET
+    // would have got): this loop frames the body itself, and a 204 or 304 has none to frame
+    // (RFC 9110 §8.6, §15.3.5).
+    let own_framing = framing != Framing::None || is_bodiless_status(head.status);
     for (name, value) in &head.headers {
-        if framing != Framing::None
+        if own_framing
             && (name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING)
         {
             continue;
@@ -573,7 +631,7 @@ mod tests {
     /// signal, and how the loop ended.
     async fn start(
         app: App,
-        header_timeout: Duration,
+        timeouts: ClientTimeouts,
     ) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<Ended>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -584,12 +642,21 @@ mod tests {
             serve(
                 io,
                 |parts| std::future::ready(app.answer(parts)),
-                header_timeout,
+                timeouts,
                 &mut stop,
             )
             .await
         });
         (addr, stop_tx, served)
+    }
+
+    /// The same limit for idling, heads and bodies.
+    fn within(limit: Duration) -> ClientTimeouts {
+        ClientTimeouts {
+            header: limit,
+            idle: limit,
+            body: limit,
+        }
     }
 
     fn app() -> App {
@@ -610,7 +677,7 @@ mod tests {
         let app = App {
             streamed: std::sync::Mutex::new(Some(body)),
         };
-        let (addr, stop, served) = start(app, Duration::from_secs(5)).await;
+        let (addr, stop, served) = start(app, within(Duration::from_secs(5))).await;
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
@@ -637,7 +704,7 @@ mod tests {
 
     #[tokio::test]
     async fn serves_pipelined_requests_in_order_then_closes_when_asked() {
-        let (addr, _stop, served) = start(app(), Duration::from_secs(5)).await;
+        let (addr, _stop, served) = start(app(), within(Duration::from_secs(5))).await;
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(
             b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n\
@@ -734,7 +801,7 @@ mod tests {
             b"\x16\x03\x01 not http\r\n\r\n",
         ];
         for case in cases {
-            let (addr, _stop, served) = start(app(), Duration::from_secs(5)).await;
+            let (addr, _stop, served) = start(app(), within(Duration::from_secs(5))).await;
             let mut s = TcpStream::connect(addr).await.unwrap();
             // A plain request first: the hand-over happens mid-connection.
             s.write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -765,7 +832,7 @@ mod tests {
             (&b"GET / HTTP/1.1\r\nX-Slow: "[..], REQUEST_TIMEOUT),
             (&b""[..], &b""[..]),
         ] {
-            let (addr, _stop, served) = start(app(), limit).await;
+            let (addr, _stop, served) = start(app(), within(limit)).await;
             let mut s = TcpStream::connect(addr).await.unwrap();
             let started = std::time::Instant::now();
             s.write_all(sent).await.unwrap();
@@ -778,6 +845,87 @@ mod tests {
             assert_eq!(all, answer);
             assert!(matches!(served.await.unwrap(), Ended::Closed));
         }
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_gets_the_idle_limit_and_a_begun_head_the_header_limit() {
+        let timeouts = ClientTimeouts {
+            header: Duration::from_millis(1500),
+            idle: Duration::from_millis(200),
+            body: Duration::from_secs(5),
+        };
+        // Nothing sent: closed at the idle limit, well before the header limit.
+        let (addr, _stop, served) = start(app(), timeouts).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.unwrap();
+        let took = started.elapsed();
+        assert!(
+            all.is_empty() && took < Duration::from_millis(1200),
+            "{took:?}"
+        );
+        assert!(matches!(served.await.unwrap(), Ended::Closed));
+        // A head begun after a while of idling gets the header limit from its first byte.
+        let (addr, _stop, _served) = start(app(), timeouts).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        s.write_all(b"Host: x\r\n\r\n").await.unwrap();
+        let mut seen = Vec::new();
+        read_until(&mut s, &mut seen, "GET / 1").await;
+    }
+
+    #[tokio::test]
+    async fn requests_need_one_host_and_bodiless_answers_carry_no_length() {
+        for head in [
+            &b"GET / HTTP/1.1\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        ] {
+            let (addr, _stop, served) = start(app(), within(Duration::from_secs(5))).await;
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(head).await.unwrap();
+            let mut all = Vec::new();
+            s.read_to_end(&mut all).await.unwrap();
+            assert_eq!(all, BAD_REQUEST);
+            assert!(matches!(served.await.unwrap(), Ended::Closed));
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (io, _) = listener.accept().await.unwrap();
+            let (_stop_tx, mut stop) = oneshot::channel::<()>();
+            let handler = |parts: request::Parts| {
+                let status = if parts.uri.path() == "/204" {
+                    StatusCode::NO_CONTENT
+                } else {
+                    StatusCode::NOT_MODIFIED
+                };
+                let resp = http::Response::builder()
+                    .status(status)
+                    .header(http::header::CONTENT_LENGTH, "5")
+                    .body(Full::new(Bytes::from_static(b"hello")).boxed_unsync())
+                    .unwrap();
+                std::future::ready(resp)
+            };
+            serve(io, handler, within(Duration::from_secs(5)), &mut stop).await
+        });
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            b"GET /204 HTTP/1.1\r\nHost: x\r\n\r\nGET /304 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.unwrap();
+        let text = String::from_utf8(all).unwrap();
+        assert!(text.starts_with("HTTP/1.1 204 No Content\r\n"), "{text}");
+        assert!(text.contains("HTTP/1.1 304 Not Modified\r\n"), "{text}");
+        assert!(
+            !text.contains("content-length") && !text.contains("hello"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
@@ -797,7 +945,7 @@ mod tests {
                     std::future::pending::<Response<TestBody>>().await
                 }
             };
-            serve(io, handler, Duration::from_secs(5), &mut stop).await
+            serve(io, handler, within(Duration::from_secs(5)), &mut stop).await
         });
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -821,7 +969,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_target_http_refuses_is_answered_400() {
-        let (addr, _stop, served) = start(app(), Duration::from_secs(5)).await;
+        let (addr, _stop, served) = start(app(), within(Duration::from_secs(5))).await;
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(b"GET http:// HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
@@ -834,7 +982,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_stop_signal_closes_between_requests() {
-        let (addr, stop, served) = start(app(), Duration::from_secs(30)).await;
+        let (addr, stop, served) = start(app(), within(Duration::from_secs(30))).await;
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
             .await

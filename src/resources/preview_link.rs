@@ -88,6 +88,29 @@ pub struct PreviewLinkSpec {
     /// CORS answers added by the proxy; none when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cors: Option<CorsPolicy>,
+    /// How long the proxy waits for the upstream; the server's defaults when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<LinkTimeouts>,
+}
+
+/// Bounds on waiting for a link's upstream, for apps that need others than the server's
+/// defaults (a long-polling endpoint answers late; a quiet stream may be worth closing).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkTimeouts {
+    /// Longest wait for a connection to the upstream (Go duration; server default 10s),
+    /// then 502 `UPSTREAM_UNREACHABLE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect: Option<kube::core::Duration>,
+    /// Longest wait for the response head once the request was sent (server default 60s,
+    /// as nginx's `proxy_read_timeout`; raise it for long polling), then 504
+    /// `UPSTREAM_TIMEOUT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<kube::core::Duration>,
+    /// Longest a streaming response or an upgraded connection (WebSocket) may carry no byte
+    /// before the proxy closes it; none when omitted (streams stay open while they live).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<kube::core::Duration>,
 }
 
 impl PreviewLinkSpec {
@@ -103,6 +126,7 @@ impl PreviewLinkSpec {
             via: Via::default(),
             host_rewrite: None,
             cors: None,
+            timeouts: None,
         }
     }
 }

@@ -85,6 +85,17 @@ fn is_dns1123_label(s: &str, max: usize) -> bool {
         && b.iter().all(|c| alnum(c) || *c == b'-')
 }
 
+fn positive(field: &str, d: &kube::core::Duration) -> Result<(), FieldError> {
+    if d.is_negative() || std::time::Duration::from(*d).is_zero() {
+        Err(FieldError::new(
+            field,
+            format!("Invalid value: {d:?}: must be a positive duration"),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 fn port(field: &str, value: i32) -> Result<(), FieldError> {
     if (1..=65535).contains(&value) {
         Ok(())
@@ -138,13 +149,19 @@ pub fn preview_link_spec(spec: &PreviewLinkSpec) -> Vec<FieldError> {
             "Forbidden: may not be set together with spec.expiresAt",
         ));
     }
-    if let Some(ttl) = &spec.ttl
-        && (ttl.is_negative() || std::time::Duration::from(*ttl).is_zero())
-    {
-        errs.push(FieldError::new(
-            "spec.ttl",
-            format!("Invalid value: {ttl:?}: must be a positive duration"),
-        ));
+    if let Some(ttl) = &spec.ttl {
+        errs.extend(positive("spec.ttl", ttl).err());
+    }
+    if let Some(t) = &spec.timeouts {
+        for (name, value) in [
+            ("connect", &t.connect),
+            ("response", &t.response),
+            ("idle", &t.idle),
+        ] {
+            if let Some(d) = value {
+                errs.extend(positive(&format!("spec.timeouts.{name}"), d).err());
+            }
+        }
     }
     if let Some(host) = &spec.host_rewrite {
         let ok = !host.is_empty()

@@ -178,6 +178,11 @@ impl Server {
         false
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Peak resident memory of the server process (VmHWM), in bytes.
     pub fn peak_rss(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))

@@ -286,12 +286,30 @@ impl TestContainer {
     }
 
     /// A container running the project's test upstream on `addr`.
-    /// A container running the project's test upstream on `addr`.
     pub async fn testapp(docker: &Docker, addr: &str, host: HostConfig) -> TestContainer {
         TestContainer::run(
             docker,
             BUSYBOX_IMAGE,
             Some(vec!["/usr/local/bin/testapp", addr]),
+            host,
+            None,
+            true,
+        )
+        .await
+    }
+
+    /// A container running the project's test upstream on `addr`, and its misbehaving raw
+    /// upstream (`GET /raw/{case}`) on `raw_addr`.
+    pub async fn testapp_with_raw(
+        docker: &Docker,
+        addr: &str,
+        raw_addr: &str,
+        host: HostConfig,
+    ) -> TestContainer {
+        TestContainer::run(
+            docker,
+            BUSYBOX_IMAGE,
+            Some(vec!["/usr/local/bin/testapp", addr, raw_addr]),
             host,
             None,
             true,

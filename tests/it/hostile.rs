@@ -1,9 +1,22 @@
 //! Hostile clients against the real `previewd serve`, through real sockets: what a web page in
 //! the user's browser, a tenant writing objects, or a malformed message can try.
 
-use serde_json::Value;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
-use crate::common::{Server, exchange};
+use bollard::models::HostConfig;
+use futures::{SinkExt, StreamExt};
+use kube::api::{Api, PostParams};
+use previewd::resources::PreviewLink;
+use previewd::resources::preview_link::LinkPhase;
+use serde_json::{Value, json};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::{Server, eventually, exchange};
+use crate::containers::{TestContainer, docker, images};
+use crate::docker::{link, wait_link};
 
 /// One raw request to the API listener of `server`: status, head and body as JSON
 /// (`Value::Null` when the body is not JSON).
@@ -202,4 +215,619 @@ async fn operators_add_the_names_and_origins_they_serve() {
         .await;
         assert_eq!(code, want, "{origin}: {body}");
     }
+}
+
+/// A container serving the test app on 8080 and its misbehaving raw upstream on 8081, a
+/// previewd server with `env`, and links to them: `raw` (public, direct to 8081), `app`
+/// (token, through the agent to 8080) and the `extra` ones (name, port, spec fields).
+struct Fixture {
+    server: Server,
+    links: Api<PreviewLink>,
+    _state: tempfile::TempDir,
+    _app: TestContainer,
+}
+
+impl Fixture {
+    async fn new(env: &[(&str, &str)], extra: &[(&str, i32, Value)]) -> Option<Fixture> {
+        let rt = docker().await?;
+        images(rt.client()).await;
+        let app = TestContainer::testapp_with_raw(
+            rt.client(),
+            "0.0.0.0:8080",
+            "0.0.0.0:8081",
+            HostConfig::default(),
+        )
+        .await;
+        let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let server = crate::docker::server_with(state.path(), env);
+        let links: Api<PreviewLink> = Api::default_namespaced(server.client());
+        let mut all = vec![
+            ("raw", 8081, json!({"via": "direct", "access": "public"})),
+            ("app", 8080, json!({})),
+        ];
+        all.extend(extra.iter().map(|(n, p, v)| (*n, *p, v.clone())));
+        for (name, port, spec) in &all {
+            links
+                .create(
+                    &PostParams::default(),
+                    &link(name, &app.name, *port, spec.clone()),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        for (name, _, _) in &all {
+            wait_link(&links, name, LinkPhase::Ready).await;
+        }
+        Some(Fixture {
+            server,
+            links,
+            _state: state,
+            _app: app,
+        })
+    }
+
+    fn token(&self, link: &str) -> String {
+        let out = std::process::Command::new(crate::common::previewd_bin())
+            .args(["token", link, "--server", &self.server.url])
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// One raw exchange with the proxy (the request as given, which should close).
+    async fn send(&self, request: &str) -> (u16, String, String) {
+        exchange(self.server.proxy, request).await
+    }
+
+    /// `GET path` of the link `id`'s host, with `extra` header lines.
+    async fn get(&self, id: &str, path: &str, extra: &str) -> (u16, String, String) {
+        self.send(&format!(
+            "GET {path} HTTP/1.1\r\nHost: {id}.default.preview.localhost\r\nConnection: close\r\n{extra}\r\n"
+        ))
+        .await
+    }
+
+    /// `POST path` with a small body: the proxy's hyper path, on both sides.
+    async fn post(&self, id: &str, path: &str) -> (u16, String, String) {
+        self.send(&format!(
+            "POST {path} HTTP/1.1\r\nHost: {id}.default.preview.localhost\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi"
+        ))
+        .await
+    }
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_and_upstream_answers_never_reach_the_other_side_as_they_came() {
+    let Some(f) = Fixture::new(
+        &[("PREVIEWD_PUBLIC_URL", "https://preview.example.com")],
+        &[],
+    )
+    .await
+    else {
+        return;
+    };
+    // No Host, two Hosts: on the proxy's own loop (GET) and on hyper's (a body).
+    for request in [
+        "GET /raw/204-length HTTP/1.1\r\nConnection: close\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: raw.default.preview.localhost\r\nHost: app.default.preview.localhost\r\nConnection: close\r\n\r\n",
+        "POST / HTTP/1.1\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi",
+        "POST / HTTP/1.1\r\nHost: raw.default.preview.localhost\r\nHost: app.default.preview.localhost\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi",
+    ] {
+        let (code, head, body) = f.send(request).await;
+        assert_eq!(code, 400, "{request:?}: {head}\n{body}");
+    }
+
+    for (method, sent) in [("GET", true), ("POST", false)] {
+        let f = &f;
+        let call = |path: &'static str| async move {
+            if sent {
+                f.get("raw", path, "").await
+            } else {
+                f.post("raw", path).await
+            }
+        };
+        // 204 and 304 carry no length and no body, whatever the upstream sent.
+        for path in ["/raw/204-length", "/raw/304-length"] {
+            let (code, head, body) = call(path).await;
+            assert!(code == 204 || code == 304, "{method} {path}: {head}");
+            assert_eq!(
+                header(&head, "content-length"),
+                None,
+                "{method} {path}: {head}"
+            );
+            assert_eq!(
+                header(&head, "transfer-encoding"),
+                None,
+                "{method} {path}: {head}"
+            );
+            assert_eq!(body, "", "{method} {path}");
+        }
+        // An upgrade announced on a 200 is no upgrade.
+        let (code, head, body) = call("/raw/upgrade-headers").await;
+        assert_eq!((code, body.as_str()), (200, "ok"), "{method}: {head}");
+        assert_eq!(header(&head, "upgrade"), None, "{method}: {head}");
+        assert!(
+            header(&head, "connection").is_none_or(|c| !c.to_ascii_lowercase().contains("upgrade")),
+            "{method}: {head}"
+        );
+        // A body cut short is seen cut short: fewer bytes than announced, or no last chunk.
+        let (code, head, body) = call("/raw/cut-length").await;
+        if code == 0 && !sent {
+            assert_eq!(body, "", "{method}");
+        } else if code == 200 {
+            assert_eq!(
+                header(&head, "content-length"),
+                Some("100"),
+                "{method}: {head}"
+            );
+            assert!(body.len() < 100, "{method}: {body:?}");
+        } else {
+            assert_eq!(code, 502, "{method}: {head}");
+        }
+        for path in ["/raw/cut-chunked", "/raw/lf-chunk"] {
+            let (code, head, body) = call(path).await;
+            // hyper's server (the POST) closes without a word when the body fails before
+            // its head went out: an empty reply, which clients report as an error too.
+            assert!(
+                code == 200 || code == 502 || (code == 0 && !sent),
+                "{method} {path}: {head}"
+            );
+            if code == 200 {
+                assert!(
+                    header(&head, "content-length").is_none() && !body.ends_with("0\r\n\r\n"),
+                    "{method} {path}: the client was shown a whole body: {head}\n{body:?}"
+                );
+            }
+        }
+        // A switch of protocols nobody asked for.
+        let (code, head, _) = call("/raw/101").await;
+        assert_eq!(code, 502, "{method}: {head}");
+    }
+
+    // One parser decides what the token is and what is stripped: an encoded name
+    // authenticates and never reaches the app.
+    let token = f.token("app");
+    for name in ["previewd%5Ftoken", "previewd%5ftoken", "%70reviewd_token"] {
+        let (code, head, seen) = f
+            .get("app", &format!("/headers?a=1&{name}={token}"), "")
+            .await;
+        // The query token is traded for a cookie.
+        assert!(code == 200 || code == 303, "{name}: {head}");
+        assert!(!seen.contains(&token), "{name} reached the app: {seen}");
+    }
+    // Cookies as browsers send them: a UTF-8 cookie beside the token cookie.
+    let cookie = format!("Cookie: pref=\u{e9}t\u{e9}; previewd_token={token}; b=2\r\n");
+    let (code, _, seen) = f.get("app", "/headers", &cookie).await;
+    assert_eq!(code, 200, "{seen}");
+    assert!(!seen.contains(&token), "{seen}");
+    assert!(seen.contains("cookie: pref=\u{e9}t\u{e9}; b=2"), "{seen}");
+    // Behind https, the token cookie is Secure.
+    let (_, head, _) = f
+        .get("app", &format!("/headers?previewd_token={token}"), "")
+        .await;
+    let set_cookie = header(&head, "set-cookie").unwrap_or_default();
+    assert!(
+        set_cookie.starts_with("previewd_token=") && set_cookie.contains("Secure"),
+        "{head}"
+    );
+}
+
+/// A connection to the proxy for the link `id` that has sent `request_line_and_headers` and
+/// read the response head.
+async fn streaming(proxy: SocketAddr, id: &str, path: &str, extra: &str) -> TcpStream {
+    let mut s = TcpStream::connect(proxy)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {id}.default.preview.localhost\r\n{extra}\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await {
+            Ok(Ok(1)) => head.push(b[0]),
+            other => panic!(
+                "no response head for {path} ({other:?}): {}",
+                String::from_utf8_lossy(&head)
+            ),
+        }
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+    s
+}
+
+/// A WebSocket to the test app's echo through the link `id`, with `token`.
+async fn websocket(
+    proxy: SocketAddr,
+    id: &str,
+    token: &str,
+) -> tokio_tungstenite::WebSocketStream<TcpStream> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{id}.default.preview.localhost/ws")
+        .into_client_request()
+        .unwrap_or_else(|e| panic!("{e}"));
+    request.headers_mut().insert(
+        "x-previewd-token",
+        token.parse().unwrap_or_else(|e| panic!("{e}")),
+    );
+    let tcp = TcpStream::connect(proxy)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (ws, _) = tokio_tungstenite::client_async(request, tcp)
+        .await
+        .unwrap_or_else(|e| panic!("websocket handshake through {id}: {e}"));
+    ws
+}
+
+/// Reads `s` until the proxy closes it, at most `limit`: when it closed (`None`: it did not).
+async fn closed_by(s: &mut TcpStream, limit: Duration) -> Option<Instant> {
+    let read = async {
+        let mut b = [0u8; 4096];
+        loop {
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => return Instant::now(),
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, read).await.ok()
+}
+
+/// Reads (and echoes nothing to) `ws` until the proxy closes it, at most `limit`.
+async fn ws_closed_by(
+    ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>,
+    limit: Duration,
+) -> Option<Instant> {
+    let read = async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) => return Instant::now(),
+                Some(Ok(m)) if m.is_close() => return Instant::now(),
+                Some(Ok(_)) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, read).await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_upstreams_time_out_and_slow_or_idle_clients_are_let_go() {
+    let Some(f) = Fixture::new(
+        &[
+            ("PREVIEWD_PROXY_RESPONSE_TIMEOUT_SECONDS", "3"),
+            ("PREVIEWD_PROXY_BODY_TIMEOUT_SECONDS", "1"),
+            ("PREVIEWD_PROXY_IDLE_TIMEOUT_SECONDS", "2"),
+        ],
+        &[
+            (
+                "patient",
+                8081,
+                json!({"via": "direct", "access": "public", "timeouts": {"response": "10s"}}),
+            ),
+            (
+                "hasty",
+                8081,
+                json!({"via": "direct", "access": "public", "timeouts": {"response": "1s", "connect": "1s"}}),
+            ),
+            (
+                "quiet",
+                8080,
+                json!({"via": "direct", "access": "public", "timeouts": {"idle": "1s"}}),
+            ),
+        ],
+    )
+    .await
+    else {
+        return;
+    };
+    let timed = |id: &'static str, path: &'static str| {
+        let f = &f;
+        async move {
+            let started = Instant::now();
+            let (code, head, body) = f.get(id, path, "").await;
+            (code, head, body, started.elapsed())
+        }
+    };
+    // A silent upstream: 504 at the server's default, on both client paths.
+    let (code, head, body, took) = timed("raw", "/raw/silent").await;
+    assert_eq!(code, 504, "{head}\n{body}");
+    assert!(body.contains("UPSTREAM_TIMEOUT"), "{body}");
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
+    let started = Instant::now();
+    let (code, _, _) = f.post("raw", "/raw/silent").await;
+    assert_eq!(code, 504);
+    assert!(started.elapsed() < Duration::from_secs(8));
+    // Per link: a long poll that takes 5 s is waited for, or not.
+    let (code, _, body, _) = timed("patient", "/raw/slow?ms=5000").await;
+    assert_eq!((code, body.as_str()), (200, "slow"));
+    let (code, _, _, took) = timed("hasty", "/raw/slow?ms=5000").await;
+    assert_eq!(code, 504);
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    // A stream is not cut by the response timeout…
+    let (code, _, body, _) = timed("raw", "/sse?n=1").await;
+    assert_eq!(code, 404, "the raw upstream serves no /sse: {body}");
+    let proxy = f.server.proxy;
+    let mut sse = streaming(
+        proxy,
+        "app",
+        "/sse?n=3&ms=1500",
+        &format!("X-Previewd-Token: {}\r\n", f.token("app")),
+    )
+    .await;
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), sse.read_to_end(&mut all))
+        .await
+        .unwrap_or_else(|_| panic!("the stream did not end"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        String::from_utf8_lossy(&all).contains("data: event 2"),
+        "{}",
+        String::from_utf8_lossy(&all)
+    );
+    // …but a link's idle limit closes a quiet one.
+    let mut quiet = streaming(proxy, "quiet", "/sse?n=3&ms=4000", "").await;
+    let opened = Instant::now();
+    let closed = closed_by(&mut quiet, Duration::from_secs(10)).await;
+    let after = closed.map(|c| c - opened);
+    assert!(
+        after.is_some_and(|a| a >= Duration::from_millis(900) && a < Duration::from_secs(3)),
+        "the quiet stream was closed after {after:?}"
+    );
+
+    // A request body that stops coming ends the request.
+    let mut slow = TcpStream::connect(proxy)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    slow.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: quiet.default.preview.localhost\r\nContent-Length: 1000\r\n\r\n0123456789",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let started = Instant::now();
+    let ended = closed_by(&mut slow, Duration::from_secs(10)).await;
+    assert!(
+        ended.is_some_and(|e| e - started < Duration::from_secs(5)),
+        "a stalled body held the request for {:?}",
+        ended.map(|e| e - started)
+    );
+
+    // A connection that says nothing is closed after the idle limit, without a word.
+    let mut idle = TcpStream::connect(proxy)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let started = Instant::now();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), idle.read_to_end(&mut out))
+        .await
+        .unwrap_or_else(|_| panic!("an idle connection was kept"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let took = started.elapsed();
+    assert!(
+        out.is_empty() && took >= Duration::from_millis(1900) && took < Duration::from_secs(6),
+        "{took:?} {out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_rotating_or_expiring_a_link_closes_its_open_streams_within_a_second() {
+    let Some(f) = Fixture::new(
+        &[],
+        &[
+            ("gone", 8080, json!({})),
+            ("rotated", 8080, json!({})),
+            ("expiring", 8080, json!({"ttl": "12s"})),
+        ],
+    )
+    .await
+    else {
+        return;
+    };
+    let proxy = f.server.proxy;
+    let open = |id: &'static str| {
+        let f = &f;
+        async move {
+            let token = f.token(id);
+            let ws = websocket(proxy, id, &token).await;
+            let sse = streaming(
+                proxy,
+                id,
+                "/sse?n=100000&ms=200",
+                &format!("X-Previewd-Token: {token}\r\n"),
+            )
+            .await;
+            (ws, sse, token)
+        }
+    };
+    let (mut control_ws, mut control_sse, _) = open("app").await;
+    let limit = Duration::from_secs(1);
+
+    // Deleted.
+    let (mut ws, mut sse, _) = open("gone").await;
+    let asked = Instant::now();
+    f.links
+        .delete("gone", &Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (w, s) = (
+        ws_closed_by(&mut ws, Duration::from_secs(5)).await,
+        closed_by(&mut sse, Duration::from_secs(5)).await,
+    );
+    for (what, at) in [("websocket", w), ("event stream", s)] {
+        let after = at.map(|t| t - asked);
+        assert!(
+            after.is_some_and(|a| a <= limit),
+            "deleted: the {what} closed after {after:?}"
+        );
+    }
+
+    // The token is rotated: its Secret is deleted, previewd issues a new one.
+    let (mut ws, mut sse, old) = open("rotated").await;
+    let old_hash = f
+        .links
+        .get("rotated")
+        .await
+        .ok()
+        .and_then(|l| l.status.and_then(|s| s.token_hash))
+        .unwrap_or_default();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::default_namespaced(f.server.client());
+    secrets
+        .delete("previewd-link-rotated", &Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let rotated = eventually(Duration::from_secs(15), "a new token hash", || {
+        let links = f.links.clone();
+        let old_hash = old_hash.clone();
+        async move {
+            let hash = links.get("rotated").await.ok()?.status?.token_hash?;
+            (hash != old_hash).then(Instant::now)
+        }
+    })
+    .await;
+    let (w, s) = (
+        ws_closed_by(&mut ws, Duration::from_secs(5)).await,
+        closed_by(&mut sse, Duration::from_secs(5)).await,
+    );
+    for (what, at) in [("websocket", w), ("event stream", s)] {
+        // Measured from when the new hash was seen (polled): up to a poll before it.
+        let after = at.map(|t| t.saturating_duration_since(rotated));
+        assert!(
+            after.is_some_and(|a| a <= limit),
+            "rotated: the {what} closed after {after:?}"
+        );
+    }
+    let (code, _, _) = f
+        .get("rotated", "/", &format!("X-Previewd-Token: {old}\r\n"))
+        .await;
+    assert_eq!(code, 403, "the old token still opens the link");
+
+    // Expired.
+    let expiring = f
+        .links
+        .get("expiring")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let expires = expiring
+        .status
+        .and_then(|s| s.expires_at)
+        .map(|t| std::time::SystemTime::from(t.0))
+        .unwrap_or_else(|| panic!("no expiresAt"));
+    let (mut ws, mut sse, _) = open("expiring").await;
+    let left = expires
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_else(|_| panic!("the link expired before its streams opened"));
+    let (w, s) = (
+        ws_closed_by(&mut ws, left + Duration::from_secs(5)).await,
+        closed_by(&mut sse, left + Duration::from_secs(5)).await,
+    );
+    let expired_at = Instant::now() - expires.elapsed().unwrap_or_default();
+    for (what, at) in [("websocket", w), ("event stream", s)] {
+        let after = at.map(|t| t.saturating_duration_since(expired_at));
+        assert!(
+            after.is_some_and(|a| a <= limit)
+                && at.is_some_and(|t| t + Duration::from_millis(50) >= expired_at),
+            "expired: the {what} closed {after:?} after expiry"
+        );
+    }
+
+    // The link nobody touched still streams.
+    control_ws
+        .send(tokio_tungstenite::tungstenite::Message::text("still here"))
+        .await
+        .unwrap_or_else(|e| panic!("the control websocket was closed: {e}"));
+    let echo = tokio::time::timeout(Duration::from_secs(5), control_ws.next()).await;
+    assert!(matches!(echo, Ok(Some(Ok(_)))), "{echo:?}");
+    let mut b = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), control_sse.read(&mut b))
+        .await
+        .unwrap_or_else(|_| panic!("the control stream stalled"))
+        .unwrap_or(0);
+    assert!(n > 0, "the control stream was closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_connections_locks_nobody_else_out() {
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server = Server::api_only(state.path());
+    let proxy = server.proxy;
+    // The soft open-files limit was raised to the hard one.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .map(|l| l.split_whitespace().skip(3).take(2).collect::<Vec<_>>())
+        .unwrap_or_default();
+    assert!(files.len() == 2 && files[0] == files[1], "{limits}");
+    assert!(
+        server.log_text().contains("open-files limit"),
+        "{}",
+        server.log_text()
+    );
+
+    // 1,127 connections that send nothing, from one address.
+    let mut flood = Vec::new();
+    for _ in 0..1127 {
+        match TcpStream::connect(proxy).await {
+            Ok(s) => flood.push(s),
+            Err(e) => panic!("connect {}: {e}", flood.len()),
+        }
+    }
+    // Those over the per-client cap (256 by default) were told so at once.
+    let mut refused = 0;
+    for s in flood.iter_mut().skip(256) {
+        let mut b = [0u8; 512];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await
+            && String::from_utf8_lossy(&b[..n]).contains("TOO_MANY_CONNECTIONS")
+        {
+            refused += 1;
+        }
+    }
+    assert!(
+        refused >= 1127 - 256 - 8,
+        "only {refused} connections were refused"
+    );
+    // Another client is served at once.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap_or_else(|e| panic!("{e}"));
+    socket
+        .bind("127.0.0.2:0".parse().unwrap_or_else(|e| panic!("{e}")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let started = Instant::now();
+    let mut other = tokio::time::timeout(Duration::from_secs(2), socket.connect(proxy))
+        .await
+        .unwrap_or_else(|_| panic!("connect timed out"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    other
+        .write_all(b"GET /p/none.default/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), other.read_to_end(&mut out))
+        .await
+        .unwrap_or_else(|_| panic!("another client was locked out"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        String::from_utf8_lossy(&out).starts_with("HTTP/1.1 404"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(!server.log_text().contains("Too many open files"));
 }
