@@ -13,6 +13,7 @@ use previewd::controller::leader::LeaseConfig;
 use previewd::controller::link::{LinkConfig, PublicUrl, UrlStyle};
 use previewd::controller::{AgentBinary, ControllerConfig};
 use previewd::resources::crd;
+use previewd::resources::daemon_source::DaemonSourcePolicy;
 use previewd::serve::{self, ServeConfig, StoreChoice};
 
 #[derive(Parser)]
@@ -169,6 +170,15 @@ struct ServeArgs {
     /// --api-listen is not a loopback address).
     #[arg(long, env = "PREVIEWD_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
+    /// A directory whose executables DaemonInjections may name as their daemon
+    /// (`spec.daemon.source.hostPath`; repeatable). None by default, and refused with a
+    /// Kubernetes API server: previewd copies these files into containers.
+    #[arg(
+        long = "daemon-source-dir",
+        env = "PREVIEWD_DAEMON_SOURCE_DIRS",
+        value_delimiter = ','
+    )]
+    daemon_source_dirs: Vec<PathBuf>,
     /// Host names the API listener also serves when it needs no token (it always serves
     /// localhost, 127.0.0.1, [::1], its listen address and the public URL's host); any other
     /// Host is refused, so a web page on a rebound DNS name cannot reach the API.
@@ -351,6 +361,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 api_token,
                 api_accept_hosts,
                 api_accept_origins,
+                daemon_source_dirs,
                 rest_namespace,
                 rest_wait_seconds,
                 store,
@@ -393,11 +404,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 watch_namespace.as_deref().filter(|_| controllers),
             )?;
             let pod_targets = matches!(store, StoreChoice::Kube { .. });
+            let daemon_sources = if pod_targets {
+                anyhow::ensure!(
+                    daemon_source_dirs.is_empty(),
+                    "--daemon-source-dir is refused with a Kubernetes API server: there the host \
+                     is previewd's own pod, whose files (its service-account token) are not for \
+                     whoever may create a DaemonInjection"
+                );
+                DaemonSourcePolicy::InCluster
+            } else {
+                DaemonSourcePolicy::directories(&daemon_source_dirs).map_err(anyhow::Error::msg)?
+            };
             let controller = ControllerConfig {
                 agent_binary: agent_binary.unwrap_or_else(AgentBinary::default_path),
                 agent_port,
                 namespace: watch_namespace,
                 pod_targets,
+                daemon_sources: daemon_sources.clone(),
             };
             let links = LinkConfig {
                 preview_domain,
@@ -414,6 +437,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 api_token,
                 api_accept_hosts,
                 api_accept_origins,
+                daemon_sources,
                 rest_namespace,
                 rest_wait: Duration::from_secs(rest_wait_seconds),
                 audit_log,

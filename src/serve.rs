@@ -64,6 +64,8 @@ pub struct ServeConfig {
     pub api_accept_hosts: Vec<String>,
     /// Origins (`https://console.example.com`) whose pages may call the API.
     pub api_accept_origins: Vec<String>,
+    /// Where user-named daemons may be read from (the embedded API admits objects by it).
+    pub daemon_sources: crate::resources::daemon_source::DaemonSourcePolicy,
     /// Namespace of the objects the REST shim creates.
     pub rest_namespace: String,
     /// Longest a REST shim call waits for status.
@@ -233,7 +235,9 @@ pub async fn run(
     // (no socket, one implementation); in a cluster, to the API server.
     let (client, store, base) = match &config.store {
         StoreChoice::Local(dir) => {
-            let store = Arc::new(Store::open(dir, kinds::all())?);
+            let store = Arc::new(Store::open(dir, kinds::all())?.with_admission(
+                kinds::daemon_source_admission(config.daemon_sources.clone()),
+            ));
             tracing::info!(
                 state_dir = %dir.display(),
                 objects_revision = store.revision(),

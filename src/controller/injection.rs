@@ -24,6 +24,7 @@ use crate::agent::protocol::{INSTALL_DIR, SECRET_ENV};
 use crate::agent::supervise::STARTED_PREFIX;
 use crate::resources::conditions::{self, READY};
 use crate::resources::daemon_injection::{DaemonPhase, DaemonSource, DaemonSpec, Probe};
+use crate::resources::daemon_source::DaemonSourcePolicy;
 use crate::resources::{DaemonInjection, DaemonInjectionStatus, Target};
 use crate::runtime::pod::PodTarget;
 use crate::runtime::{ContainerInfo, ContainerRuntime, ExecSpec, FileUpload, RuntimeError};
@@ -484,13 +485,13 @@ async fn inject<R: ContainerRuntime, T: ContainerRuntime>(
         mode: 0o755,
     }];
     if let Some(d) = &daemon {
-        match read_host_binary(d.host_path).await {
+        match read_host_binary(&ctx.daemon_sources, d.host_path).await {
             Ok(contents) => upload.push(FileUpload {
                 path: d.install_path.clone(),
                 contents,
                 mode: 0o755,
             }),
-            Err(e) => return Outcome::failed("DaemonSourceUnreadable", e),
+            Err(e) => return Outcome::failed("DaemonSourceRefused", e),
         }
     }
     if let Err(e) = rt.upload(&info.handle, &upload).await {
@@ -643,21 +644,13 @@ async fn inject<R: ContainerRuntime, T: ContainerRuntime>(
     running(agent.0, agent.1, true)
 }
 
-/// Reads a user daemon's binary from this machine (bounded: it is sent in one upload).
-async fn read_host_binary(path: &str) -> Result<bytes::Bytes, String> {
-    const MAX: u64 = 512 * 1024 * 1024;
-    let meta = tokio::fs::metadata(path)
+/// Reads a user daemon's binary from this machine, if the operator's policy allows that
+/// file (checked again now: it may have changed since the object was admitted).
+async fn read_host_binary(policy: &DaemonSourcePolicy, path: &str) -> Result<bytes::Bytes, String> {
+    let (policy, path) = (policy.clone(), path.to_owned());
+    tokio::task::spawn_blocking(move || policy.read(&path))
         .await
-        .map_err(|e| format!("cannot read the daemon binary {path}: {e}"))?;
-    if !meta.is_file() || meta.len() > MAX {
-        return Err(format!(
-            "the daemon binary {path} must be a regular file of at most {MAX} bytes"
-        ));
-    }
-    tokio::fs::read(path)
-        .await
-        .map(bytes::Bytes::from)
-        .map_err(|e| format!("cannot read the daemon binary {path}: {e}"))
+        .map_err(|e| format!("reading the daemon binary failed: {e}"))?
 }
 
 /// How long a user daemon gets to become ready.

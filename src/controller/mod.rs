@@ -19,6 +19,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client};
 
 use crate::metrics::Metrics;
+use crate::resources::daemon_source::DaemonSourcePolicy;
 use crate::resources::{DaemonInjection, PreviewLink, scoped_api};
 use crate::runtime::ContainerRuntime;
 use crate::runtime::docker::DockerRuntime;
@@ -107,6 +108,8 @@ pub struct Context<R: ContainerRuntime> {
     pub agent_port: u16,
     /// How preview links are addressed.
     pub links: link::LinkConfig,
+    /// Where user-named daemons may be read from.
+    pub daemon_sources: DaemonSourcePolicy,
 }
 
 /// How the controllers are run.
@@ -121,6 +124,8 @@ pub struct ControllerConfig {
     /// Serve pod targets through the API server's pod exec (a real API server has pods; the
     /// embedded one does not).
     pub pod_targets: bool,
+    /// Where user-named daemons may be read from.
+    pub daemon_sources: DaemonSourcePolicy,
 }
 
 /// Connects to Docker (when reachable) and runs the controllers until
@@ -163,6 +168,7 @@ pub async fn run(
         backoff: backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(120)),
         agent_port: config.agent_port,
         links,
+        daemon_sources: config.daemon_sources,
     });
     run_with(ctx, config.namespace.as_deref(), shutdown).await
 }

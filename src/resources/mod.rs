@@ -7,6 +7,7 @@
 pub mod conditions;
 pub mod crd;
 pub mod daemon_injection;
+pub mod daemon_source;
 pub mod preview_link;
 pub mod target;
 pub mod validation;

@@ -198,6 +198,36 @@ pub fn all() -> Vec<Kind> {
     ]
 }
 
+/// The admission of DaemonInjections whose host-path daemon source is new or changed:
+/// refused unless `policy` allows the file.
+pub fn daemon_source_admission(
+    policy: resources::daemon_source::DaemonSourcePolicy,
+) -> super::state::Admission {
+    std::sync::Arc::new(move |kind: &Kind, current: Option<&Value>, next: &Value| {
+        const HOST_PATH: &str = "/spec/daemon/source/hostPath";
+        if kind.plural != "daemoninjections" {
+            return Vec::new();
+        }
+        let Some(path) = next.pointer(HOST_PATH).and_then(Value::as_str) else {
+            return Vec::new();
+        };
+        if current
+            .and_then(|c| c.pointer(HOST_PATH))
+            .and_then(Value::as_str)
+            == Some(path)
+        {
+            return Vec::new();
+        }
+        match policy.resolve(path) {
+            Ok(_) => Vec::new(),
+            Err(why) => vec![FieldError::new(
+                "spec.daemon.source.hostPath",
+                format!("Forbidden: {why}"),
+            )],
+        }
+    })
+}
+
 fn validate_preview_link(obj: &mut Value) -> Vec<FieldError> {
     validate_custom::<PreviewLinkSpec, PreviewLinkStatus>(obj, validation::preview_link_spec)
 }

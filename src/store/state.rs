@@ -140,6 +140,8 @@ struct Inner {
 /// The embedded API's object store.
 pub struct Store {
     kinds: Vec<Kind>,
+    /// What the operator allows beyond an object's own validity (see [`Admission`]).
+    admission: Option<Admission>,
     disk: Disk,
     inner: Mutex<Inner>,
     changes: broadcast::Sender<Arc<Change>>,
@@ -169,6 +171,7 @@ impl Store {
         let (changes, _) = broadcast::channel(BROADCAST_CAPACITY);
         Ok(Store {
             kinds,
+            admission: None,
             disk,
             inner: Mutex::new(Inner {
                 objects,
@@ -181,6 +184,31 @@ impl Store {
             skipped: loaded.skipped,
             closing: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Checks every create and update with `admission` too.
+    pub fn with_admission(mut self, admission: Admission) -> Self {
+        self.admission = Some(admission);
+        self
+    }
+
+    /// Runs the admission check on a write of `next` over `current` (`None` on create).
+    fn admit(
+        &self,
+        kind: &Kind,
+        name: &str,
+        current: Option<&Value>,
+        next: &Value,
+    ) -> Result<(), StoreError> {
+        let errs = match &self.admission {
+            Some(admission) => admission(kind, current, next),
+            None => Vec::new(),
+        };
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(invalid(kind, name, errs))
+        }
     }
 
     /// The kinds this store serves.
@@ -448,6 +476,7 @@ impl Store {
             meta::set_meta(&mut body, server_owned, None);
         }
         let warnings = run_validation(kind, &name, &mut body, fields)?;
+        self.admit(kind, &name, None, &body)?;
         if let Some(o) = owner {
             let empty = json!({"metadata": {}});
             fields::record(
@@ -672,6 +701,7 @@ impl Store {
         (fields, owner): (FieldValidation, Option<Owner<'_>>),
     ) -> Result<Written, StoreError> {
         let warnings = run_validation(kind, &key.name, &mut next, fields)?;
+        self.admit(kind, &key.name, Some(&current), &next)?;
         // Ownership follows what really changed, defaults and pruning included.
         if let Some(o) = owner {
             fields::record(
@@ -799,6 +829,13 @@ fn modified_conflict(kind: &Kind, name: &str) -> StoreError {
         reason: "the object has been modified; please apply your changes to the latest version and try again".into(),
     }
 }
+
+/// A check of a write (`current` is `None` on create) against what the server's operator
+/// allows, as an admission webhook would: it refuses with field errors (422). Unlike
+/// validation it depends on the server's configuration, so it judges only what a write
+/// changes, and an object admitted once can still have its status and finalizers written.
+pub type Admission =
+    std::sync::Arc<dyn Fn(&Kind, Option<&Value>, &Value) -> Vec<FieldError> + Send + Sync>;
 
 /// Normalizes and validates `obj`; returns the unknown fields that were dropped, or refuses
 /// them under [`FieldValidation::Strict`].

@@ -831,3 +831,179 @@ async fn a_flood_of_idle_connections_locks_nobody_else_out() {
     assert!(started.elapsed() < Duration::from_secs(2));
     assert!(!server.log_text().contains("Too many open files"));
 }
+
+/// A DaemonInjection of `container` whose daemon is the host file `path`, as JSON.
+fn host_path_injection(name: &str, container: &str, path: &str) -> String {
+    json!({
+        "apiVersion": "previewd.dev/v1alpha1", "kind": "DaemonInjection",
+        "metadata": {"name": name},
+        "spec": {"target": {"docker": {"container": container}},
+                 "daemon": {"source": {"hostPath": path}}}
+    })
+    .to_string()
+}
+
+/// Creates `body` through the API listener of `server`: status and body.
+async fn create_injection(server: &Server, body: &str) -> (u16, Value) {
+    let addr = server.url.trim_start_matches("http://");
+    let (code, _, json) = api(
+        server,
+        &format!(
+            "POST /apis/previewd.dev/v1alpha1/namespaces/default/daemoninjections HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    (code, json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_path_daemons_come_only_from_directories_the_operator_allows() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let allowed = dir.path().join("daemons");
+    std::fs::create_dir_all(&allowed).unwrap_or_else(|e| panic!("{e}"));
+    let write = |name: &str, mode: u32| {
+        let path = allowed.join(name);
+        std::fs::write(&path, b"\x7fELF").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .unwrap_or_else(|e| panic!("{e}"));
+        path.display().to_string()
+    };
+    let ok = write("daemon", 0o755);
+    let plain = write("notes", 0o600);
+    let link = allowed.join("shadow");
+    std::os::unix::fs::symlink("/etc/shadow", &link).unwrap_or_else(|e| panic!("{e}"));
+    let link = link.display().to_string();
+
+    // By default no host file at all.
+    let state = dir.path().join("default");
+    let server = Server::api_only(&state);
+    let (code, body) =
+        create_injection(&server, &host_path_injection("a", "victim", "/etc/shadow")).await;
+    assert_eq!(code, 422, "{body}");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(message.contains("--daemon-source-dir"), "{body}");
+    let (code, _) = create_injection(&server, &host_path_injection("b", "victim", &ok)).await;
+    assert_eq!(code, 422, "no directory is allowed by default");
+    drop(server);
+
+    // With a directory: its executables, nothing else, symlinks resolved first.
+    let allowed_env = allowed.display().to_string();
+    let server = Server::start_with(
+        &dir.path().join("allowing"),
+        &[
+            crate::common::API_ONLY,
+            ("PREVIEWD_DAEMON_SOURCE_DIRS", &allowed_env),
+        ],
+    );
+    let escape = format!("{allowed_env}/../../../etc/shadow");
+    for (path, why) in [
+        (plain.as_str(), "not executable"),
+        (link.as_str(), "not inside"),
+        (escape.as_str(), "not inside"),
+        ("/etc/shadow", "not inside"),
+    ] {
+        let (code, body) =
+            create_injection(&server, &host_path_injection("x", "victim", path)).await;
+        assert_eq!(code, 422, "{path}: {body}");
+        assert!(body.to_string().contains(why), "{path}: {body}");
+    }
+    let (code, body) = create_injection(&server, &host_path_injection("ok", "victim", &ok)).await;
+    assert_eq!(code, 201, "{body}");
+    drop(server);
+
+    // Restarted without the directory: the admitted object stays writable (its source is
+    // unchanged), and a change of source is judged anew.
+    let server = Server::api_only(&dir.path().join("allowing"));
+    let client = server.client();
+    let dis: Api<previewd::resources::DaemonInjection> = Api::default_namespaced(client);
+    let labelled = dis
+        .patch(
+            "ok",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"labels": {"team": "a"}}})),
+        )
+        .await;
+    assert!(labelled.is_ok(), "{labelled:?}");
+    let moved = dis
+        .patch(
+            "ok",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({"spec": {"daemon": {"source": {"hostPath": "/etc/shadow"}}}}),
+            ),
+        )
+        .await;
+    assert!(
+        matches!(moved, Err(kube::Error::Api(ref e)) if e.code == 422),
+        "{moved:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_no_host_file_is_ever_a_daemon() {
+    // The flag is refused at start-up with a Kubernetes API server.
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let kc = crate::leader::kubeconfig(dir.path(), "http://127.0.0.1:1");
+    let out = std::process::Command::new(crate::common::previewd_bin())
+        .args(["serve", "--store", "kube", "--daemon-source-dir", "/bin"])
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--daemon-source-dir is refused"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // An object naming a host file (admitted by an API server that knows no such policy) is
+    // refused by the kube-mode controller.
+    let Some(rt) = docker().await else { return };
+    images(rt.client()).await;
+    let app = TestContainer::httpd(rt.client(), "0.0.0.0:8080", None, HostConfig::default()).await;
+    let apiserver = Server::start_with(
+        &dir.path().join("apiserver"),
+        &[
+            crate::common::API_ONLY,
+            ("PREVIEWD_DAEMON_SOURCE_DIRS", "/bin"),
+        ],
+    );
+    let kc = crate::leader::kubeconfig(dir.path(), &apiserver.url);
+    let _replica = crate::leader::kube_replica(
+        &dir.path().join("replica"),
+        &kc,
+        &[
+            ("PREVIEWD_IDENTITY", "replica-0"),
+            ("POD_NAMESPACE", "default"),
+        ],
+    );
+    let (code, body) = create_injection(
+        &apiserver,
+        &host_path_injection("tenant", &app.name, "/bin/busybox"),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let dis: Api<previewd::resources::DaemonInjection> =
+        Api::default_namespaced(apiserver.client());
+    let failed = crate::docker::wait_phase(
+        &dis,
+        "tenant",
+        previewd::resources::daemon_injection::DaemonPhase::Failed,
+        Duration::from_secs(60),
+    )
+    .await;
+    let ready = failed
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| (c.reason.clone(), c.message.clone()));
+    assert!(
+        ready
+            .as_ref()
+            .is_some_and(|(r, m)| r == "DaemonSourceRefused" && m.contains("cluster")),
+        "{ready:?}"
+    );
+}

@@ -251,7 +251,7 @@ fn failure(reason: &str, message: &str) -> Option<ShimError> {
         "ReadOnlyRootfs"
         | "ExecFailed"
         | "AgentBinaryMissing"
-        | "DaemonSourceUnreadable"
+        | "DaemonSourceRefused"
         | "UnsupportedTarget"
         | "NoRoute" => Some(failed(reason)),
         _ => None,
