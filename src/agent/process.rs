@@ -115,6 +115,36 @@ pub fn is_alive(pid: i32) -> bool {
     }
 }
 
+/// Whether `pid` runs the executable `exe` (a copy replaced since it started, which the
+/// kernel shows with a " (deleted)" suffix, counts): how `stop` finds this injection's agents
+/// and `daemon-status` tells a live supervisor from a reused pid.
+///
+/// Another user's `/proc/<pid>/exe` needs CAP_SYS_PTRACE, which Docker does not grant even
+/// to root, so for a supervisor running as a daemon's user the command line is compared
+/// instead: only that process can make its own look like the agent's, so a forgery gets
+/// nothing but itself stopped.
+pub fn runs_executable(pid: i32, exe: &Path) -> bool {
+    match std::fs::read_link(format!("/proc/{pid}/exe")) {
+        Ok(target) => {
+            let target = target.to_string_lossy();
+            Path::new(target.strip_suffix(" (deleted)").unwrap_or(&target)) == exe
+        }
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| starts_as(&c, exe))
+        }
+        Err(_) => false,
+    }
+}
+
+/// Whether a `/proc/<pid>/cmdline` names `exe` as the program (its first, NUL-ended field).
+fn starts_as(cmdline: &[u8], exe: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    cmdline
+        .split(|b| *b == 0)
+        .next()
+        .is_some_and(|argv0| argv0 == exe.as_os_str().as_bytes())
+}
+
 /// SIGTERM and SIGINT, the signals that ask a daemon to exit.
 pub struct Signals {
     term: Signal,
@@ -170,6 +200,32 @@ mod tests {
         Pidfile::write(&path, 4343).unwrap();
         ours.remove();
         assert_eq!(read_pid(&path).unwrap(), Some(4343));
+    }
+
+    #[test]
+    fn a_command_line_names_its_program_first() {
+        let exe = Path::new("/.previewd/default.web/previewd-agent");
+        assert!(starts_as(
+            b"/.previewd/default.web/previewd-agent\0supervise\0--\0x\0",
+            exe
+        ));
+        for other in [
+            &b"/.previewd/default.web/previewd-agent-2\0supervise\0"[..],
+            b"/.previewd/default.web2/previewd-agent\0",
+            b"sh\0/.previewd/default.web/previewd-agent\0",
+            b"previewd-agent\0",
+            b"",
+        ] {
+            assert!(!starts_as(other, exe), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn this_process_runs_its_own_executable() {
+        let exe = std::env::current_exe().unwrap();
+        let me = std::process::id() as i32;
+        assert!(runs_executable(me, &exe));
+        assert!(!runs_executable(me, Path::new("/bin/sh")));
     }
 
     #[test]

@@ -177,12 +177,7 @@ fn same_executable_pids(exe: &Path) -> Vec<i32> {
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| u32::try_from(*pid).ok() != Some(own))
-        .filter(|pid| {
-            std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|target| {
-                let target = target.to_string_lossy();
-                Path::new(target.strip_suffix(" (deleted)").unwrap_or(&target)) == exe
-            })
-        })
+        .filter(|pid| process::runs_executable(*pid, exe))
         .filter(|pid| !is_stdio_tunnel(*pid))
         .collect()
 }
