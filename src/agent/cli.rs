@@ -5,6 +5,7 @@
 //! resolver configuration.
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,15 +13,16 @@ use std::sync::Arc;
 
 use crate::agent::process::{Pidfile, Signals};
 use crate::agent::secret::Secret;
-use crate::agent::{server, stop, supervise};
+use crate::agent::{daemon_state, server, stop, supervise};
 
 /// The usage text printed for `--help` and after a usage error.
 pub const USAGE: &str = "usage:
   previewd-agent --version
   previewd-agent serve --listen <ip:port> [--pidfile <path>]
   previewd-agent stdio
-  previewd-agent stop [--pidfile <path>] [--remove-dir <dir>] [--remove-file <path>]
-  previewd-agent supervise [--pidfile <path>] -- <cmd> [args...]
+  previewd-agent stop [--pidfile <path>] [--remove-dir <dir>] [--reset-dir <dir>] [--remove-file <path>]
+  previewd-agent supervise [--pidfile <path>] --state-dir <dir> -- <cmd> [args...]
+  previewd-agent daemon-status --dir <dir>
 The secret comes from the PREVIEWD_AGENT_SECRET environment variable (at least 16 characters).";
 
 /// Exit code for usage and configuration errors, as the contract with previewd says.
@@ -48,17 +50,26 @@ pub enum Command {
         pidfile: Option<PathBuf>,
         /// The agent's own directory, removed afterwards.
         remove_dir: Option<PathBuf>,
+        /// A supervisor's state directory beside the agent, emptied afterwards.
+        reset_dir: Option<PathBuf>,
         /// A user daemon's binary installed outside that directory, removed afterwards.
         remove_file: Option<PathBuf>,
     },
-    /// `supervise`: run a user daemon as a child.
+    /// `supervise`: run a user daemon as a child, restarting it when it exits.
     Supervise {
         /// Where to write the supervisor's pid, if anywhere.
         pidfile: Option<PathBuf>,
+        /// Where to keep the child's state and output.
+        state_dir: PathBuf,
         /// The command to run.
         program: OsString,
         /// Its arguments.
         args: Vec<OsString>,
+    },
+    /// `daemon-status`: print a supervisor's state as JSON.
+    DaemonStatus {
+        /// The supervisor's state directory.
+        dir: PathBuf,
     },
 }
 
@@ -86,10 +97,14 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         }
         "stdio" => no_more(args, Command::Stdio),
         "stop" => {
-            let mut opts = Options::parse(args, &["--pidfile", "--remove-dir", "--remove-file"])?;
+            let mut opts = Options::parse(
+                args,
+                &["--pidfile", "--remove-dir", "--reset-dir", "--remove-file"],
+            )?;
             Ok(Command::Stop {
                 pidfile: opts.take("--pidfile").map(PathBuf::from),
                 remove_dir: opts.take("--remove-dir").map(PathBuf::from),
+                reset_dir: opts.take("--reset-dir").map(PathBuf::from),
                 remove_file: opts.take("--remove-file").map(PathBuf::from),
             })
         }
@@ -101,11 +116,24 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
                 .ok_or("supervise needs -- <cmd> [args...]")?;
             let mut command = args.split_off(split + 1).into_iter();
             args.truncate(split);
-            let mut opts = Options::parse(args, &["--pidfile"])?;
+            let mut opts = Options::parse(args, &["--pidfile", "--state-dir"])?;
             Ok(Command::Supervise {
                 pidfile: opts.take("--pidfile").map(PathBuf::from),
+                state_dir: opts
+                    .take("--state-dir")
+                    .map(PathBuf::from)
+                    .ok_or("supervise needs --state-dir <dir>")?,
                 program: command.next().ok_or("supervise needs a command after --")?,
                 args: command.collect(),
+            })
+        }
+        "daemon-status" => {
+            let mut opts = Options::parse(args, &["--dir"])?;
+            Ok(Command::DaemonStatus {
+                dir: opts
+                    .take("--dir")
+                    .map(PathBuf::from)
+                    .ok_or("daemon-status needs --dir <dir>")?,
             })
         }
         other => Err(format!("unknown command {other:?}")),
@@ -187,10 +215,12 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         Command::Stop {
             pidfile,
             remove_dir,
+            reset_dir,
             remove_file,
         } => match stop::stop(
             pidfile.as_deref(),
             remove_dir.as_deref(),
+            reset_dir.as_deref(),
             remove_file.as_deref(),
         ) {
             Ok(_) => ExitCode::SUCCESS,
@@ -198,19 +228,34 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         },
         Command::Supervise {
             pidfile,
+            state_dir,
             program,
             args,
         } => on_runtime(async move {
-            match supervise::supervise(pidfile.as_deref(), &program, &args).await {
+            match supervise::supervise(pidfile.as_deref(), &state_dir, &program, &args).await {
                 Ok(status) => ExitCode::from(supervise::exit_code(status)),
-                // 127, like a shell that cannot run the command.
+                // 127, like a shell that cannot run the command. The exec that started the
+                // supervisor may no longer be read (a restart failed): never panic on EPIPE.
                 Err(e @ supervise::SuperviseError::Spawn { .. }) => {
-                    eprintln!("previewd-agent: {e}");
+                    let _ = writeln!(std::io::stderr(), "previewd-agent: {e}");
                     ExitCode::from(127)
                 }
-                Err(e) => fail(e),
+                Err(e) => {
+                    let _ = writeln!(std::io::stderr(), "previewd-agent: {e}");
+                    ExitCode::FAILURE
+                }
             }
         }),
+        Command::DaemonStatus { dir } => match daemon_state::status(&dir) {
+            Ok(status) => match serde_json::to_string(&status) {
+                Ok(json) => {
+                    println!("{json}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            },
+            Err(e) => fail(e),
+        },
     }
 }
 
@@ -317,6 +362,7 @@ mod tests {
             Ok(Command::Stop {
                 pidfile: Some("/p".into()),
                 remove_dir: Some("/.previewd".into()),
+                reset_dir: None,
                 remove_file: None,
             })
         );
@@ -325,7 +371,23 @@ mod tests {
             Ok(Command::Stop {
                 pidfile: None,
                 remove_dir: None,
+                reset_dir: None,
                 remove_file: None,
+            })
+        );
+        assert_eq!(
+            parse(args(&["stop", "--reset-dir", "/d/daemon-state"])),
+            Ok(Command::Stop {
+                pidfile: None,
+                remove_dir: None,
+                reset_dir: Some("/d/daemon-state".into()),
+                remove_file: None,
+            })
+        );
+        assert_eq!(
+            parse(args(&["daemon-status", "--dir", "/d/daemon-state"])),
+            Ok(Command::DaemonStatus {
+                dir: "/d/daemon-state".into()
             })
         );
         assert_eq!(
@@ -333,6 +395,8 @@ mod tests {
                 "supervise",
                 "--pidfile",
                 "/p",
+                "--state-dir",
+                "/s",
                 "--",
                 "node",
                 "--",
@@ -340,6 +404,7 @@ mod tests {
             ])),
             Ok(Command::Supervise {
                 pidfile: Some("/p".into()),
+                state_dir: "/s".into(),
                 program: "node".into(),
                 args: args(&["--", "x"]),
             })
@@ -367,6 +432,19 @@ mod tests {
             &["stop", "--pidfile", "/p", "--remove-dir"],
             &["supervise", "--pidfile", "/p"],
             &["supervise", "--pidfile", "/p", "--"],
+            &["supervise", "--", "node"],
+            &[
+                "supervise",
+                "--state-dir",
+                "/s",
+                "--state-dir",
+                "/t",
+                "--",
+                "node",
+            ],
+            &["daemon-status"],
+            &["daemon-status", "--dir"],
+            &["daemon-status", "--dir", "/d", "--verbose"],
         ] {
             assert!(parse(args(bad)).is_err(), "{bad:?}");
         }

@@ -9,9 +9,12 @@
 //! Both sides share [`protocol`]; [`client`] is what previewd uses, everything else is the
 //! agent binary's (`src/bin/previewd-agent.rs` only calls [`cli::run`]).
 
+pub mod backoff;
 pub mod cli;
 pub mod client;
+pub mod daemon_state;
 pub mod http;
+pub mod output_log;
 pub mod proc_net;
 pub mod process;
 pub mod protocol;

@@ -72,3 +72,90 @@ pub struct ErrorResponse {
     /// What went wrong, for people reading logs.
     pub error: String,
 }
+
+/// The directory, beside the agent in an injection's own directory, where `supervise` keeps
+/// its child's state and output for `daemon-status` to read.
+pub const DAEMON_STATE_DIR: &str = "daemon-state";
+/// The supervisor's state file (a [`SupervisorState`]), replaced whole by a rename so a reader
+/// never sees half of one.
+pub const STATE_FILE: &str = "state.json";
+/// The child's stdout and stderr, interleaved as written; rotated into
+/// [`ROTATED_OUTPUT_FILE`] at [`OUTPUT_FILE_BYTES`], so at most twice that is ever kept.
+pub const OUTPUT_FILE: &str = "output.log";
+/// The previous [`OUTPUT_FILE`], replaced at each rotation.
+pub const ROTATED_OUTPUT_FILE: &str = "output.log.1";
+/// Size at which the output file is rotated.
+pub const OUTPUT_FILE_BYTES: u64 = 32 * 1024;
+/// How many of the most recent exits a [`SupervisorState`] records.
+pub const MAX_RECORDED_EXITS: usize = 10;
+/// Most lines of output `daemon-status` reports.
+pub const STATUS_OUTPUT_LINES: usize = 10;
+/// Most bytes of output `daemon-status` reports (the end of the last lines).
+pub const STATUS_OUTPUT_BYTES: usize = 2048;
+
+/// What `supervise` writes to [`STATE_FILE`] whenever its child starts or exits.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SupervisorState {
+    /// The supervisor's pid, so a reader can tell a live supervisor from a killed one's
+    /// last words.
+    pub supervisor_pid: u32,
+    /// How often the child was started again after it exited.
+    pub restarts: u32,
+    /// The child while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child: Option<ChildRun>,
+    /// When the next start is due (Unix milliseconds) while the supervisor backs off after
+    /// an exit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_start_ms: Option<u64>,
+    /// The most recent exits (at most [`MAX_RECORDED_EXITS`]), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exits: Vec<DaemonExit>,
+}
+
+/// One run of the supervised child.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChildRun {
+    /// Its pid.
+    pub pid: u32,
+    /// When it started (Unix milliseconds).
+    pub started_ms: u64,
+}
+
+/// How one run of the supervised child ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DaemonExit {
+    /// Which run it was: 0 for the first start, then the restart count.
+    pub run: u32,
+    /// Its exit code, when it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// The signal that ended it, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// When it ended (Unix milliseconds).
+    pub at_ms: u64,
+    /// How long it ran (milliseconds).
+    pub ran_ms: u64,
+}
+
+/// What `previewd-agent daemon-status --dir DIR` prints: the supervisor's state checked
+/// against the live processes, and the end of the child's output.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DaemonStatus {
+    /// Whether the supervisor that wrote the state still runs; if not, nothing restarts the
+    /// child.
+    pub supervisor_running: bool,
+    /// Whether the child runs now.
+    pub daemon_running: bool,
+    /// The state file, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<SupervisorState>,
+    /// The last lines of the child's output (at most [`STATUS_OUTPUT_LINES`] lines and
+    /// [`STATUS_OUTPUT_BYTES`] bytes), invalid UTF-8 replaced.
+    pub output: String,
+}

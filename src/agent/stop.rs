@@ -83,21 +83,31 @@ pub enum StopError {
 /// if asked, removes the agent's directory, and its parent when that is the now-empty
 /// install root. `remove_dir` is checked first, so a wrong one changes nothing.
 ///
+/// `reset_dir` (a supervisor's state directory, directly inside the agent's directory) is
+/// emptied once its supervisor is stopped, ready for the next one; see [`reset`].
+///
 /// `remove_file` (a user daemon's binary installed outside the agent's directory) is removed
 /// last; it must be an absolute path of a regular file (never a directory).
 pub fn stop(
     pidfile: Option<&Path>,
     remove_dir: Option<&Path>,
+    reset_dir: Option<&Path>,
     remove_file: Option<&Path>,
 ) -> Result<Stopped, StopError> {
     let exe = std::env::current_exe().map_err(StopError::CurrentExe)?;
     let remove_dir = remove_dir
         .map(|dir| checked_remove_dir(dir, &exe))
         .transpose()?;
+    let reset_dir = reset_dir
+        .map(|dir| checked_reset_dir(dir, &exe))
+        .transpose()?;
     let stopped = match pidfile {
         Some(pidfile) => stop_by_pidfile(pidfile, &exe)?,
         None => stop_same_executable(&exe)?,
     };
+    if let Some(dir) = reset_dir {
+        reset(&dir).map_err(|source| StopError::Remove { path: dir, source })?;
+    }
     if let Some(dir) = remove_dir {
         std::fs::remove_dir_all(&dir).map_err(|source| StopError::Remove {
             path: dir.clone(),
@@ -238,6 +248,49 @@ fn same_file_name(running: &Path, exe: &Path) -> bool {
     Path::new(running).file_name() == exe.file_name()
 }
 
+/// Removes whatever is at `dir` (never following a symlink) and creates it again, empty,
+/// with mode 1733: a supervisor runs as its daemon's user, which may be any user (and in
+/// Docker is not the owner of the root-owned agent directory), so every user may create files
+/// there; sticky, like /tmp, so none may remove or replace another's, and unlistable by
+/// others. The supervisor's own files are private.
+pub fn reset(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(dir)?,
+        Ok(_) => std::fs::remove_file(dir)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::create_dir(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1733))
+}
+
+/// `dir` if it names an entry directly inside the directory holding `exe` (that directory
+/// canonicalized), so `--reset-dir` can never empty anything else.
+fn checked_reset_dir(dir: &Path, exe: &Path) -> Result<PathBuf, StopError> {
+    let refused = || StopError::RemoveDirRefused {
+        dir: dir.to_owned(),
+        exe_dir: exe.parent().unwrap_or(exe).to_owned(),
+    };
+    let name = match dir.components().next_back() {
+        Some(std::path::Component::Normal(name)) => name.to_owned(),
+        _ => return Err(refused()),
+    };
+    let exe_dir = exe
+        .canonicalize()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_owned))
+        .ok_or_else(refused)?;
+    let parent = dir
+        .parent()
+        .and_then(|p| p.canonicalize().ok())
+        .ok_or_else(refused)?;
+    if parent != exe_dir || exe_dir.parent().is_none() {
+        return Err(refused());
+    }
+    Ok(exe_dir.join(name))
+}
+
 /// `dir` if it is exactly the directory holding `exe` (both canonicalized), so `stop` can
 /// never be pointed at anything else.
 fn checked_remove_dir(dir: &Path, exe: &Path) -> Result<PathBuf, StopError> {
@@ -293,6 +346,54 @@ mod tests {
     }
 
     #[test]
+    fn only_entries_beside_the_executable_may_be_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("previewd-agent");
+        std::fs::write(&exe, b"").unwrap();
+        let canonical = dir.path().canonicalize().unwrap();
+        assert_eq!(
+            checked_reset_dir(&dir.path().join("daemon-state"), &exe).unwrap(),
+            canonical.join("daemon-state")
+        );
+        for wrong in [
+            dir.path().to_owned(),
+            dir.path().join("daemon-state/.."),
+            dir.path().join("a/b"),
+            tempfile::tempdir().unwrap().path().join("daemon-state"),
+            PathBuf::from("/"),
+        ] {
+            assert!(
+                matches!(
+                    checked_reset_dir(&wrong, &exe),
+                    Err(StopError::RemoveDirRefused { .. })
+                ),
+                "{wrong:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_reset_directory_is_empty_sticky_and_never_follows_a_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("daemon-state");
+        reset(&state).unwrap();
+        std::fs::write(state.join("state.json"), b"{}").unwrap();
+        reset(&state).unwrap();
+        assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0);
+        let mode = std::fs::metadata(&state).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o1733);
+
+        let victim = tempfile::tempdir().unwrap();
+        std::fs::write(victim.path().join("keep"), b"").unwrap();
+        std::fs::remove_dir(&state).unwrap();
+        std::os::unix::fs::symlink(victim.path(), &state).unwrap();
+        reset(&state).unwrap();
+        assert!(victim.path().join("keep").exists());
+        assert!(std::fs::symlink_metadata(&state).unwrap().is_dir());
+    }
+
+    #[test]
     fn file_names_compare_across_upgrades() {
         let exe = Path::new("/.previewd/previewd-agent");
         assert!(same_file_name(Path::new("/.previewd/previewd-agent"), exe));
@@ -306,7 +407,7 @@ mod tests {
     #[test]
     fn stop_without_a_pidfile_succeeds() {
         let dir = tempfile::tempdir().unwrap();
-        let stopped = stop(Some(&dir.path().join("none.pid")), None, None).unwrap();
+        let stopped = stop(Some(&dir.path().join("none.pid")), None, None, None).unwrap();
         assert_eq!(stopped, Stopped::NotRunning);
     }
 
@@ -320,7 +421,10 @@ mod tests {
             .spawn()
             .unwrap();
         std::fs::write(&pidfile, child.id().to_string()).unwrap();
-        assert_eq!(stop(Some(&pidfile), None, None).unwrap(), Stopped::Stale);
+        assert_eq!(
+            stop(Some(&pidfile), None, None, None).unwrap(),
+            Stopped::Stale
+        );
         assert!(!pidfile.exists());
         assert!(
             child.try_wait().unwrap().is_none(),

@@ -17,10 +17,11 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
 use tracing::instrument;
 
+use super::daemon_health::{self, DAEMON_EXITED, DaemonHealth, RESTARTING};
 use super::shared;
 use super::{Context, Error};
 use crate::agent::client as agent;
-use crate::agent::protocol::{INSTALL_DIR, SECRET_ENV};
+use crate::agent::protocol::{DAEMON_STATE_DIR, DaemonStatus, INSTALL_DIR, SECRET_ENV};
 use crate::agent::supervise::STARTED_PREFIX;
 use crate::resources::conditions::{self, READY};
 use crate::resources::daemon_injection::{DaemonPhase, DaemonSource, DaemonSpec, Probe};
@@ -38,6 +39,11 @@ const READY_PREFIX: &str = "listening on ";
 pub const SECRET_KEY: &str = "secret";
 /// How often a Running injection is health-checked when nothing else happens.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(30);
+/// How often an injection with a user daemon is re-checked: such a daemon can exit at any
+/// time (the agent's own health says nothing about it), and its supervisor restarts it
+/// after 1 s at first, so this bounds how long a dead daemon is reported Running and a
+/// restarted one Failed, for one exec per check.
+const DAEMON_RECHECK: Duration = Duration::from_secs(10);
 
 /// Where one injection's files live inside the container.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,6 +65,11 @@ impl Layout {
     pub fn agent(&self) -> String {
         format!("{}/previewd-agent", self.dir)
     }
+
+    /// Where a user daemon's supervisor keeps its state and output.
+    pub fn daemon_state(&self) -> String {
+        format!("{}/{DAEMON_STATE_DIR}", self.dir)
+    }
 }
 
 /// What one reconcile found and did, before it is written to status.
@@ -74,6 +85,20 @@ pub enum Outcome {
         version: String,
         /// Whether it was (re-)injected now rather than found running.
         injected: bool,
+    },
+    /// The agent serves, but the user daemon beside it exited (its supervisor restarts it):
+    /// phase Failed, with the agent's fields kept so the next check adopts it.
+    DaemonExited {
+        /// Full container id.
+        container_id: String,
+        /// Where the agent is reached.
+        endpoint: String,
+        /// The agent's reported version.
+        version: String,
+        /// Whether it was (re-)injected now rather than found running.
+        injected: bool,
+        /// How the daemon exited and what it printed.
+        message: String,
     },
     /// Waiting for the container (e.g. stopped): not an error.
     Waiting {
@@ -122,6 +147,7 @@ impl Outcome {
     fn reason(&self) -> &'static str {
         match self {
             Outcome::Running { .. } => "DaemonRunning",
+            Outcome::DaemonExited { .. } => DAEMON_EXITED,
             Outcome::Waiting { reason, .. } | Outcome::Failed { reason, .. } => reason,
         }
     }
@@ -133,6 +159,17 @@ pub fn status_for(obj: &DaemonInjection, outcome: &Outcome, now: Time) -> Daemon
     let generation = obj.metadata.generation;
     st.observed_generation = generation;
     st.target = Some(obj.spec.target.display_name());
+    let mut agent_serves = |container_id: &str, endpoint: &str, version: &str, injected| {
+        if injected {
+            if st.injected_at.is_some() {
+                st.restarts = Some(st.restarts.unwrap_or(0) + 1);
+            }
+            st.injected_at = Some(now.clone());
+        }
+        st.container_id = Some(container_id.to_owned());
+        st.endpoint = Some(endpoint.to_owned());
+        st.daemon_version = Some(version.to_owned());
+    };
     let (phase, ready, message) = match outcome {
         Outcome::Running {
             container_id,
@@ -140,20 +177,22 @@ pub fn status_for(obj: &DaemonInjection, outcome: &Outcome, now: Time) -> Daemon
             version,
             injected,
         } => {
-            if *injected {
-                if st.injected_at.is_some() {
-                    st.restarts = Some(st.restarts.unwrap_or(0) + 1);
-                }
-                st.injected_at = Some(now.clone());
-            }
-            st.container_id = Some(container_id.clone());
-            st.endpoint = Some(endpoint.clone());
-            st.daemon_version = Some(version.clone());
+            agent_serves(container_id, endpoint, version, *injected);
             (
                 DaemonPhase::Running,
                 true,
                 format!("previewd-agent {version} serves at {endpoint}"),
             )
+        }
+        Outcome::DaemonExited {
+            container_id,
+            endpoint,
+            version,
+            injected,
+            message,
+        } => {
+            agent_serves(container_id, endpoint, version, *injected);
+            (DaemonPhase::Failed, false, message.clone())
         }
         Outcome::Waiting { message, .. } => {
             st.endpoint = None;
@@ -220,10 +259,22 @@ async fn apply<R: ContainerRuntime>(
     let status = status_for(&obj, &outcome, Time(k8s_openapi::jiff::Timestamp::now()));
     write_status(ctx, &obj, status).await?;
     announce(ctx, &obj, &outcome).await;
+    let has_user_daemon = obj.spec.daemon.as_ref().is_some_and(|d| d.source.is_some());
     match outcome {
         Outcome::Running { .. } => {
             ctx.backoff.reset(&obj.uid().unwrap_or_default());
-            Ok(Action::requeue(HEALTH_INTERVAL))
+            Ok(Action::requeue(if has_user_daemon {
+                DAEMON_RECHECK
+            } else {
+                HEALTH_INTERVAL
+            }))
+        }
+        // Not an injection failure to back off from: the supervisor restarts the daemon, and
+        // a recheck sees it come back.
+        Outcome::DaemonExited { .. } => {
+            ctx.metrics.failed(CONTROLLER, DAEMON_EXITED);
+            ctx.backoff.reset(&obj.uid().unwrap_or_default());
+            Ok(Action::requeue(DAEMON_RECHECK))
         }
         Outcome::Waiting { .. } => Ok(Action::requeue(HEALTH_INTERVAL)),
         Outcome::Failed { reason, message } => Err(Error::Injection { reason, message }),
@@ -246,7 +297,9 @@ async fn announce<R: ContainerRuntime>(ctx: &Context<R>, obj: &DaemonInjection, 
             (EventType::Normal, format!("daemon running at {endpoint}"))
         }
         Outcome::Waiting { message, .. } => (EventType::Normal, message.clone()),
-        Outcome::Failed { message, .. } => (EventType::Warning, message.clone()),
+        Outcome::Failed { message, .. } | Outcome::DaemonExited { message, .. } => {
+            (EventType::Warning, message.clone())
+        }
     };
     let ev = Event {
         type_,
@@ -423,6 +476,14 @@ async fn inject<R: ContainerRuntime, T: ContainerRuntime>(
         version,
         injected,
     };
+    let exited =
+        |endpoint: String, version: String, injected: bool, message| Outcome::DaemonExited {
+            container_id: info.id.clone(),
+            endpoint,
+            version,
+            injected,
+            message,
+        };
     // Without a user daemon, spec.daemon.user is the agent's user.
     let agent_user = match &daemon {
         None => obj.spec.daemon.as_ref().and_then(|d| d.user.clone()),
@@ -441,14 +502,13 @@ async fn inject<R: ContainerRuntime, T: ContainerRuntime>(
     if let (Some(ep), true) = (previous.filter(|p| Some(p.ip()) == ip), same_container) {
         match health_tcp_patiently(ep, secret, true).await {
             Ok(h) if h.version == env!("CARGO_PKG_VERSION") => {
-                let daemon_ok = match daemon.as_ref().and_then(UserDaemon::probe) {
-                    Some((port, path)) => probe_once(ep, secret, port, path).await.is_ok(),
-                    None => true,
-                };
-                if daemon_ok {
-                    return running(ep.to_string(), h.version, false);
+                match adopt_daemon(rt, info, &layout, daemon.as_ref(), Some(ep), secret).await {
+                    Adoption::Running => return running(ep.to_string(), h.version, false),
+                    Adoption::Exited(message) => {
+                        return exited(ep.to_string(), h.version, false, message);
+                    }
+                    Adoption::Reinject(why) => tracing::info!(%why, "injecting again"),
                 }
-                tracing::info!("the user daemon does not answer its probe; injecting again");
             }
             Ok(h) => tracing::info!(found = %h.version, "replacing an agent of another version"),
             Err(e) => {
@@ -458,9 +518,10 @@ async fn inject<R: ContainerRuntime, T: ContainerRuntime>(
     }
 
     // An agent reached through exec runs no daemon: if the installed binary still answers
-    // over stdio, there is nothing to (re)do — and re-injecting would stop live tunnels.
+    // over stdio (and a user daemon's supervisor still runs), there is nothing to (re)do —
+    // and re-injecting would stop live tunnels.
     let was_exec = obj.status.as_ref().and_then(|s| s.endpoint.as_deref()) == Some("exec");
-    if same_container && was_exec && ip.is_none() && daemon.is_none() {
+    if same_container && was_exec && ip.is_none() {
         let spec = ExecSpec {
             argv: vec![layout.agent(), "stdio".into()],
             env: vec![format!("{SECRET_ENV}={secret}")],
@@ -471,7 +532,13 @@ async fn inject<R: ContainerRuntime, T: ContainerRuntime>(
                 tokio::time::timeout(HEALTH_TIMEOUT, agent::health(&mut stdio, secret)).await
             && h.version == env!("CARGO_PKG_VERSION")
         {
-            return running("exec".into(), h.version, false);
+            match adopt_daemon(rt, info, &layout, daemon.as_ref(), None, secret).await {
+                Adoption::Running => return running("exec".into(), h.version, false),
+                Adoption::Exited(message) => {
+                    return exited("exec".into(), h.version, false, message);
+                }
+                Adoption::Reinject(why) => tracing::info!(%why, "injecting again"),
+            }
         }
     }
 
@@ -525,11 +592,12 @@ async fn inject<R: ContainerRuntime, T: ContainerRuntime>(
     }
     // Replace, never duplicate: stop whatever this injection left running, agent and user
     // daemon alike (as root: they may run as other users; the binary sits in a root-owned
-    // directory).
-    if let Err(e) = rt
-        .exec(&info.handle, &as_root(vec![layout.agent(), "stop".into()]))
-        .await
-    {
+    // directory), and give a user daemon's supervisor an empty state directory it can write.
+    let mut stop = vec![layout.agent(), "stop".into()];
+    if daemon.is_some() {
+        stop.extend(["--reset-dir".into(), layout.daemon_state()]);
+    }
+    if let Err(e) = rt.exec(&info.handle, &as_root(stop)).await {
         tracing::debug!(error = %e, "stopping a previous agent failed");
     }
     let agent = match ip {
@@ -605,6 +673,8 @@ async fn inject<R: ContainerRuntime, T: ContainerRuntime>(
         let mut argv = vec![
             layout.agent(),
             "supervise".into(),
+            "--state-dir".into(),
+            layout.daemon_state(),
             "--".into(),
             d.install_path.clone(),
         ];
@@ -629,19 +699,135 @@ async fn inject<R: ContainerRuntime, T: ContainerRuntime>(
                 format!("the daemon {} did not start: {e}", d.install_path),
             );
         }
-        if let (Some((port, path)), Some(ep)) = (d.probe(), agent.0.parse::<SocketAddr>().ok())
-            && let Err(e) = probe_patiently(ep, secret, port, path).await
-        {
-            return Outcome::failed(
-                "DaemonUnhealthy",
-                format!(
-                    "the daemon {} is not ready on port {port}: {e}",
-                    d.install_path
-                ),
-            );
+        let probed = match (d.probe(), agent.0.parse::<SocketAddr>().ok()) {
+            (Some((port, path)), Some(ep)) => probe_patiently(ep, secret, port, path)
+                .await
+                .map_err(|e| format!("is not ready on port {port}: {e}")),
+            _ => Ok(()),
+        };
+        // Ready or not, its supervisor knows whether it already exited.
+        let status = match read_daemon_status(rt, &info.handle, &layout).await {
+            Ok(status) => status,
+            Err(e) => {
+                return Outcome::failed(
+                    "ExecFailed",
+                    format!(
+                        "the state of the daemon {} is unreadable: {e}",
+                        d.install_path
+                    ),
+                );
+            }
+        };
+        match (daemon_health::daemon_health(&status), probed) {
+            (DaemonHealth::Down, _) => {
+                let message = daemon_health::exited_message(&d.install_path, &status, RESTARTING);
+                return exited(agent.0, agent.1, true, message);
+            }
+            (DaemonHealth::Up { restarted: true }, Err(e)) => {
+                let now = format!("it was restarted and {e}");
+                let message = daemon_health::exited_message(&d.install_path, &status, &now);
+                return exited(agent.0, agent.1, true, message);
+            }
+            (DaemonHealth::Unsupervised, _) => {
+                return Outcome::failed(
+                    "ExecFailed",
+                    format!("the supervisor of the daemon {} exited", d.install_path),
+                );
+            }
+            (DaemonHealth::Up { .. }, Err(e)) => {
+                return Outcome::failed(
+                    "DaemonUnhealthy",
+                    format!("the daemon {} {e}", d.install_path),
+                );
+            }
+            (DaemonHealth::Up { .. }, Ok(())) => {}
         }
     }
     running(agent.0, agent.1, true)
+}
+
+/// What an adopted agent's user daemon needs.
+enum Adoption {
+    /// Nothing: it runs (and answers its probe), or there is none.
+    Running,
+    /// It exited and its supervisor restarts it: the status says how it ended.
+    Exited(String),
+    /// Its supervisor is gone (or unreadable, or the daemon never exited yet fails its
+    /// probe): inject again.
+    Reinject(String),
+}
+
+/// Checks the user daemon beside an adopted agent (probing it through the agent at `ep`
+/// when it has a probe and the agent is reached over TCP).
+async fn adopt_daemon<T: ContainerRuntime>(
+    rt: &T,
+    info: &ContainerInfo,
+    layout: &Layout,
+    daemon: Option<&UserDaemon<'_>>,
+    ep: Option<SocketAddr>,
+    secret: &str,
+) -> Adoption {
+    let Some(d) = daemon else {
+        return Adoption::Running;
+    };
+    let status = match read_daemon_status(rt, &info.handle, layout).await {
+        Ok(status) => status,
+        Err(e) => return Adoption::Reinject(format!("the daemon's state is unreadable: {e}")),
+    };
+    match daemon_health::daemon_health(&status) {
+        DaemonHealth::Unsupervised => {
+            Adoption::Reinject("the daemon's supervisor is not running".into())
+        }
+        DaemonHealth::Down => Adoption::Exited(daemon_health::exited_message(
+            &d.install_path,
+            &status,
+            RESTARTING,
+        )),
+        DaemonHealth::Up { restarted } => {
+            let (Some((port, path)), Some(ep)) = (d.probe(), ep) else {
+                return Adoption::Running;
+            };
+            match probe_once(ep, secret, port, path).await {
+                Ok(()) => Adoption::Running,
+                Err(e) if restarted => {
+                    let now = format!("it was restarted and is not ready on port {port}: {e}");
+                    Adoption::Exited(daemon_health::exited_message(
+                        &d.install_path,
+                        &status,
+                        &now,
+                    ))
+                }
+                Err(e) => Adoption::Reinject(format!(
+                    "the daemon does not answer its probe on port {port}: {e}"
+                )),
+            }
+        }
+    }
+}
+
+/// The user daemon's supervisor's report (`previewd-agent daemon-status`), run as root so
+/// it can read the state whichever user the daemon runs as.
+async fn read_daemon_status<T: ContainerRuntime>(
+    rt: &T,
+    handle: &str,
+    layout: &Layout,
+) -> Result<DaemonStatus, String> {
+    let argv = vec![
+        layout.agent(),
+        "daemon-status".into(),
+        "--dir".into(),
+        layout.daemon_state(),
+    ];
+    match rt.exec(handle, &as_root(argv)).await {
+        Ok(out) if out.exit_code == 0 => serde_json::from_str(out.stdout.trim())
+            .map_err(|e| format!("daemon-status printed no status: {e}")),
+        Ok(out) => Err(format!(
+            "daemon-status exited with code {}: {}",
+            out.exit_code,
+            out.stderr.trim()
+        )),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Reads a user daemon's binary from this machine, if the operator's policy allows that
@@ -947,6 +1133,53 @@ mod tests {
             )),
             Some(("False", "ContainerNotFound", 300))
         );
+    }
+
+    #[test]
+    fn an_exited_user_daemon_fails_but_keeps_the_agent_to_adopt() {
+        let first = status_for(&obj(None), &running(true), at(100));
+        let down = Outcome::DaemonExited {
+            container_id: "abc".into(),
+            endpoint: "172.17.0.2:19876".into(),
+            version: "0.1.0".into(),
+            injected: false,
+            message: "the daemon /d exited with exit code 3".into(),
+        };
+        let failed = status_for(&obj(Some(first.clone())), &down, at(200));
+        assert_eq!(failed.phase, Some(DaemonPhase::Failed));
+        assert_eq!(failed.endpoint.as_deref(), Some("172.17.0.2:19876"));
+        assert_eq!(failed.injected_at, first.injected_at);
+        assert_eq!(
+            failed.restarts, None,
+            "the supervisor restarts it, not previewd"
+        );
+        let ready = conditions::find(&failed.conditions, READY).map(|c| {
+            (
+                c.status.as_str(),
+                c.reason.as_str(),
+                c.message.as_str(),
+                c.last_transition_time.0.as_second(),
+            )
+        });
+        assert_eq!(
+            ready,
+            Some((
+                "False",
+                "DaemonExited",
+                "the daemon /d exited with exit code 3",
+                200
+            ))
+        );
+        // Rechecks that find it still down change nothing.
+        let again = status_for(&obj(Some(failed.clone())), &down, at(300));
+        assert_eq!(again, failed);
+        // Back up: Running again, as the same injection.
+        let back = status_for(&obj(Some(failed)), &running(false), at(400));
+        assert_eq!(back.phase, Some(DaemonPhase::Running));
+        assert_eq!((back.injected_at, back.restarts), (first.injected_at, None));
+        let ready = conditions::find(&back.conditions, READY)
+            .map(|c| (c.reason.as_str(), c.last_transition_time.0.as_second()));
+        assert_eq!(ready, Some(("DaemonRunning", 400)));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! embedded API (outside a cluster) and over a real API server alike.
 
 pub mod backoff;
+pub mod daemon_health;
 pub mod injection;
 pub mod leader;
 pub mod link;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use previewd::agent::client::{self, AgentError};
 use previewd::agent::process::is_alive;
-use previewd::agent::protocol::{ListeningPort, SECRET_ENV, SECRET_HEADER};
+use previewd::agent::protocol::{DaemonStatus, ListeningPort, SECRET_ENV, SECRET_HEADER};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -496,10 +496,13 @@ async fn supervise_and_stop_end_the_child_too() {
         probe.local_addr().unwrap().port()
     };
     let listen = format!("127.0.0.1:{port}");
+    let state = dir.path().join("state");
     let mut supervisor = Command::new(agent_bin())
         .arg("supervise")
         .arg("--pidfile")
         .arg(&pidfile)
+        .arg("--state-dir")
+        .arg(&state)
         .args(["--", agent_bin(), "serve", "--listen", &listen])
         .env(SECRET_ENV, SECRET)
         .stdin(Stdio::null())
@@ -549,10 +552,160 @@ async fn supervise_and_stop_end_the_child_too() {
     );
     wait_gone(child_pid as i32);
     assert!(!pidfile.exists());
+    // A stopped child is not restarted, and its last state says so.
+    let st = daemon_status(Path::new(agent_bin()), &state);
+    assert!(!st.supervisor_running && !st.daemon_running, "{st:?}");
+    let last = st.state.unwrap_or_default();
+    assert_eq!(last.restarts, 0);
+    assert_eq!(last.child, None);
+    assert_eq!(last.exits.len(), 1);
+    assert_eq!(last.exits[0].code, Some(0));
 }
 
-/// Copies the agent into `dir` and starts `serve` from there.
-fn serve_copy(dir: &Path, pidfile: &Path) -> Agent {
+/// `previewd-agent daemon-status --dir DIR`, run by `exe`, parsed.
+fn daemon_status(exe: &Path, dir: &Path) -> DaemonStatus {
+    let out = Command::new(exe)
+        .arg("daemon-status")
+        .arg("--dir")
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+}
+
+/// Polls `daemon-status` until `done` holds (or panics after `limit`).
+fn wait_status(
+    exe: &Path,
+    dir: &Path,
+    limit: Duration,
+    done: impl Fn(&DaemonStatus) -> bool,
+) -> DaemonStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        let st = daemon_status(exe, dir);
+        if done(&st) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "timed out; last status {st:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts `exe supervise --state-dir state -- argv` and waits for its announcement.
+fn start_supervisor(exe: &Path, state: &Path, argv: &[&str]) -> Child {
+    let mut supervisor = Command::new(exe)
+        .arg("supervise")
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--")
+        .args(argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(supervisor.stderr.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(
+        first.starts_with(previewd::agent::supervise::STARTED_PREFIX),
+        "{first:?}"
+    );
+    supervisor
+}
+
+#[test]
+fn supervise_restarts_an_exiting_child_with_backoff_and_keeps_its_output() {
+    let install = tempfile::tempdir().unwrap();
+    let exe = install_copy(install.path());
+    let state = install.path().join("daemon-state");
+    // As previewd prepares it: an empty sticky directory any user may write in.
+    let reset = Command::new(&exe)
+        .arg("stop")
+        .arg("--reset-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(reset.status.success(), "{reset:?}");
+    let mut supervisor = start_supervisor(
+        &exe,
+        &state,
+        &["/bin/sh", "-c", "echo \"run $$\"; echo oops >&2; exit 3"],
+    );
+
+    let st = wait_status(&exe, &state, Duration::from_secs(20), |st| {
+        st.state.as_ref().is_some_and(|s| s.exits.len() >= 3)
+    });
+    assert!(st.supervisor_running, "{st:?}");
+    let s = st.state.clone().unwrap_or_default();
+    let exits = &s.exits[..3];
+    for (run, exit) in exits.iter().enumerate() {
+        assert_eq!(
+            (exit.run, exit.code, exit.signal),
+            (run as u32, Some(3), None)
+        );
+    }
+    // The waits between runs double from one second.
+    let gap = |i: usize| exits[i + 1].at_ms - exits[i].at_ms;
+    assert!(gap(0) >= 1000, "{exits:?}");
+    assert!(gap(1) >= 2000 && gap(1) > gap(0), "{exits:?}");
+    assert!(s.restarts >= 2);
+    // stdout and stderr, in the order written, every run's.
+    assert!(st.output.ends_with("oops\n"), "{:?}", st.output);
+    assert!(st.output.matches("oops\n").count() >= 3, "{:?}", st.output);
+    assert!(st.output.matches("run ").count() >= 3, "{:?}", st.output);
+    assert!(st.output.lines().count() <= 10);
+
+    // `stop` ends the supervisor even while it backs off, and removes its files.
+    let stop = Command::new(&exe)
+        .arg("stop")
+        .arg("--remove-dir")
+        .arg(install.path())
+        .output()
+        .unwrap();
+    assert!(stop.status.success(), "{stop:?}");
+    // The last run's code, or SIGTERM's if `stop` caught a run.
+    let code = wait_exit(&mut supervisor).code();
+    assert!(matches!(code, Some(3 | 143)), "{code:?}");
+    assert!(!install.path().exists());
+}
+
+#[test]
+fn a_killed_child_is_recorded_with_its_signal_and_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut supervisor = start_supervisor(Path::new(agent_bin()), &state, &["/bin/sleep", "30"]);
+    let exe = Path::new(agent_bin());
+    let first = wait_status(exe, &state, WAIT, |st| st.daemon_running);
+    let pid = first
+        .state
+        .and_then(|s| s.child)
+        .map(|c| c.pid)
+        .unwrap_or(0);
+    assert!(pid > 1);
+    previewd::agent::process::send_signal(pid as i32, libc::SIGKILL).unwrap();
+    let st = wait_status(exe, &state, WAIT, |st| {
+        st.daemon_running && st.state.as_ref().is_some_and(|s| s.restarts == 1)
+    });
+    let s = st.state.unwrap_or_default();
+    assert_eq!(s.exits.len(), 1);
+    assert_eq!(
+        (s.exits[0].code, s.exits[0].signal),
+        (None, Some(libc::SIGKILL))
+    );
+    assert_ne!(s.child.map(|c| c.pid), Some(pid), "a new process runs");
+
+    // SIGTERM reaches the child (sleep dies of it) and ends the supervisor.
+    previewd::agent::process::send_signal(supervisor.id() as i32, libc::SIGTERM).unwrap();
+    assert_eq!(wait_exit(&mut supervisor).code(), Some(143));
+    let st = daemon_status(exe, &state);
+    assert!(!st.supervisor_running && !st.daemon_running, "{st:?}");
+}
+
+/// Copies the agent into `dir` (its `stop --remove-dir` and `--reset-dir` act only there).
+fn install_copy(dir: &Path) -> std::path::PathBuf {
     let exe = dir.join("previewd-agent");
     std::fs::copy(agent_bin(), &exe).unwrap();
     // ETXTBSY (26): another test thread forked while the copy's write descriptor was open;
@@ -563,6 +716,12 @@ fn serve_copy(dir: &Path, pidfile: &Path) -> Agent {
         attempts += 1;
         std::thread::sleep(Duration::from_millis(50));
     }
+    exe
+}
+
+/// Copies the agent into `dir` and starts `serve` from there.
+fn serve_copy(dir: &Path, pidfile: &Path) -> Agent {
+    let exe = install_copy(dir);
     let mut cmd = Command::new(&exe);
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--pidfile"])
         .arg(pidfile);

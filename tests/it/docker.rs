@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, DeleteParams, PostParams};
 use previewd::agent::client as agent;
+use previewd::agent::protocol::DaemonStatus;
 use previewd::resources::conditions;
 use previewd::resources::daemon_injection::DaemonPhase;
 use previewd::resources::preview_link::LinkPhase;
@@ -582,6 +583,206 @@ async fn user_named_daemons_are_injected_like_the_agent() {
         &rt,
         &c.name,
         &["/bin/sh", "-c", "ls -d /.previewd /opt/tools/busybox 2>&1"],
+    )
+    .await;
+    assert!(
+        files.matches("No such file").count() == 2,
+        "files left behind: {files}"
+    );
+}
+
+/// `previewd-agent daemon-status` of injection `name`'s supervisor, run in the container.
+async fn daemon_status(rt: &DockerRuntime, container: &str, name: &str) -> Option<DaemonStatus> {
+    let dir = format!("/.previewd/default.{name}");
+    let out = sh(
+        rt,
+        container,
+        &[
+            &format!("{dir}/previewd-agent"),
+            "daemon-status",
+            "--dir",
+            &format!("{dir}/daemon-state"),
+        ],
+    )
+    .await;
+    serde_json::from_str(out.trim()).ok()
+}
+
+/// A user daemon that exits is reported Failed (`DaemonExited`, with its exit status and
+/// last output) and restarted by its supervisor with a growing backoff; once it keeps
+/// running and passes its probe the injection is Running again. A daemon that keeps running
+/// stays Running, and deleting the injections stops everything and removes the files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_daemons_that_exit_are_failed_and_restarted_with_backoff() {
+    let Some(rt) = docker().await else { return };
+    images(rt.client()).await;
+    let c = TestContainer::httpd(rt.client(), "0.0.0.0:8080", None, HostConfig::default()).await;
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    // The operator allows daemons from /bin (busybox).
+    let server = server_with(state.path(), &[("PREVIEWD_DAEMON_SOURCE_DIRS", "/bin")]);
+    let api: Api<DaemonInjection> = Api::default_namespaced(server.client());
+    let di = |name: &str, daemon: serde_json::Value| -> DaemonInjection {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "previewd.dev/v1alpha1", "kind": "DaemonInjection",
+            "metadata": {"name": name},
+            "spec": {"target": {"docker": {"container": c.name}}, "daemon": daemon}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    };
+    // Exits at once with code 3, with no probe to notice; as a non-root user, so its
+    // supervisor's files must be writable for it in the root-owned /.previewd.
+    let crash = di(
+        "crash",
+        serde_json::json!({
+            "source": {"hostPath": "/bin/busybox"},
+            "installPath": "/.previewd/default.crash/busybox",
+            "args": ["sh", "-c", "echo boom; echo 'it broke' >&2; exit 3"],
+            "user": "1000:1000"
+        }),
+    );
+    // Exits until /tmp/healed exists, then serves what its probe asks for.
+    let flaky = di(
+        "flaky",
+        serde_json::json!({
+            "source": {"hostPath": "/bin/busybox"},
+            "installPath": "/.previewd/default.flaky/busybox",
+            "args": ["sh", "-c",
+                "test -e /tmp/healed && exec httpd -f -p 127.0.0.1:4002 -h /www; echo not yet; exit 1"],
+            "readinessProbe": {"http": {"path": "/", "port": 4002}}
+        }),
+    );
+    let steady = di(
+        "steady",
+        serde_json::json!({
+            "source": {"hostPath": "/bin/busybox"},
+            "installPath": "/opt/steady/busybox",
+            "args": ["sleep", "3600"]
+        }),
+    );
+    for d in [&crash, &flaky, &steady] {
+        api.create(&PostParams::default(), d)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let steady_pid = eventually(Duration::from_secs(40), "steady to run", || {
+        let (rt, c) = (&rt, &c);
+        async move {
+            let st = daemon_status(rt, &c.name, "steady").await?;
+            st.daemon_running.then_some(st.state?.child?.pid)
+        }
+    })
+    .await;
+    wait_phase(
+        &api,
+        "steady",
+        DaemonPhase::Running,
+        Duration::from_secs(40),
+    )
+    .await;
+
+    let failed = wait_phase(&api, "crash", DaemonPhase::Failed, Duration::from_secs(40)).await;
+    let cond = ready(&failed).unwrap_or_else(|| panic!("no Ready condition: {failed:?}"));
+    assert_eq!(cond.reason, "DaemonExited", "{cond:?}");
+    assert_eq!(cond.status, "False");
+    assert!(cond.message.contains("exit code 3"), "{}", cond.message);
+    assert!(
+        cond.message.contains("boom") && cond.message.contains("it broke"),
+        "{}",
+        cond.message
+    );
+
+    // Its supervisor restarts it, waiting longer each time; the status says so.
+    let st = eventually(Duration::from_secs(30), "three exits of crash", || {
+        let (rt, c) = (&rt, &c);
+        async move {
+            let st = daemon_status(rt, &c.name, "crash").await?;
+            (st.state.as_ref()?.exits.len() >= 3).then_some(st)
+        }
+    })
+    .await;
+    assert!(st.supervisor_running, "{st:?}");
+    let exits = st.state.map(|s| s.exits).unwrap_or_default();
+    assert!(exits.iter().all(|e| e.code == Some(3)), "{exits:?}");
+    let gap = |i: usize| exits[i + 1].at_ms - exits[i].at_ms;
+    assert!(
+        gap(0) >= 1000 && gap(1) >= 2000 && gap(1) > gap(0),
+        "{exits:?}"
+    );
+    assert!(st.output.ends_with("boom\nit broke\n"), "{:?}", st.output);
+    eventually(
+        Duration::from_secs(30),
+        "crash's status to count restarts",
+        || {
+            let api = api.clone();
+            async move {
+                let o = api.get("crash").await.ok()?;
+                let c = ready(&o)?;
+                (c.reason == "DaemonExited" && c.message.contains(" times)")).then_some(())
+            }
+        },
+    )
+    .await;
+
+    // The flaky daemon fails its probe and exits; once it can run, it is Running again.
+    let failed = wait_phase(&api, "flaky", DaemonPhase::Failed, Duration::from_secs(60)).await;
+    let cond = ready(&failed).unwrap_or_else(|| panic!("no Ready condition: {failed:?}"));
+    assert_eq!(cond.reason, "DaemonExited", "{cond:?}");
+    assert!(
+        cond.message.contains("exit code 1") && cond.message.contains("not yet"),
+        "{}",
+        cond.message
+    );
+    sh(&rt, &c.name, &["/bin/sh", "-c", "echo > /tmp/healed"]).await;
+    let healed = wait_phase(&api, "flaky", DaemonPhase::Running, Duration::from_secs(90)).await;
+    assert_eq!(
+        ready(&healed).map(|c| c.reason.as_str()),
+        Some("DaemonRunning")
+    );
+    let st = daemon_status(&rt, &c.name, "flaky")
+        .await
+        .unwrap_or_else(|| panic!("no status for flaky"));
+    assert!(st.daemon_running && st.state.is_some_and(|s| s.restarts > 0));
+
+    // All along, the steady daemon ran once and stayed Running.
+    let st = daemon_status(&rt, &c.name, "steady")
+        .await
+        .unwrap_or_else(|| panic!("no status for steady"));
+    let s = st.state.unwrap_or_default();
+    assert_eq!(
+        (s.restarts, s.exits.len(), s.child.map(|c| c.pid)),
+        (0, 0, Some(steady_pid))
+    );
+    let steady = api.get("steady").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        steady.status.and_then(|s| s.phase),
+        Some(DaemonPhase::Running)
+    );
+
+    for name in ["crash", "flaky", "steady"] {
+        api.delete(name, &DeleteParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    eventually(Duration::from_secs(30), "all injections to be gone", || {
+        let api = api.clone();
+        async move {
+            api.list(&Default::default())
+                .await
+                .ok()
+                .filter(|l| l.items.is_empty())
+                .map(|_| ())
+        }
+    })
+    .await;
+    let ps = sh(&rt, &c.name, &["/bin/ps", "-o", "args"]).await;
+    assert!(
+        !ps.contains("/.previewd/") && !ps.contains("/opt/steady/busybox"),
+        "daemons left running: {ps}"
+    );
+    let files = sh(
+        &rt,
+        &c.name,
+        &["/bin/sh", "-c", "ls -d /.previewd /opt/steady/busybox 2>&1"],
     )
     .await;
     assert!(
