@@ -6,7 +6,7 @@
 //! `daemon-status` can tell previewd that it died, how, and what it said.
 
 use std::ffi::OsString;
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -96,6 +96,8 @@ pub async fn supervise(
     // One pipe for every run's stdout and stderr, kept open here: its order is the order the
     // child wrote in, and nothing depends on the children closing it.
     let (reader, writer) = io::pipe().map_err(SuperviseError::Output)?;
+    let drain_end = reader.try_clone().map_err(SuperviseError::Output)?;
+    // This makes the pipe non-blocking for both read ends (they share one open file).
     let output =
         pipe::Receiver::from_owned_fd(OwnedFd::from(reader)).map_err(SuperviseError::Output)?;
     let written = pidfile
@@ -111,6 +113,7 @@ pub async fn supervise(
         state,
         log,
         output,
+        drain_end,
         output_open: true,
         writer,
         signals,
@@ -140,6 +143,10 @@ struct Supervisor {
     state: SupervisorState,
     log: OutputLog,
     output: pipe::Receiver,
+    /// The same pipe, read directly: the runtime reports data only once it has polled for
+    /// it, and what a child wrote just before it exited must be in the log before its exit
+    /// is recorded.
+    drain_end: io::PipeReader,
     /// False once the output pipe failed or ended (it cannot while `writer` is open).
     output_open: bool,
     writer: io::PipeWriter,
@@ -273,7 +280,7 @@ impl Supervisor {
     /// its exit is recorded.
     fn drain(&mut self) {
         for _ in 0..MAX_DRAIN_CHUNKS {
-            match self.output.try_read(&mut self.buf) {
+            match self.drain_end.read(&mut self.buf) {
                 Ok(n) if n > 0 => self.append(n),
                 _ => return,
             }
