@@ -838,19 +838,23 @@ async fn without_docker_targets_report_docker_unavailable() {
         ready(&di).map(|c| c.reason.as_str()),
         Some("DockerUnavailable")
     );
-    // The API keeps serving, and the failure is counted by reason.
-    let req = http::Request::get("/metrics")
-        .body(Vec::new())
-        .unwrap_or_default();
-    let text = server
-        .client()
-        .request_text(req)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        text.contains(r#"previewd_reconcile_failures_total{controller="daemoninjection",reason="DockerUnavailable"}"#),
-        "{text}"
-    );
+    // The API keeps serving, and the failure is counted by reason (once the reconcile that
+    // wrote the status has returned its error: that comes just after the write).
+    let failures = r#"previewd_reconcile_failures_total{controller="daemoninjection",reason="DockerUnavailable"}"#;
+    eventually(Duration::from_secs(10), "the failure to be counted", || {
+        let client = server.client();
+        async move {
+            let req = http::Request::get("/metrics")
+                .body(Vec::new())
+                .unwrap_or_default();
+            let text = client
+                .request_text(req)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            text.contains(failures).then_some(())
+        }
+    })
+    .await;
 }
 
 /// A PreviewLink manifest: target container and port, plus `extra` spec fields.
