@@ -41,7 +41,37 @@ pub fn daemon_health(status: &DaemonStatus) -> DaemonHealth {
 }
 
 /// What the supervisor does while the daemon is down, for [`exited_message`].
-pub const RESTARTING: &str = "its supervisor starts it again after a backoff";
+const RESTARTING: &str = "its supervisor starts it again after a backoff";
+
+/// What previewd concludes about a user daemon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Judgement {
+    /// It runs and passes its probe (or has none).
+    Ready,
+    /// It exited, or runs again after exiting but is not ready yet: reported with
+    /// [`DAEMON_EXITED`] and [`exited_message`], whose `now` this is, and left to its
+    /// supervisor.
+    Exited(String),
+    /// Nothing supervises it any more.
+    Unsupervised,
+    /// It never exited but fails its probe (the error says how).
+    Unready(String),
+}
+
+/// Concludes from the supervisor's report and the probe's result (`Ok` when there is no
+/// probe, or it was not run because the daemon is down). A failed probe of a restarted run
+/// is the exit's consequence, not a reason to inject again.
+pub fn judge(health: DaemonHealth, probe: Result<(), String>) -> Judgement {
+    match (health, probe) {
+        (DaemonHealth::Unsupervised, _) => Judgement::Unsupervised,
+        (DaemonHealth::Down, _) => Judgement::Exited(RESTARTING.to_owned()),
+        (DaemonHealth::Up { restarted: true }, Err(e)) => {
+            Judgement::Exited(format!("it was restarted and {e}"))
+        }
+        (DaemonHealth::Up { restarted: false }, Err(e)) => Judgement::Unready(e),
+        (DaemonHealth::Up { .. }, Ok(())) => Judgement::Ready,
+    }
+}
 
 /// The Ready condition's message for a daemon that exited: how and when it last ended, how
 /// often it was restarted, `now` (what is happening now), and its last lines of output
@@ -172,6 +202,32 @@ mod tests {
             daemon_health(&DaemonStatus::default()),
             DaemonHealth::Unsupervised
         );
+    }
+
+    #[test]
+    fn a_failed_probe_means_exited_only_after_a_restart() {
+        let unready = || Err("is not ready on port 80: refused".to_owned());
+        let up = |restarted| DaemonHealth::Up { restarted };
+        assert_eq!(judge(up(false), Ok(())), Judgement::Ready);
+        assert_eq!(judge(up(true), Ok(())), Judgement::Ready);
+        assert_eq!(
+            judge(up(false), unready()),
+            Judgement::Unready("is not ready on port 80: refused".into())
+        );
+        assert_eq!(
+            judge(up(true), unready()),
+            Judgement::Exited("it was restarted and is not ready on port 80: refused".into())
+        );
+        for probe in [Ok(()), unready()] {
+            assert_eq!(
+                judge(DaemonHealth::Down, probe.clone()),
+                Judgement::Exited(RESTARTING.into())
+            );
+            assert_eq!(
+                judge(DaemonHealth::Unsupervised, probe),
+                Judgement::Unsupervised
+            );
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
 use tracing::instrument;
 
-use super::daemon_health::{self, DAEMON_EXITED, DaemonHealth, RESTARTING};
+use super::daemon_health::{self, DAEMON_EXITED, DaemonHealth, Judgement};
 use super::shared;
 use super::{Context, Error};
 use crate::agent::client as agent;
@@ -718,29 +718,24 @@ async fn inject<R: ContainerRuntime, T: ContainerRuntime>(
                 );
             }
         };
-        match (daemon_health::daemon_health(&status), probed) {
-            (DaemonHealth::Down, _) => {
-                let message = daemon_health::exited_message(&d.install_path, &status, RESTARTING);
-                return exited(agent.0, agent.1, true, message);
-            }
-            (DaemonHealth::Up { restarted: true }, Err(e)) => {
-                let now = format!("it was restarted and {e}");
+        match daemon_health::judge(daemon_health::daemon_health(&status), probed) {
+            Judgement::Ready => {}
+            Judgement::Exited(now) => {
                 let message = daemon_health::exited_message(&d.install_path, &status, &now);
                 return exited(agent.0, agent.1, true, message);
             }
-            (DaemonHealth::Unsupervised, _) => {
+            Judgement::Unsupervised => {
                 return Outcome::failed(
                     "ExecFailed",
                     format!("the supervisor of the daemon {} exited", d.install_path),
                 );
             }
-            (DaemonHealth::Up { .. }, Err(e)) => {
+            Judgement::Unready(e) => {
                 return Outcome::failed(
                     "DaemonUnhealthy",
                     format!("the daemon {} {e}", d.install_path),
                 );
             }
-            (DaemonHealth::Up { .. }, Ok(())) => {}
         }
     }
     running(agent.0, agent.1, true)
@@ -774,34 +769,27 @@ async fn adopt_daemon<T: ContainerRuntime>(
         Ok(status) => status,
         Err(e) => return Adoption::Reinject(format!("the daemon's state is unreadable: {e}")),
     };
-    match daemon_health::daemon_health(&status) {
-        DaemonHealth::Unsupervised => {
-            Adoption::Reinject("the daemon's supervisor is not running".into())
+    let health = daemon_health::daemon_health(&status);
+    // Probed only while it runs: a daemon that is down is reported as such.
+    let probe = match (health, d.probe(), ep) {
+        (DaemonHealth::Up { .. }, Some((port, path)), Some(ep)) => {
+            probe_once(ep, secret, port, path)
+                .await
+                .map_err(|e| format!("is not ready on port {port}: {e}"))
         }
-        DaemonHealth::Down => Adoption::Exited(daemon_health::exited_message(
+        _ => Ok(()),
+    };
+    match daemon_health::judge(health, probe) {
+        Judgement::Ready => Adoption::Running,
+        Judgement::Exited(now) => Adoption::Exited(daemon_health::exited_message(
             &d.install_path,
             &status,
-            RESTARTING,
+            &now,
         )),
-        DaemonHealth::Up { restarted } => {
-            let (Some((port, path)), Some(ep)) = (d.probe(), ep) else {
-                return Adoption::Running;
-            };
-            match probe_once(ep, secret, port, path).await {
-                Ok(()) => Adoption::Running,
-                Err(e) if restarted => {
-                    let now = format!("it was restarted and is not ready on port {port}: {e}");
-                    Adoption::Exited(daemon_health::exited_message(
-                        &d.install_path,
-                        &status,
-                        &now,
-                    ))
-                }
-                Err(e) => Adoption::Reinject(format!(
-                    "the daemon does not answer its probe on port {port}: {e}"
-                )),
-            }
+        Judgement::Unsupervised => {
+            Adoption::Reinject("the daemon's supervisor is not running".into())
         }
+        Judgement::Unready(e) => Adoption::Reinject(format!("the daemon {e}")),
     }
 }
 
