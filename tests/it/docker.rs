@@ -801,7 +801,8 @@ async fn containers_without_a_network_are_reached_through_exec() {
     };
     let c = TestContainer::httpd(rt.client(), "127.0.0.1:3000", None, host).await;
     let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let server = server(state.path());
+    // The operator allows daemons from /bin (busybox).
+    let server = server_with(state.path(), &[("PREVIEWD_DAEMON_SOURCE_DIRS", "/bin")]);
     let api: Api<DaemonInjection> = Api::default_namespaced(server.client());
     api.create(&PostParams::default(), &injection("isolated", &c.name))
         .await
@@ -814,6 +815,55 @@ async fn containers_without_a_network_are_reached_through_exec() {
     )
     .await;
     assert_eq!(di.status.and_then(|s| s.endpoint).as_deref(), Some("exec"));
+
+    // A user daemon there is checked through exec too, and its supervisor is adopted, not
+    // replaced: only a supervisor that kept running counts restarts in the status.
+    let crash: DaemonInjection = serde_json::from_value(serde_json::json!({
+        "apiVersion": "previewd.dev/v1alpha1", "kind": "DaemonInjection",
+        "metadata": {"name": "isolated-crash"},
+        "spec": {"target": {"docker": {"container": c.name}}, "daemon": {
+            "source": {"hostPath": "/bin/busybox"},
+            "installPath": "/.previewd/default.isolated-crash/busybox",
+            "args": ["sh", "-c", "echo gone; exit 5"]
+        }}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    api.create(&PostParams::default(), &crash)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let failed = wait_phase(
+        &api,
+        "isolated-crash",
+        DaemonPhase::Failed,
+        Duration::from_secs(60),
+    )
+    .await;
+    let st = failed.status.clone().unwrap_or_default();
+    assert_eq!(st.endpoint.as_deref(), Some("exec"));
+    assert_eq!(
+        ready(&failed).map(|c| c.reason.as_str()),
+        Some("DaemonExited")
+    );
+    let recounted = eventually(
+        Duration::from_secs(40),
+        "isolated-crash's status to count restarts",
+        || {
+            let api = api.clone();
+            async move {
+                let o = api.get("isolated-crash").await.ok()?;
+                let c = ready(&o)?;
+                (c.message.contains("exit code 5") && c.message.contains("(restarted "))
+                    .then_some(o)
+            }
+        },
+    )
+    .await;
+    let again = recounted.status.unwrap_or_default();
+    assert_eq!(
+        (again.injected_at, again.restarts),
+        (st.injected_at, st.restarts),
+        "injected again instead of adopted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
