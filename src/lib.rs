@@ -14,3 +14,4 @@ pub mod resources;
 pub mod runtime;
 pub mod serve;
 pub mod store;
+pub mod watching;

@@ -29,6 +29,13 @@ pub struct FailureLabels {
     pub reason: String,
 }
 
+/// Labels of counters per resource kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// The kind (`PreviewLink`, `Secret`, …).
+    pub kind: &'static str,
+}
+
 /// Labels of proxy request counters: the status code answered (a bounded set).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
@@ -52,6 +59,7 @@ pub struct Metrics {
     proxy_codes: Box<[OnceLock<Counter>]>,
     proxy_active: Gauge,
     upstream_seconds: Histogram,
+    undecodable: Family<KindLabels, Counter>,
 }
 
 /// Counts one in-flight proxied request (or upgraded tunnel) until dropped.
@@ -103,7 +111,14 @@ impl Metrics {
             "Time from forwarding a request to the upstream's response head",
             upstream_seconds.clone(),
         );
+        let undecodable = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "undecodable_objects",
+            "Objects (each version once) that watches skipped because they do not decode, by kind",
+            undecodable.clone(),
+        );
         Arc::new(Metrics {
+            undecodable,
             registry,
             reconciles,
             failures,
@@ -158,6 +173,11 @@ impl Metrics {
     /// Records how long the upstream took to answer.
     pub fn upstream_answered(&self, took: Duration) {
         self.upstream_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Counts an object version a watch skipped because it does not decode.
+    pub fn undecodable(&self, kind: &'static str) {
+        self.undecodable.get_or_create(&KindLabels { kind }).inc();
     }
 
     /// The text exposition format.

@@ -231,6 +231,8 @@ pub async fn run(
     );
     config.lease.validate()?;
     let metrics = Metrics::new();
+    let readiness = crate::watching::Readiness::default();
+    let undecodable = crate::watching::Undecodable::new(metrics.clone());
     // Locally, the controllers, the proxy and the shim talk to the embedded API in-process
     // (no socket, one implementation); in a cluster, to the API server.
     let (client, store, base) = match &config.store {
@@ -253,7 +255,12 @@ pub async fn run(
                 })?)),
                 None => None,
             };
-            let internal = crate::api::internal_router(store.clone(), metrics.clone(), audit);
+            let internal = crate::api::internal_router(
+                store.clone(),
+                metrics.clone(),
+                readiness.clone(),
+                audit,
+            );
             let client = kube::Client::new(internal.clone(), "default");
             (client, Some(store), internal)
         }
@@ -263,7 +270,11 @@ pub async fn run(
                 kubeconfig = kubeconfig.as_ref().map(|p| p.display().to_string()),
                 "objects live on the Kubernetes API server"
             );
-            (client, None, crate::api::probes(metrics.clone()))
+            (
+                client,
+                None,
+                crate::api::probes(metrics.clone(), readiness.clone()),
+            )
         }
     };
     let listener = bind(config.api_listen).await?;
@@ -300,7 +311,7 @@ pub async fn run(
         .controller
         .as_ref()
         .and_then(|c| c.namespace.as_deref());
-    let routes = crate::proxy::Routes::watch(client.clone(), watched);
+    let routes = crate::proxy::Routes::watch(client.clone(), watched, &undecodable, &readiness);
     let shim = Shim::new(
         client.clone(),
         docker.clone(),

@@ -15,13 +15,26 @@ use axum::routing::get;
 use crate::metrics::Metrics;
 use crate::store::audit::AuditLog;
 use crate::store::{Store, api};
+use crate::watching::Readiness;
 
-/// Health probes and metrics: served in every mode.
-pub fn probes(metrics: Arc<Metrics>) -> Router {
+/// Health probes and metrics: served in every mode. `/readyz` answers 503 with the reason
+/// until the watches previewd serves from have synced, and while one is failing.
+pub fn probes(metrics: Arc<Metrics>, readiness: Readiness) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/livez", get(|| async { "ok" }))
-        .route("/readyz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let readiness = readiness.clone();
+                async move {
+                    match readiness.check() {
+                        Ok(()) => (StatusCode::OK, "ok".to_owned()),
+                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+                    }
+                }
+            }),
+        )
         .route(
             "/metrics",
             get(move || {
@@ -46,9 +59,10 @@ pub fn probes(metrics: Arc<Metrics>) -> Router {
 pub fn internal_router(
     store: Arc<Store>,
     metrics: Arc<Metrics>,
+    readiness: Readiness,
     audit: Option<Arc<AuditLog>>,
 ) -> Router {
-    probes(metrics).merge(api::audited_router(store, audit))
+    probes(metrics, readiness).merge(api::audited_router(store, audit))
 }
 
 /// Everything served on `--api-listen`: `base` (the probes, plus the embedded API outside a

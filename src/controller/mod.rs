@@ -25,6 +25,9 @@ use crate::resources::{DaemonInjection, PreviewLink, scoped_api};
 use crate::runtime::ContainerRuntime;
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::pod::PodRuntime;
+use crate::watching::Undecodable;
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
 
 /// Why a reconcile failed. Each variant is a condition reason users can act on, and a
 /// metric label.
@@ -111,6 +114,8 @@ pub struct Context<R: ContainerRuntime> {
     pub links: link::LinkConfig,
     /// Where user-named daemons may be read from.
     pub daemon_sources: DaemonSourcePolicy,
+    /// Reports objects that do not decode (they are left alone).
+    pub undecodable: Undecodable,
 }
 
 /// How the controllers are run.
@@ -165,6 +170,7 @@ pub async fn run(
             }
             agent
         },
+        undecodable: Undecodable::new(metrics.clone()),
         metrics,
         backoff: backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(120)),
         agent_port: config.agent_port,
@@ -182,8 +188,10 @@ pub async fn run_with<R: ContainerRuntime + Clone>(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let shutdown = shutdown.shared();
-    let injections: Api<DaemonInjection> = scoped_api(ctx.client.clone(), namespace);
-    let links: Api<PreviewLink> = scoped_api(ctx.client.clone(), namespace);
+    // Objects are read guarded: one that does not decode is skipped, not the whole watch.
+    let injections: Api<DeserializeGuard<DaemonInjection>> =
+        scoped_api(ctx.client.clone(), namespace);
+    let links: Api<DeserializeGuard<PreviewLink>> = scoped_api(ctx.client.clone(), namespace);
     // Container lifecycle events re-check every injection (there are few per machine).
     let docker_events = match &ctx.docker {
         Ok(d) => d.events().boxed(),
@@ -198,11 +206,15 @@ pub async fn run_with<R: ContainerRuntime + Clone>(
     let injection_controller = Controller::new(injections.clone(), watcher::Config::default())
         .reconcile_all_on(triggers)
         .graceful_shutdown_on(shutdown.clone())
-        .run(injection::reconcile, injection::error_policy, ctx.clone())
+        .run(
+            |o, c| decoded(o, c, "DaemonInjection", injection::reconcile),
+            |o, e, c| policy_decoded(o, e, c, injection::error_policy),
+            ctx.clone(),
+        )
         .for_each(report);
     // Links follow their shared injection (they are among its owners), and their token
     // Secret: one deleted (a rotation) gets a new token at once.
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+    let secrets: Api<DeserializeGuard<k8s_openapi::api::core::v1::Secret>> =
         scoped_api(ctx.client.clone(), namespace);
     let link_controller = Controller::new(links, watcher::Config::default())
         .owns(injections, watcher::Config::default())
@@ -211,9 +223,49 @@ pub async fn run_with<R: ContainerRuntime + Clone>(
             watcher::Config::default().labels(&format!("{}=previewd", shared::MANAGED_BY)),
         )
         .graceful_shutdown_on(shutdown)
-        .run(link::reconcile, link::error_policy, ctx)
+        .run(
+            |o, c| decoded(o, c, "PreviewLink", link::reconcile),
+            |o, e, c| policy_decoded(o, e, c, link::error_policy),
+            ctx,
+        )
         .for_each(report);
     futures::join!(injection_controller, link_controller);
+}
+
+/// Runs `reconcile` on an object that decoded; one that does not is reported (once per
+/// version) and left alone until it changes.
+async fn decoded<K, R, F, Fut>(
+    obj: Arc<DeserializeGuard<K>>,
+    ctx: Arc<Context<R>>,
+    kind: &'static str,
+    reconcile: F,
+) -> Result<Action, Error>
+where
+    K: Clone,
+    R: ContainerRuntime,
+    F: FnOnce(Arc<K>, Arc<Context<R>>) -> Fut,
+    Fut: Future<Output = Result<Action, Error>>,
+{
+    match &obj.0 {
+        Ok(k) => reconcile(Arc::new(k.clone()), ctx).await,
+        Err(invalid) => {
+            ctx.undecodable.report(kind, invalid);
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// The error policy of a decoded object (only those are reconciled, so only they fail).
+fn policy_decoded<K: Clone, R: ContainerRuntime>(
+    obj: Arc<DeserializeGuard<K>>,
+    err: &Error,
+    ctx: Arc<Context<R>>,
+    policy: fn(Arc<K>, &Error, Arc<Context<R>>) -> Action,
+) -> Action {
+    match &obj.0 {
+        Ok(k) => policy(Arc::new(k.clone()), err, ctx),
+        Err(_) => Action::await_change(),
+    }
 }
 
 async fn report<T, E: std::fmt::Display + std::fmt::Debug + 'static>(

@@ -37,9 +37,11 @@ use crate::controller::shared::MANAGED_BY;
 use crate::controller::shared::secret_str;
 use crate::metrics::Metrics;
 use crate::resources::{PreviewLink, scoped_api};
+use crate::watching::{self, Readiness, Undecodable};
 use body::ProxyBody;
 use errors::ProxyError;
 use forward::Outgoing;
+use kube::core::DeserializeGuard;
 use routes::Upstream;
 
 /// The proxy's view of the API: reflector stores of PreviewLinks and previewd's Secrets.
@@ -57,18 +59,39 @@ pub struct Routes {
 
 impl Routes {
     /// Starts the two reflectors on the current runtime, over `namespace` (`None`: all, which
-    /// needs cluster-wide read access); they run for the process's life.
-    pub fn watch(client: Client, namespace: Option<&str>) -> Self {
+    /// needs cluster-wide read access); they run for the process's life. Objects that do
+    /// not decode are skipped and reported to `undecodable`; the watches' health goes to
+    /// `readiness`.
+    pub fn watch(
+        client: Client,
+        namespace: Option<&str>,
+        undecodable: &Undecodable,
+        readiness: &Readiness,
+    ) -> Self {
         let (links, writer) = reflector::store();
-        let link_feed = watcher(
-            scoped_api(client.clone(), namespace),
-            watcher::Config::default(),
-        )
-        .default_backoff();
+        let link_feed = watching::decoded(
+            watcher(
+                scoped_api::<DeserializeGuard<PreviewLink>>(client.clone(), namespace),
+                watcher::Config::default(),
+            )
+            .default_backoff(),
+            "PreviewLink",
+            undecodable.clone(),
+            |metadata| PreviewLink {
+                metadata,
+                spec: crate::resources::PreviewLinkSpec::new(
+                    crate::resources::Target::docker("-"),
+                    1,
+                ),
+                status: None,
+            },
+        );
         let revocations = revoke::Revocations::default();
         let observer = revocations.clone();
+        let health = readiness.watch("previewlinks");
         tokio::spawn(
             reflector::reflector(writer, link_feed).for_each(move |event| {
+                health.observe(&event);
                 if let Ok(event) = &event {
                     observer.observe(event);
                 }
@@ -76,12 +99,26 @@ impl Routes {
             }),
         );
         let (secrets, writer) = reflector::store();
-        let secret_feed = watcher(
-            scoped_api(client, namespace),
-            watcher::Config::default().labels(&format!("{MANAGED_BY}=previewd")),
-        )
-        .default_backoff();
-        tokio::spawn(reflector::reflector(writer, secret_feed).for_each(|_| async {}));
+        let secret_feed = watching::decoded(
+            watcher(
+                scoped_api::<DeserializeGuard<Secret>>(client, namespace),
+                watcher::Config::default().labels(&format!("{MANAGED_BY}=previewd")),
+            )
+            .default_backoff(),
+            "Secret",
+            undecodable.clone(),
+            |metadata| Secret {
+                metadata,
+                ..Secret::default()
+            },
+        );
+        let health = readiness.watch("secrets");
+        tokio::spawn(
+            reflector::reflector(writer, secret_feed).for_each(move |event| {
+                health.observe(&event);
+                async {}
+            }),
+        );
         Routes {
             links,
             secrets,

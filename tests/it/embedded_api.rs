@@ -25,7 +25,12 @@ fn in_process(dir: &std::path::Path) -> Client {
     let store =
         Arc::new(Store::open(dir, kinds::all()).unwrap_or_else(|e| panic!("open store: {e}")));
     Client::new(
-        previewd::api::internal_router(store, previewd::metrics::Metrics::new(), None),
+        previewd::api::internal_router(
+            store,
+            previewd::metrics::Metrics::new(),
+            previewd::watching::Readiness::default(),
+            None,
+        ),
         "default",
     )
 }

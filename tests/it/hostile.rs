@@ -1007,3 +1007,170 @@ async fn in_a_cluster_no_host_file_is_ever_a_daemon() {
         "{ready:?}"
     );
 }
+
+/// `GET /readyz` of `server`: status and body.
+async fn readyz(server: &Server) -> (u16, String) {
+    let addr = server.url.trim_start_matches("http://");
+    let (code, _, body) = exchange(
+        addr,
+        &format!("GET /readyz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    (code, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_object_that_does_not_decode_stops_nothing_else() {
+    let Some(rt) = docker().await else { return };
+    images(rt.client()).await;
+    let app = TestContainer::testapp(rt.client(), "0.0.0.0:8080", HostConfig::default()).await;
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server = crate::docker::server(state.path());
+    let links: Api<PreviewLink> = Api::default_namespaced(server.client());
+    links
+        .create(
+            &PostParams::default(),
+            &link(
+                "good",
+                &app.name,
+                8080,
+                json!({"via": "direct", "access": "public"}),
+            ),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_link(&links, "good", LinkPhase::Ready).await;
+    assert!(server.terminate(Duration::from_secs(10)));
+
+    // An object the embedded API would refuse, as a file (or an API server whose CRD
+    // schema let it through) puts it in front of the watches.
+    let dir = state
+        .path()
+        .join("objects/previewlinks.previewd.dev/default");
+    let good = std::fs::read_to_string(dir.join("good.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let bad = good
+        .replace("name: good", "name: bad")
+        .replace("port: 8080", "port: 8080\n  ttl: banana");
+    assert!(bad.contains("ttl: banana"), "{bad}");
+    std::fs::write(dir.join("bad.yaml"), bad).unwrap_or_else(|e| panic!("{e}"));
+
+    let server = crate::docker::server(state.path());
+    let links: Api<PreviewLink> = Api::default_namespaced(server.client());
+    let served = eventually(
+        Duration::from_secs(20),
+        "the good link to serve",
+        || async {
+            let (code, _, body) = exchange(
+            server.proxy,
+            "GET / HTTP/1.1\r\nHost: good.default.preview.localhost\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+            (code == 200).then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(served, "hello from testapp\n");
+    let (code, _, _) = exchange(
+        server.proxy,
+        "GET / HTTP/1.1\r\nHost: bad.default.preview.localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(code, 404);
+    assert_eq!(readyz(&server).await, (200, "ok".to_owned()));
+    // The controllers go on too: a new link is served.
+    links
+        .create(
+            &PostParams::default(),
+            &link(
+                "new",
+                &app.name,
+                8080,
+                json!({"via": "direct", "access": "public"}),
+            ),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_link(&links, "new", LinkPhase::Ready).await;
+    let (code, _, text) = exchange(
+        server.url.trim_start_matches("http://"),
+        &format!(
+            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            server.url.trim_start_matches("http://")
+        ),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert!(
+        text.contains(r#"previewd_undecodable_objects_total{kind="PreviewLink"}"#),
+        "{text}"
+    );
+    let logs = server.log_text();
+    assert!(logs.contains("does not decode"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_says_when_the_watches_fail_and_when_they_are_back() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let apiserver = Server::api_only(&dir.path().join("apiserver"));
+    let listen = apiserver.url.trim_start_matches("http://").to_owned();
+    let kc = crate::leader::kubeconfig(dir.path(), &apiserver.url);
+    let replica = crate::leader::kube_replica(
+        &dir.path().join("replica"),
+        &kc,
+        &[
+            ("PREVIEWD_IDENTITY", "replica-0"),
+            ("POD_NAMESPACE", "default"),
+        ],
+    );
+    eventually(Duration::from_secs(20), "ready", || async {
+        (readyz(&replica).await.0 == 200).then_some(())
+    })
+    .await;
+    apiserver.kill9();
+    let why = eventually(
+        Duration::from_secs(60),
+        "not ready without its API server",
+        || async {
+            let (code, body) = readyz(&replica).await;
+            (code == 503).then_some(body)
+        },
+    )
+    .await;
+    assert!(why.contains("failing"), "{why}");
+    let back = Server::try_start_on(
+        &dir.path().join("apiserver"),
+        &listen,
+        &[crate::common::API_ONLY],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // A change reaches both watches at once (a resumed watch with nothing new says nothing;
+    // then readiness comes back 35 s after the last error).
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "nudge", "labels": {"app.kubernetes.io/managed-by": "previewd"}}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    Api::<k8s_openapi::api::core::v1::Secret>::default_namespaced(back.client())
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    Api::<PreviewLink>::default_namespaced(back.client())
+        .create(
+            &PostParams::default(),
+            &link("nudge", "none", 80, json!({})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = readyz(&replica).await;
+    while last.0 != 200 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        last = readyz(&replica).await;
+    }
+    assert_eq!(
+        last.0,
+        200,
+        "not ready again: {}\n{}",
+        last.1,
+        replica.log_text()
+    );
+}

@@ -1,0 +1,284 @@
+//! What every watch of the API shares: objects that do not decode are skipped instead of
+//! failing the whole watch, and the watches' health decides `/readyz`.
+//!
+//! A watcher over `Api<K>` fails as a whole when one object in a list or an event does not
+//! deserialize into `K` (a PreviewLink with `ttl: banana`, accepted by an API server whose
+//! CRD schema did not refuse it): its store stays empty or stale, and every link stops
+//! routing. Watches here read objects as [`DeserializeGuard<K>`]; a bad one is logged once
+//! per version, counted in `previewd_undecodable_objects_total`, and treated as absent.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::core::DeserializeGuard;
+use kube::core::error_boundary::InvalidObject;
+use kube::runtime::watcher::{self, Event};
+
+use crate::metrics::Metrics;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reports objects that do not decode, once per object version.
+#[derive(Clone)]
+pub struct Undecodable {
+    metrics: Arc<Metrics>,
+    seen: Arc<Mutex<HashSet<(String, String)>>>,
+}
+
+impl Undecodable {
+    /// Reports into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Undecodable {
+            metrics,
+            seen: Arc::default(),
+        }
+    }
+
+    /// Logs and counts `invalid` (a `kind`) unless this version of it was reported before.
+    pub fn report(&self, kind: &'static str, invalid: &InvalidObject) {
+        let m = &invalid.metadata;
+        let key = (
+            m.uid.clone().unwrap_or_else(|| {
+                format!(
+                    "{}/{}",
+                    m.namespace.as_deref().unwrap_or_default(),
+                    m.name.as_deref().unwrap_or_default()
+                )
+            }),
+            m.resource_version.clone().unwrap_or_default(),
+        );
+        let mut seen = lock(&self.seen);
+        if seen.len() > 100_000 {
+            seen.clear();
+        }
+        if seen.insert(key) {
+            tracing::warn!(
+                kind,
+                namespace = m.namespace.as_deref().unwrap_or_default(),
+                name = m.name.as_deref().unwrap_or_default(),
+                error = %invalid.error,
+                "skipping an object that does not decode (fix or delete it)"
+            );
+            self.metrics.undecodable(kind);
+        }
+    }
+}
+
+/// The events of a watch over `DeserializeGuard<K>` as events of `K`: an object that does
+/// not decode is reported and treated as absent (deleted, when it was there before; left out
+/// of a re-list). `placeholder` makes a `K` that only carries an object's metadata, for the
+/// deletion.
+pub fn decoded<K, S>(
+    events: S,
+    kind: &'static str,
+    undecodable: Undecodable,
+    placeholder: fn(ObjectMeta) -> K,
+) -> impl Stream<Item = Result<Event<K>, watcher::Error>>
+where
+    S: Stream<Item = Result<Event<DeserializeGuard<K>>, watcher::Error>>,
+{
+    events.filter_map(move |event| {
+        let mapped = match event {
+            Err(e) => Some(Err(e)),
+            Ok(Event::Init) => Some(Ok(Event::Init)),
+            Ok(Event::InitDone) => Some(Ok(Event::InitDone)),
+            Ok(Event::InitApply(DeserializeGuard(obj))) => match obj {
+                Ok(k) => Some(Ok(Event::InitApply(k))),
+                Err(invalid) => {
+                    undecodable.report(kind, &invalid);
+                    None
+                }
+            },
+            Ok(Event::Apply(DeserializeGuard(obj))) => match obj {
+                Ok(k) => Some(Ok(Event::Apply(k))),
+                Err(invalid) => {
+                    undecodable.report(kind, &invalid);
+                    Some(Ok(Event::Delete(placeholder(invalid.metadata))))
+                }
+            },
+            Ok(Event::Delete(DeserializeGuard(obj))) => Some(Ok(Event::Delete(match obj {
+                Ok(k) => k,
+                Err(invalid) => placeholder(invalid.metadata),
+            }))),
+        };
+        std::future::ready(mapped)
+    })
+}
+
+/// Where one watch is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum WatchState {
+    /// Listing for the first time.
+    Syncing,
+    /// Listed and watching.
+    Synced,
+    /// Its last attempt failed (it retries with backoff).
+    Failing(String, std::time::Instant),
+}
+
+/// How long after its last error a watch that has synced before counts as recovered when no
+/// event says so: longer than the watcher's longest pause between retries (30 s), so a
+/// watch still failing reports again before this runs out. A watch resumed without a change
+/// yields no event, so this is the only sign it is back.
+const QUIET_AFTER_ERROR: std::time::Duration = std::time::Duration::from_secs(35);
+
+/// The health of the watches previewd serves from: `/readyz` answers 503 with the reason
+/// until every one has listed once, and while one is failing.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    watches: Arc<Mutex<BTreeMap<&'static str, (WatchState, bool)>>>,
+}
+
+impl Readiness {
+    /// A watch named `name` (`previewlinks`, …), syncing until it reports otherwise.
+    pub fn watch(&self, name: &'static str) -> WatchHealth {
+        lock(&self.watches).insert(name, (WatchState::Syncing, false));
+        WatchHealth {
+            name,
+            watches: self.watches.clone(),
+        }
+    }
+
+    /// Ready, or why not.
+    pub fn check(&self) -> Result<(), String> {
+        let watches = lock(&self.watches);
+        let not_ready: Vec<String> = watches
+            .iter()
+            .filter_map(|(name, (state, synced_once))| match state {
+                WatchState::Synced => None,
+                WatchState::Failing(_, at) if *synced_once && at.elapsed() > QUIET_AFTER_ERROR => {
+                    None
+                }
+                WatchState::Syncing => Some(format!("the {name} watch has not synced yet")),
+                WatchState::Failing(why, _) => Some(format!("the {name} watch is failing: {why}")),
+            })
+            .collect();
+        if not_ready.is_empty() {
+            Ok(())
+        } else {
+            Err(not_ready.join("; "))
+        }
+    }
+}
+
+/// One watch's reports into [`Readiness`].
+#[derive(Clone)]
+pub struct WatchHealth {
+    name: &'static str,
+    watches: Arc<Mutex<BTreeMap<&'static str, (WatchState, bool)>>>,
+}
+
+impl WatchHealth {
+    /// Takes in one item of the watch's stream.
+    pub fn observe<K>(&self, item: &Result<Event<K>, watcher::Error>) {
+        let mut watches = lock(&self.watches);
+        let Some((state, synced_once)) = watches.get_mut(self.name) else {
+            return;
+        };
+        match item {
+            Err(e) => *state = WatchState::Failing(e.to_string(), std::time::Instant::now()),
+            Ok(Event::InitDone) => {
+                *state = WatchState::Synced;
+                *synced_once = true;
+            }
+            // Back after a failure: a watch resumed from where it was is synced again; a
+            // re-list is once it is done.
+            Ok(Event::Init) => {
+                if matches!(state, WatchState::Failing(..)) {
+                    *state = WatchState::Syncing;
+                }
+            }
+            Ok(_) => {
+                if *synced_once && matches!(state, WatchState::Failing(..)) {
+                    *state = WatchState::Synced;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::PreviewLink;
+
+    fn guarded(json: serde_json::Value) -> DeserializeGuard<PreviewLink> {
+        serde_json::from_value(json).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn link(name: &str, ttl: &str) -> DeserializeGuard<PreviewLink> {
+        guarded(serde_json::json!({
+            "apiVersion": "previewd.dev/v1alpha1", "kind": "PreviewLink",
+            "metadata": {"name": name, "namespace": "default", "uid": name, "resourceVersion": "1"},
+            "spec": {"target": {"docker": {"container": "c"}}, "port": 80, "ttl": ttl}
+        }))
+    }
+
+    fn placeholder(metadata: ObjectMeta) -> PreviewLink {
+        PreviewLink {
+            metadata,
+            spec: crate::resources::PreviewLinkSpec::new(crate::resources::Target::docker("x"), 1),
+            status: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bad_object_is_skipped_once_and_the_rest_flow() {
+        let metrics = Metrics::new();
+        let undecodable = Undecodable::new(metrics.clone());
+        let events = futures::stream::iter(vec![
+            Ok(Event::Init),
+            Ok(Event::InitApply(link("good", "1h"))),
+            Ok(Event::InitApply(link("bad", "banana"))),
+            Ok(Event::InitDone),
+            Ok(Event::Apply(link("bad", "banana"))),
+            Ok(Event::Apply(link("good", "banana"))),
+        ]);
+        let out: Vec<_> = decoded(events, "PreviewLink", undecodable, placeholder)
+            .collect()
+            .await;
+        let names: Vec<String> = out
+            .iter()
+            .map(|e| match e {
+                Ok(Event::Init) => "init".into(),
+                Ok(Event::InitApply(l)) => {
+                    format!("+{}", l.metadata.name.clone().unwrap_or_default())
+                }
+                Ok(Event::InitDone) => "done".into(),
+                Ok(Event::Apply(l)) => format!("~{}", l.metadata.name.clone().unwrap_or_default()),
+                Ok(Event::Delete(l)) => format!("-{}", l.metadata.name.clone().unwrap_or_default()),
+                Err(e) => format!("error {e}"),
+            })
+            .collect();
+        // A link that turns bad leaves the store.
+        assert_eq!(names, ["init", "+good", "done", "-bad", "-good"]);
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"previewd_undecodable_objects_total{kind="PreviewLink"} 2"#),
+            "each bad version counts once: {text}"
+        );
+    }
+
+    #[test]
+    fn readiness_waits_for_every_sync_and_follows_failures() {
+        let r = Readiness::default();
+        let links = r.watch("previewlinks");
+        let secrets = r.watch("secrets");
+        assert!(r.check().is_err());
+        links.observe::<PreviewLink>(&Ok(Event::InitDone));
+        assert!(r.check().is_err_and(|e| e.contains("secrets")));
+        secrets.observe::<PreviewLink>(&Ok(Event::InitDone));
+        assert_eq!(r.check(), Ok(()));
+        links.observe::<PreviewLink>(&Err(watcher::Error::NoResourceVersion));
+        assert!(
+            r.check()
+                .is_err_and(|e| e.contains("previewlinks watch is failing"))
+        );
+        links.observe::<PreviewLink>(&Ok(Event::Apply(placeholder(ObjectMeta::default()))));
+        assert_eq!(r.check(), Ok(()));
+    }
+}
