@@ -521,6 +521,69 @@ fn owner_ref(link: &PreviewLink) -> Option<OwnerReference> {
     })
 }
 
+/// How often an update of a shared injection's owners is tried against concurrent writers
+/// (each try re-reads the object; a conflict means another link's write won).
+const OWNER_UPDATE_TRIES: usize = 20;
+
+/// What to do with a shared injection, given its owners now.
+enum OwnerChange {
+    /// Leave it as it is.
+    Keep,
+    /// Write these owners.
+    Set(Vec<OwnerReference>),
+    /// Delete it (its last owner goes).
+    Delete,
+}
+
+/// Reads the shared injection `name`, decides with `decide`, and writes the decision with the
+/// read `resourceVersion` as a precondition, again on a conflict: links to one container
+/// change its owners concurrently, and a write that overwrote another's list would lose an
+/// owner (and the injection could be deleted under a live link). `None` when it is gone.
+async fn change_owners(
+    api: &Api<DaemonInjection>,
+    name: &str,
+    decide: impl Fn(&DaemonInjection) -> OwnerChange,
+) -> Result<Option<DaemonInjection>, Error> {
+    for _ in 0..OWNER_UPDATE_TRIES {
+        let Some(di) = api.get_opt(name).await.map_err(Error::Kube)? else {
+            return Ok(None);
+        };
+        let version = di.resource_version();
+        let written = match decide(&di) {
+            OwnerChange::Keep => return Ok(Some(di)),
+            OwnerChange::Set(owners) => {
+                let patch =
+                    json!({"metadata": {"ownerReferences": owners, "resourceVersion": version}});
+                api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await
+                    .map(Some)
+            }
+            OwnerChange::Delete => {
+                let params = DeleteParams {
+                    preconditions: Some(kube::api::Preconditions {
+                        resource_version: version,
+                        uid: di.uid(),
+                    }),
+                    ..DeleteParams::default()
+                };
+                api.delete(name, &params).await.map(|_| None)
+            }
+        };
+        match written {
+            Ok(di) => return Ok(di),
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(None),
+            Err(e) => return Err(Error::Kube(e)),
+        }
+    }
+    Err(Error::Injection {
+        reason: "OwnerUpdateConflict",
+        message: format!(
+            "the owners of DaemonInjection {name} changed under every one of {OWNER_UPDATE_TRIES} tries; retrying"
+        ),
+    })
+}
+
 /// The shared DaemonInjection for the link's container, created or listing this link as an
 /// owner.
 async fn ensure_injection<R: ContainerRuntime>(
@@ -532,28 +595,36 @@ async fn ensure_injection<R: ContainerRuntime>(
     let api: Api<DaemonInjection> = Api::namespaced(ctx.client.clone(), &ns);
     let name = injection_name_for(target);
     let me = owner_ref(link);
-    if let Some(di) = api.get_opt(&name).await.map_err(Error::Kube)? {
+    let add_me = |di: &DaemonInjection| {
         let owners = di.metadata.owner_references.clone().unwrap_or_default();
-        let Some(me) = me.filter(|m| !owners.iter().any(|o| o.uid == m.uid)) else {
+        match &me {
+            Some(m) if !owners.iter().any(|o| o.uid == m.uid) => {
+                let mut updated = owners;
+                updated.push(m.clone());
+                OwnerChange::Set(updated)
+            }
+            _ => OwnerChange::Keep,
+        }
+    };
+    for _ in 0..OWNER_UPDATE_TRIES {
+        if let Some(di) = change_owners(&api, &name, add_me).await? {
             return Ok(di);
-        };
-        let mut updated = owners;
-        updated.push(me);
-        let patch = json!({"metadata": {"ownerReferences": updated}});
-        return api
-            .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
-            .await
-            .map_err(Error::Kube);
+        }
+        let mut di = DaemonInjection::new(&name, DaemonInjectionSpec::new(target.clone()));
+        di.metadata.namespace = Some(ns.clone());
+        di.metadata.owner_references = me.clone().map(|m| vec![m]);
+        di.metadata.labels = Some([(MANAGED_BY.to_owned(), "previewd".to_owned())].into());
+        match api.create(&PostParams::default(), &di).await {
+            Ok(created) => return Ok(created),
+            // Another link created it meanwhile: join its owners.
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => return Err(Error::Kube(e)),
+        }
     }
-    let mut di = DaemonInjection::new(&name, DaemonInjectionSpec::new(target.clone()));
-    di.metadata.namespace = Some(ns);
-    di.metadata.owner_references = me.map(|m| vec![m]);
-    di.metadata.labels = Some([(MANAGED_BY.to_owned(), "previewd".to_owned())].into());
-    match api.create(&PostParams::default(), &di).await {
-        Ok(created) => Ok(created),
-        Err(kube::Error::Api(e)) if e.code == 409 => api.get(&name).await.map_err(Error::Kube),
-        Err(e) => Err(Error::Kube(e)),
-    }
+    Err(Error::Injection {
+        reason: "OwnerUpdateConflict",
+        message: format!("DaemonInjection {name} kept appearing and vanishing; retrying"),
+    })
 }
 
 async fn cleanup<R: ContainerRuntime>(
@@ -564,31 +635,22 @@ async fn cleanup<R: ContainerRuntime>(
     if let Some(uid) = link.uid() {
         let api: Api<DaemonInjection> = Api::namespaced(ctx.client.clone(), &ns);
         let name = injection_name_for(&link.spec.target);
-        if let Some(di) = api.get_opt(&name).await.map_err(Error::Kube)? {
-            let owners: Vec<OwnerReference> = di
-                .metadata
-                .owner_references
-                .clone()
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|o| o.uid != uid)
-                .collect();
+        change_owners(&api, &name, |di| {
+            let all = di.metadata.owner_references.clone().unwrap_or_default();
+            let owners: Vec<OwnerReference> =
+                all.iter().filter(|o| o.uid != uid).cloned().collect();
             // Injections asked for explicitly (the REST shim's `inject`) outlive their links.
             let managed = di.labels().get(MANAGED_BY).map(String::as_str) == Some("previewd")
                 && !di.labels().contains_key(REQUESTED_LABEL);
             if owners.is_empty() && managed {
-                match api.delete(&name, &DeleteParams::default()).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => return Err(Error::Kube(e)),
-                }
-            } else if owners.len() != di.metadata.owner_references.as_ref().map_or(0, Vec::len) {
-                let patch = json!({"metadata": {"ownerReferences": owners}});
-                api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
-                    .await
-                    .map_err(Error::Kube)?;
+                OwnerChange::Delete
+            } else if owners.len() != all.len() {
+                OwnerChange::Set(owners)
+            } else {
+                OwnerChange::Keep
             }
-        }
+        })
+        .await?;
     }
     shared::delete_secret(&ctx.client, &ns, &token_secret_name(&link.name_any())).await?;
     ctx.backoff.reset(&link.uid().unwrap_or_default());

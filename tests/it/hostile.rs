@@ -1174,3 +1174,66 @@ async fn readyz_says_when_the_watches_fail_and_when_they_are_back() {
         replica.log_text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_links_on_one_container_keep_their_shared_agent_until_the_last_goes() {
+    let Some(rt) = docker().await else { return };
+    images(rt.client()).await;
+    let app = TestContainer::testapp(rt.client(), "127.0.0.1:8080", HostConfig::default()).await;
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server = crate::docker::server(state.path());
+    let links: Api<PreviewLink> = Api::default_namespaced(server.client());
+    let names: Vec<String> = (0..50).map(|i| format!("l{i}")).collect();
+    // All at once, as a backend opening previews of one sandbox does.
+    let created = futures::future::join_all(names.iter().map(|n| {
+        let links = links.clone();
+        let l = link(n, &app.name, 8080, json!({"access": "public"}));
+        async move { links.create(&PostParams::default(), &l).await }
+    }))
+    .await;
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    for n in &names {
+        wait_link(&links, n, LinkPhase::Ready).await;
+    }
+    let injections: Api<previewd::resources::DaemonInjection> =
+        Api::default_namespaced(server.client());
+    let shared = previewd::controller::link::injection_name_for(
+        &previewd::resources::Target::docker(&app.name),
+    );
+    let owners = |di: &previewd::resources::DaemonInjection| {
+        di.metadata.owner_references.as_ref().map_or(0, Vec::len)
+    };
+    let di = injections
+        .get(&shared)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(owners(&di), 50, "owners were lost while links were added");
+
+    let deleted = futures::future::join_all(names.iter().skip(1).map(|n| {
+        let links = links.clone();
+        let n = n.clone();
+        async move { links.delete(&n, &Default::default()).await }
+    }))
+    .await;
+    assert!(deleted.iter().all(Result::is_ok));
+    eventually(Duration::from_secs(60), "49 links to be gone", || {
+        let links = links.clone();
+        async move {
+            let left = links.list(&Default::default()).await.ok()?.items.len();
+            (left == 1).then_some(())
+        }
+    })
+    .await;
+    let di = injections
+        .get(&shared)
+        .await
+        .unwrap_or_else(|e| panic!("the shared agent went: {e}"));
+    assert_eq!(owners(&di), 1);
+    assert!(di.metadata.deletion_timestamp.is_none());
+    let (code, _, body) = exchange(
+        server.proxy,
+        "GET / HTTP/1.1\r\nHost: l0.default.preview.localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (200, "hello from testapp\n"));
+}
