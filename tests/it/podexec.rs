@@ -1119,12 +1119,17 @@ async fn a_kube_mode_replica_serves_links_to_pods() {
     assert!(upstream.starts_with("agent://"), "{upstream}");
     let url = format!("http://{}/p/web.{NS}/", replica.proxy);
     let fetch = || async { crate::rest::fetch(replica.proxy, &url).await.1 };
-    assert_eq!(
-        fetch().await,
-        "hello from testapp\n",
-        "{}",
-        replica.log_text()
-    );
+    // The replica's proxy serves the link once its own watch has seen it Ready.
+    let page = crate::common::eventually(
+        Duration::from_secs(10),
+        "the replica to serve the link",
+        || async {
+            let page = fetch().await;
+            (page == "hello from testapp\n").then_some(page)
+        },
+    )
+    .await;
+    assert_eq!(page, "hello from testapp\n", "{}", replica.log_text());
     let injection = dis
         .list(&Default::default())
         .await
