@@ -58,7 +58,7 @@ DIRECT_PORT=$(docker port "$NAME" 8080/tcp | head -n1 | sed 's/.*://')
 
 # previewd, with both links.
 API=127.0.0.1:18101 PROXY=127.0.0.1:18102
-PREVIEWD_AGENT_BINARY=$BIN/previewd-agent RUST_LOG=warn \
+PREVIEWD_AGENT_BINARY=$BIN/previewd-agent PREVIEWD_PATH_URLS=true RUST_LOG=warn \
   "${VALGRIND[@]}" "$BIN/previewd" serve --api-listen $API --proxy-listen $PROXY --state-dir "$WORK/state" &
 PREVIEWD_PID=$!
 for _ in $(seq 300); do curl -sf "http://$API/readyz" >/dev/null && break; sleep 0.1; done

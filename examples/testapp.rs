@@ -6,6 +6,8 @@
 //! - `POST /upload` → the number of bytes received, counted as they stream in;
 //! - `GET /ws` → a WebSocket echo (text and binary);
 //! - `GET /headers` → the request's target, then its headers, one per line;
+//! - `GET /redirect?to=URL` → 302 to `URL` (`self` names `http://{Host}/landed`);
+//! - `GET /cookie` → sets `app=1` with `Domain` the request's host name and `Path=/`;
 //! - `GET /bye` → `bye`, then the connection is dropped 100 ms later without notice (what a
 //!   kept-alive connection closed by the server's idle timeout looks like to a proxy).
 //!
@@ -47,8 +49,53 @@ async fn serve(
     bye: Arc<tokio::sync::Notify>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
+    // An app served under a base path (a kept prefix) answers there too.
+    let path = match path.rsplit_once('/') {
+        Some((base, "headers")) if !base.is_empty() => "/headers".to_owned(),
+        _ => path,
+    };
     let resp = match (req.method().as_str(), path.as_str()) {
         ("GET", "/") => Response::new(full("hello from testapp\n")),
+        ("GET", "/redirect") => {
+            let to = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("to=")))
+                .unwrap_or("/")
+                .to_owned();
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            let to = if to == "self" {
+                format!("http://{host}/landed")
+            } else {
+                to
+            };
+            Response::builder()
+                .status(StatusCode::FOUND)
+                .header(header::LOCATION, to)
+                .body(full(""))
+                .unwrap_or_else(|_| Response::new(full("")))
+        }
+        ("GET", "/cookie") => {
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            let name = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
+            Response::builder()
+                .header(
+                    header::SET_COOKIE,
+                    format!("app=1; Domain={name}; Path=/; HttpOnly"),
+                )
+                .body(full("cookie set\n"))
+                .unwrap_or_else(|_| Response::new(full("")))
+        }
         ("GET", "/bye") => {
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -162,6 +162,11 @@ struct ServeArgs {
         default_value = "subdomain"
     )]
     url_style: UrlStyle,
+    /// Also serve links by path (`/p/{name}.{namespace}/`, for resolvers without wildcard
+    /// hosts). Path links share one origin, so one preview's pages can read another's data;
+    /// `--url-style path` turns this on.
+    #[arg(long, env = "PREVIEWD_PATH_URLS", default_value_t = false, action = clap::ArgAction::Set)]
+    path_urls: bool,
     /// How users reach the proxy, when not at its listen address (behind an Ingress or a
     /// load balancer): `https://preview.example.com`. Link URLs use it.
     #[arg(long, env = "PREVIEWD_PUBLIC_URL")]
@@ -244,8 +249,12 @@ enum Command {
         /// The PreviewLink's name.
         name: String,
         /// Print the path-routed URL, which works with any resolver.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "embed")]
         path: bool,
+        /// Print the capability URL to embed in an iframe: it opens the link with no token
+        /// and no cookie (it is a credential, like the token).
+        #[arg(long)]
+        embed: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -357,6 +366,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 proxy_response_timeout_seconds,
                 preview_domain,
                 url_style,
+                path_urls,
                 public_url,
                 api_token,
                 api_accept_hosts,
@@ -427,6 +437,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 url_style,
                 proxy_addr: proxy_listen,
                 public_url,
+                path_urls: path_urls || url_style == UrlStyle::Path,
             };
             let config = ServeConfig {
                 api_listen,
@@ -482,9 +493,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let conn = Connection::new(&client.server, &client.namespace, client.token.as_deref())?;
             println!("{}", cli::link::token(&conn, &name).await?);
         }
-        Command::Url { name, path, client } => {
+        Command::Url {
+            name,
+            path,
+            embed,
+            client,
+        } => {
             let conn = Connection::new(&client.server, &client.namespace, client.token.as_deref())?;
-            println!("{}", cli::link::url(&conn, &name, path).await?);
+            let url = if embed {
+                cli::link::embed_url(&conn, &name).await?
+            } else {
+                cli::link::url(&conn, &name, path).await?
+            };
+            println!("{url}");
         }
         Command::Delete { kind, name, client } => {
             let conn = Connection::new(&client.server, &client.namespace, client.token.as_deref())?;

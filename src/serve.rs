@@ -333,6 +333,7 @@ pub async fn run(
             https: links.public_url.as_ref().is_some_and(|p| p.is_https()),
             timeouts: config.proxy_timeouts,
             clients: config.proxy_clients,
+            path_urls: links.path_urls,
             limits: connection_limits,
             workers: std::thread::available_parallelism().map_or(1, usize::from),
         },

@@ -22,6 +22,7 @@ use tracing::instrument;
 use super::injection::Layout;
 use super::shared::{self, MANAGED_BY};
 use super::{Context, Error};
+use crate::resources::capability;
 use crate::resources::conditions::{self, READY};
 use crate::resources::daemon_injection::DaemonPhase;
 use crate::resources::preview_link::{LinkPhase, SecretRef, Via};
@@ -64,6 +65,9 @@ pub struct LinkConfig {
     /// How users reach the proxy when that is not its listen address (behind an Ingress or
     /// load balancer); `None` uses the listen address.
     pub public_url: Option<PublicUrl>,
+    /// Whether links are also served by path (`/p/{name}.{namespace}/`). Path links share
+    /// one origin, so one preview's pages can read another's: off unless asked for.
+    pub path_urls: bool,
 }
 
 /// The proxy's public base URL (`--public-url`): scheme, host and optional port.
@@ -148,19 +152,39 @@ impl LinkConfig {
     pub fn urls(&self, namespace: &str, name: &str) -> (String, String) {
         let id = Self::link_id(namespace, name);
         let path_url = format!("{}/p/{id}/", self.proxy_base_url());
-        let url = match (self.url_style, &self.public_url) {
-            (UrlStyle::Subdomain, Some(p)) => match p.port {
-                Some(port) => format!("{}://{id}.{}:{port}/", p.scheme, self.preview_domain),
-                None => format!("{}://{id}.{}/", p.scheme, self.preview_domain),
+        let url = match self.url_style {
+            UrlStyle::Subdomain => self.host_url(&id),
+            UrlStyle::Path => path_url.clone(),
+        };
+        (url, path_url)
+    }
+
+    /// The URL of a link's own origin (`{name}.{namespace}.{domain}`): the one to embed,
+    /// whatever the URL style (path links share one origin).
+    pub fn own_origin_url(&self, namespace: &str, name: &str) -> String {
+        self.host_url(&Self::link_id(namespace, name))
+    }
+
+    /// The capability URL of a link (`{name}--{capability}.{namespace}.{domain}`), which
+    /// opens it without token or cookie; `None` when the name is too long for it.
+    pub fn capability_url(&self, namespace: &str, name: &str, capability: &str) -> Option<String> {
+        let host = crate::resources::capability::host_name(name, capability)?;
+        Some(self.host_url(&Self::link_id(namespace, &host)))
+    }
+
+    /// `{scheme}://{label}.{domain}[:port]/` for a host label under the preview domain.
+    fn host_url(&self, label: &str) -> String {
+        match &self.public_url {
+            Some(p) => match p.port {
+                Some(port) => format!("{}://{label}.{}:{port}/", p.scheme, self.preview_domain),
+                None => format!("{}://{label}.{}/", p.scheme, self.preview_domain),
             },
-            (UrlStyle::Subdomain, None) => format!(
-                "http://{id}.{}:{}/",
+            None => format!(
+                "http://{label}.{}:{}/",
                 self.preview_domain,
                 self.proxy_addr.port()
             ),
-            (UrlStyle::Path, _) => path_url.clone(),
-        };
-        (url, path_url)
+        }
     }
 }
 
@@ -271,7 +295,8 @@ pub fn status_for(
     let (ns, name) = (link.namespace().unwrap_or_default(), link.name_any());
     let (url, path_url) = cfg.urls(&ns, &name);
     st.url = Some(url);
-    st.path_url = Some(path_url);
+    st.path_url = cfg.path_urls.then_some(path_url);
+    st.embed_url = Some(cfg.own_origin_url(&ns, &name));
     st.target = Some(link.spec.target.display_name());
     st.observed_generation = link.metadata.generation;
     st.expires_at = expires_at(link).map(Time);
@@ -351,7 +376,7 @@ async fn apply<R: ContainerRuntime>(
     link: Arc<PreviewLink>,
     ctx: &Context<R>,
 ) -> Result<Action, Error> {
-    let token = ensure_token(ctx, &link).await?;
+    let token = ensure_credentials(ctx, &link).await?;
     let now = k8s_openapi::jiff::Timestamp::now();
     let expiry = expires_at(&link);
     let outcome = if expiry.is_some_and(|e| e <= now) {
@@ -375,24 +400,28 @@ async fn apply<R: ContainerRuntime>(
     }
 }
 
-/// The token Secret's value, created (32 random bytes, URL-safe) on first use.
-async fn ensure_token<R: ContainerRuntime>(
+/// The token (32 random bytes, URL-safe) and the capability of a link, kept in its Secret
+/// and made on first use.
+async fn ensure_credentials<R: ContainerRuntime>(
     ctx: &Context<R>,
     link: &PreviewLink,
 ) -> Result<String, Error> {
-    shared::secret_value(
+    let token: shared::Generator<'_> = Box::new(|| {
+        use base64::Engine;
+        use rand::Rng;
+        let bytes: [u8; 32] = rand::rng().random();
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    });
+    let capability: shared::Generator<'_> = Box::new(capability::generate);
+    let mut values = shared::secret_values(
         &ctx.client,
         link,
         &token_secret_name(&link.name_any()),
-        TOKEN_KEY,
-        || {
-            use base64::Engine;
-            use rand::Rng;
-            let bytes: [u8; 32] = rand::rng().random();
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-        },
+        vec![(TOKEN_KEY, token), (capability::KEY, capability)],
     )
-    .await
+    .await?;
+    values.truncate(1);
+    Ok(values.pop().unwrap_or_default())
 }
 
 async fn resolve_upstream<R: ContainerRuntime>(
@@ -668,6 +697,7 @@ mod tests {
             url_style: style,
             proxy_addr: "127.0.0.1:8002".parse().unwrap_or_else(|e| panic!("{e}")),
             public_url: None,
+            path_urls: true,
         }
     }
 

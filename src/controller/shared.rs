@@ -65,45 +65,98 @@ pub async fn secret_value<K: Resource<DynamicType = ()>>(
     owner: &K,
     name: &str,
     key: &str,
-    generate: impl FnOnce() -> String,
+    generate: impl FnOnce() -> String + Send,
 ) -> Result<String, Error> {
+    let mut values = secret_values(client, owner, name, vec![(key, Box::new(generate))]).await?;
+    Ok(values.pop().unwrap_or_default())
+}
+
+/// How a missing value of a Secret is made.
+pub type Generator<'a> = Box<dyn FnOnce() -> String + Send + 'a>;
+
+/// The values under `keys` in the Secret `name` next to `owner`, in order; a missing Secret
+/// is created (owned by `owner`, labelled as previewd's) and a missing key added, each value
+/// made by its generator. Concurrent writers agree: a lost race yields the winner's values.
+pub async fn secret_values<K: Resource<DynamicType = ()>>(
+    client: &kube::Client,
+    owner: &K,
+    name: &str,
+    keys: Vec<(&str, Generator<'_>)>,
+) -> Result<Vec<String>, Error> {
     let api: Api<Secret> = Api::namespaced(client.clone(), &owner.namespace().unwrap_or_default());
-    let read = |s: &Secret| {
+    let read = |s: &Secret, key: &str| {
         s.data
             .as_ref()
             .and_then(|d| d.get(key))
             .map(|v| String::from_utf8_lossy(&v.0).into_owned())
     };
-    if let Some(value) = api
-        .get_opt(name)
-        .await
-        .map_err(Error::Kube)?
-        .as_ref()
-        .and_then(read)
+    let existing = api.get_opt(name).await.map_err(Error::Kube)?;
+    if let Some(secret) = &existing
+        && keys.iter().all(|(k, _)| read(secret, k).is_some())
     {
-        return Ok(value);
+        return Ok(keys
+            .iter()
+            .map(|(k, _)| read(secret, k).unwrap_or_default())
+            .collect());
     }
-    let value = generate();
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: owner.namespace(),
-            owner_references: owner.controller_owner_ref(&()).map(|r| vec![r]),
-            labels: Some([(MANAGED_BY.to_owned(), "previewd".to_owned())].into()),
-            ..Default::default()
-        },
-        data: Some([(key.to_owned(), ByteString(value.clone().into_bytes()))].into()),
-        ..Default::default()
+    let wanted: Vec<String> = keys.iter().map(|(k, _)| (*k).to_owned()).collect();
+    let mut data = std::collections::BTreeMap::new();
+    for (key, generate) in keys {
+        let value = existing
+            .as_ref()
+            .and_then(|s| read(s, key))
+            .unwrap_or_else(generate);
+        data.insert(key.to_owned(), value);
+    }
+    let encoded = |data: &std::collections::BTreeMap<String, String>| {
+        data.iter()
+            .map(|(k, v)| (k.clone(), ByteString(v.clone().into_bytes())))
+            .collect::<std::collections::BTreeMap<_, _>>()
     };
-    match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => Ok(value),
-        Err(kube::Error::Api(e)) if e.code == 409 => api
-            .get(name)
-            .await
-            .map_err(Error::Kube)
-            .map(|s| read(&s).unwrap_or_default()),
-        Err(e) => Err(Error::Kube(e)),
+    let written = match &existing {
+        // Keys added to a Secret that has some: with its resourceVersion, so a concurrent
+        // addition is not overwritten.
+        Some(secret) => {
+            let patch = serde_json::json!({
+                "metadata": {"resourceVersion": secret.resource_version()},
+                "data": encoded(&data)
+            });
+            api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+                .map(|_| ())
+        }
+        None => {
+            let secret = Secret {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(name.to_owned()),
+                    namespace: owner.namespace(),
+                    owner_references: owner.controller_owner_ref(&()).map(|r| vec![r]),
+                    labels: Some([(MANAGED_BY.to_owned(), "previewd".to_owned())].into()),
+                    ..Default::default()
+                },
+                data: Some(encoded(&data)),
+                ..Default::default()
+            };
+            api.create(&PostParams::default(), &secret)
+                .await
+                .map(|_| ())
+        }
+    };
+    match written {
+        Ok(()) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let secret = api.get(name).await.map_err(Error::Kube)?;
+            return Ok(wanted
+                .iter()
+                .map(|k| read(&secret, k).unwrap_or_default())
+                .collect());
+        }
+        Err(e) => return Err(Error::Kube(e)),
     }
+    Ok(wanted
+        .iter()
+        .map(|k| data.get(k).cloned().unwrap_or_default())
+        .collect())
 }
 
 /// Deletes a Secret; one that is already gone is fine.

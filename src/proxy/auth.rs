@@ -211,12 +211,47 @@ pub fn strip<'q>(headers: &mut HeaderMap, query: Option<&'q str>) -> Option<Cow<
     (!kept.is_empty()).then(|| Cow::Owned(kept.join("&")))
 }
 
+/// Where the token cookie can be used, which decides its attributes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CookieContext {
+    /// A secure context (https, or a `localhost` name, which browsers treat as one): the
+    /// cookie is `SameSite=None; Secure; Partitioned`, so it is stored and sent inside an
+    /// agent platform's cross-site `<iframe>` too, in that embedding's own partition
+    /// (CHIPS), never shared with other sites.
+    Secure,
+    /// Plain http on another name: `Secure` cookies are refused there, so `SameSite=Lax`
+    /// (no embedding).
+    Plain,
+}
+
+impl CookieContext {
+    /// The context of a link reached at `host` (as the client named it), over https or not.
+    pub fn of(host: &str, https: bool) -> Self {
+        let name = host
+            .rsplit_once(':')
+            .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(host, |(h, _)| h)
+            .to_ascii_lowercase();
+        let localhost = name == "localhost"
+            || name.ends_with(".localhost")
+            || name == "[::1]"
+            || name.starts_with("127.");
+        if https || localhost {
+            CookieContext::Secure
+        } else {
+            CookieContext::Plain
+        }
+    }
+}
+
 /// The `Set-Cookie` that remembers a token for this link: HttpOnly, host-only, scoped to the
-/// link's path prefix (`/` for host-routed links), and `Secure` when users reach the proxy
-/// over https (a browser then never sends it in clear).
-pub fn cookie(token: &str, path: &str, secure: bool) -> String {
-    let secure = if secure { "; Secure" } else { "" };
-    format!("{TOKEN_COOKIE}={token}; Path={path}; HttpOnly; SameSite=Lax{secure}")
+/// link's path prefix (`/` for host-routed links), with what `context` allows.
+pub fn cookie(token: &str, path: &str, context: CookieContext) -> String {
+    let attributes = match context {
+        CookieContext::Secure => "SameSite=None; Secure; Partitioned",
+        CookieContext::Plain => "SameSite=Lax",
+    };
+    format!("{TOKEN_COOKIE}={token}; Path={path}; HttpOnly; {attributes}")
 }
 
 #[cfg(test)]
@@ -351,8 +386,31 @@ mod tests {
     }
 
     #[test]
-    fn the_cookie_is_secure_behind_https() {
-        assert!(cookie("t", "/", true).ends_with("; Secure"));
-        assert!(!cookie("t", "/", false).contains("Secure"));
+    fn the_cookie_is_embeddable_wherever_it_can_be_secure() {
+        for (host, https, context) in [
+            (
+                "web.default.preview.localhost:8002",
+                false,
+                CookieContext::Secure,
+            ),
+            ("127.0.0.1:8002", false, CookieContext::Secure),
+            (
+                "web.default.preview.example.com",
+                true,
+                CookieContext::Secure,
+            ),
+            (
+                "web.default.preview.example.com",
+                false,
+                CookieContext::Plain,
+            ),
+            ("10.0.0.5:30080", false, CookieContext::Plain),
+        ] {
+            assert_eq!(CookieContext::of(host, https), context, "{host}");
+        }
+        assert!(
+            cookie("t", "/", CookieContext::Secure).ends_with("SameSite=None; Secure; Partitioned")
+        );
+        assert!(cookie("t", "/", CookieContext::Plain).ends_with("SameSite=Lax"));
     }
 }

@@ -70,7 +70,15 @@ impl ProxyError {
     pub fn respond(&self, browser: bool) -> Response<ProxyBody> {
         let (status, code) = self.code();
         let message = self.message();
-        let (content_type, body) = if browser {
+        let waiting = matches!(self, ProxyError::TargetNotReady(_));
+        let (content_type, body) = if browser && waiting {
+            // A person waits for the app to come up: the page tries again by itself.
+            let page = format!(
+                "<!doctype html><meta charset=utf-8><meta http-equiv=refresh content={RETRY_SECONDS}><title>Starting…</title><h1>The preview is starting</h1><p>{}</p><p>This page reloads by itself every {RETRY_SECONDS} seconds.</p><p><code>{code}</code></p>\n",
+                html_escape(&message)
+            );
+            ("text/html; charset=utf-8", page.into_bytes())
+        } else if browser {
             let page = format!(
                 "<!doctype html><meta charset=utf-8><title>{code}</title><h1>{status}</h1><p>{}</p><p><code>{code}</code></p>\n",
                 html_escape(&message)
@@ -84,13 +92,16 @@ impl ProxyError {
         *resp.status_mut() = status;
         let headers = resp.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-        if matches!(self, ProxyError::TargetNotReady(_)) {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+        if waiting {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_SECONDS));
         }
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         resp
     }
 }
+
+/// How long a client waiting for a target that is not ready should wait before asking again.
+const RETRY_SECONDS: &str = "2";
 
 /// Whether the client prefers HTML (a browser): decided before the request is consumed, so
 /// the proxy keeps no copy of the headers for the error path.

@@ -109,11 +109,12 @@ pub fn client_ip_header(client: SocketAddr) -> Option<HeaderValue> {
 }
 
 /// Sets `X-Forwarded-For/-Proto/-Host` (appending `client_ip`, from [`client_ip_header`],
-/// to a forwarded-for chain).
+/// to a forwarded-for chain); `https` when users reach the proxy over https.
 pub fn add_forwarded(
     headers: &mut HeaderMap,
     client_ip: Option<&HeaderValue>,
     original_host: Option<&HeaderValue>,
+    https: bool,
 ) {
     // Room for the three at once: hyper sizes a request's map to the headers it came with,
     // and growing it one insert at a time reallocated it twice per request.
@@ -133,7 +134,8 @@ pub fn add_forwarded(
             headers.insert(X_FORWARDED_FOR, v);
         }
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let proto = if https { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     if let Some(h) = original_host {
         headers.insert(X_FORWARDED_HOST, h.clone());
     }
@@ -999,6 +1001,7 @@ mod tests {
             Some(&HeaderValue::from_static(
                 "web.default.preview.localhost:8002",
             )),
+            false,
         );
         assert_eq!(
             h.get("x-forwarded-for").map(|v| v.as_bytes()),

@@ -7,11 +7,13 @@
 
 pub mod auth;
 pub mod body;
+pub mod cors;
 pub mod errors;
 pub mod forward;
 pub mod h1;
 pub mod limits;
 pub mod revoke;
+pub mod rewrite;
 pub mod routes;
 pub mod server;
 
@@ -36,6 +38,7 @@ use crate::controller::link::injection_name_for;
 use crate::controller::shared::MANAGED_BY;
 use crate::controller::shared::secret_str;
 use crate::metrics::Metrics;
+use crate::resources::preview_link::PathPrefix;
 use crate::resources::{PreviewLink, scoped_api};
 use crate::watching::{self, Readiness, Undecodable};
 use body::ProxyBody;
@@ -141,6 +144,14 @@ impl Routes {
         }
     }
 
+    /// The capability of `link` (from its token Secret), once the proxy knows it.
+    fn capability(&self, link: &PreviewLink) -> Option<String> {
+        let ns = link.metadata.namespace.as_deref().unwrap_or("default");
+        let name = &link.status.as_ref()?.token_secret_ref.as_ref()?.name;
+        let secret = self.secrets.get(&ObjectRef::new(name).within(ns))?;
+        secret_str(&secret, crate::resources::capability::KEY).map(str::to_owned)
+    }
+
     /// The agent secret of the shared injection a link's traffic goes through (the Secret
     /// object; the value is borrowed from it).
     fn agent_secret(&self, link: &PreviewLink) -> Option<Arc<Secret>> {
@@ -162,6 +173,8 @@ struct Proxy {
     https: bool,
     /// How long requests wait on upstreams, unless a link says otherwise.
     timeouts: forward::Timeouts,
+    /// Whether links are served by path too (`/p/{id}/`).
+    path_urls: bool,
 }
 
 /// One proxy worker: a thread with its own single-threaded runtime and upstream pools.
@@ -187,6 +200,8 @@ pub struct Serving {
     pub timeouts: forward::Timeouts,
     /// How long the proxy waits on clients.
     pub clients: server::ClientTimeouts,
+    /// Whether links are served by path too (`/p/{id}/`: one shared origin).
+    pub path_urls: bool,
     /// How many client connections it holds open.
     pub limits: limits::ConnectionLimits,
     /// Worker threads (the machine's cores, in production).
@@ -214,6 +229,7 @@ pub async fn run(
         domain: serving.domain,
         https: serving.https,
         timeouts: serving.timeouts,
+        path_urls: serving.path_urls,
     });
     let listener = serving.listener.into_std()?;
     let connections = limits::Connections::new(serving.limits);
@@ -498,27 +514,60 @@ async fn serve(
         None => original_host.as_ref().and_then(|h| h.to_str().ok()),
     };
     let path = parts.uri.path();
-    let routed = routes::route(host, path, &proxy.domain).ok_or(ProxyError::LinkNotFound)?;
-    let link = lock(&conn.memo).link(&proxy.routes.links, &routed.id)?;
+    let routed = routes::route(host, path, &proxy.domain, proxy.path_urls)
+        .ok_or(ProxyError::LinkNotFound)?;
+    // A link's own id, or its capability host (`{name}--{capability}.{namespace}`).
+    let found = lock(&conn.memo).link(&proxy.routes.links, &routed.id);
+    let (link, capability) = match found {
+        Ok(link) => (link, None),
+        Err(not_found) => match crate::resources::capability::split(&routed.id) {
+            Some((id, cap)) if !routed.prefix.starts_with("/p/") => (
+                lock(&conn.memo).link(&proxy.routes.links, &id)?,
+                Some(cap.to_owned()),
+            ),
+            _ => return Err(not_found),
+        },
+    };
     let (status_upstream, token_hash) = routes::admit(&link, k8s_openapi::jiff::Timestamp::now())?;
+    if let Some(presented) = &capability {
+        // A wrong capability names no link at all, as an unknown host does.
+        let expected = proxy
+            .routes
+            .capability(&link)
+            .ok_or(ProxyError::LinkNotFound)?;
+        if !crate::resources::capability::matches(presented, &expected) {
+            return Err(ProxyError::LinkNotFound);
+        }
+    }
     let (upstream, grant) =
         lock(&conn.memo).upstream(&link, status_upstream, &proxy.routes.revocations)?;
     // `/p/{id}` without its slash: redirect, so the app's relative URLs stay under the prefix.
-    if routed.prefix != "/" && path == routed.prefix.trim_end_matches('/') {
+    let path_routed = routed.prefix != "/";
+    if path_routed && path == routed.prefix.trim_end_matches('/') {
         let target = match parts.uri.query() {
             Some(q) => format!("{}?{q}", routed.prefix),
             None => routed.prefix.into_owned(),
         };
-        let mut resp = Response::new(ProxyBody::empty());
-        *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
-        let location = HeaderValue::try_from(target)
-            .map_err(|e| ProxyError::UpstreamUnreachable(e.to_string()))?;
-        resp.headers_mut().insert(header::LOCATION, location);
-        return Ok(resp);
+        return redirect(StatusCode::PERMANENT_REDIRECT, &target);
+    }
+    // The link's own origin, as the client addressed it.
+    let scheme = if proxy.https { "https" } else { "http" };
+    let public_host = host.unwrap_or_default().to_ascii_lowercase();
+    let public_origin = format!("{scheme}://{public_host}");
+    // A CORS preflight carries no credentials: a link's policy answers it before the token.
+    let cors = link
+        .spec
+        .cors
+        .as_ref()
+        .and_then(|policy| cors::Cors::of(policy, &parts.headers));
+    if let Some(c) = &cors
+        && c.is_preflight(&parts.method, &parts.headers)
+    {
+        return Ok(c.preflight(&parts.headers));
     }
     let query = parts.uri.query();
     let mut set_cookie = None;
-    if let Some(hash) = token_hash {
+    if let Some(hash) = token_hash.filter(|_| capability.is_none()) {
         let (token, source) =
             auth::presented(&parts.headers, query).ok_or(ProxyError::TokenMissing)?;
         if !auth::matches(&token, hash) {
@@ -528,11 +577,39 @@ async fn serve(
         if source == auth::TokenSource::Query
             && let Ok(token) = std::str::from_utf8(&token)
         {
-            set_cookie =
-                HeaderValue::try_from(auth::cookie(token, &routed.prefix, proxy.https)).ok();
+            let context = auth::CookieContext::of(&public_host, proxy.https);
+            set_cookie = HeaderValue::try_from(auth::cookie(token, &routed.prefix, context)).ok();
+            // A browser opening the self-authenticating URL is sent on without the token,
+            // so it leaves the address bar, the history and every Referer.
+            if matches!(parts.method, http::Method::GET | http::Method::HEAD)
+                && errors::wants_html(&parts.headers)
+            {
+                let kept = auth::strip(&mut parts.headers, query);
+                let target = match kept {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path.to_owned(),
+                };
+                let mut resp = redirect(StatusCode::SEE_OTHER, &target)?;
+                if let Some(c) = set_cookie {
+                    resp.headers_mut().append(header::SET_COOKIE, c);
+                }
+                resp.headers_mut().insert(
+                    header::REFERRER_POLICY,
+                    HeaderValue::from_static("no-referrer"),
+                );
+                return Ok(resp);
+            }
         }
     }
-    // What goes upstream: the path under the link's prefix, and the query less the token.
+    // What goes upstream: the path under the link's prefix (or all of it, for `keep`), and
+    // the query less the token.
+    let keep_prefix = path_routed && link.spec.path_prefix == PathPrefix::Keep;
+    let forward_path = if keep_prefix { path } else { routed.path };
+    let stripped =
+        (path_routed && !keep_prefix).then(|| routed.prefix.trim_end_matches('/').to_owned());
+    let forwarded_prefix = path_routed
+        .then(|| HeaderValue::from_str(routed.prefix.trim_end_matches('/')).ok())
+        .flatten();
     let kept = auth::strip(&mut parts.headers, query);
     let query_as_it_came = match &kept {
         Some(q) => matches!(q, Cow::Borrowed(_)),
@@ -541,17 +618,17 @@ async fn serve(
     let uri = match kept {
         // The forwarded target is the end of the request's: the path under the prefix and
         // the query. Host-routed origin-form targets go as they came.
-        _ if query_as_it_came && path.ends_with(routed.path) => {
-            let skipped = path.len() - routed.path.len();
+        _ if query_as_it_came && path.ends_with(forward_path) => {
+            let skipped = path.len() - forward_path.len();
             let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
             if skipped == 0 && parts.uri.scheme().is_none() {
                 None
             } else {
-                Some(Uri::try_from(target.get(skipped..).unwrap_or(routed.path)))
+                Some(Uri::try_from(target.get(skipped..).unwrap_or(forward_path)))
             }
         }
-        Some(q) => Some(Uri::try_from(format!("{}?{q}", routed.path))),
-        None => Some(Uri::try_from(routed.path)),
+        Some(q) => Some(Uri::try_from(format!("{forward_path}?{q}"))),
+        None => Some(Uri::try_from(forward_path)),
     };
     if let Some(uri) = uri {
         parts.uri = uri.map_err(|_| ProxyError::LinkNotFound)?;
@@ -561,7 +638,11 @@ async fn serve(
         &mut parts.headers,
         conn.client_ip.as_ref(),
         original_host.as_ref(),
+        proxy.https,
     );
+    if let Some(prefix) = forwarded_prefix {
+        parts.headers.insert(X_FORWARDED_PREFIX, prefix);
+    }
     let secret = match upstream {
         Upstream::Agent { .. } | Upstream::Exec { .. } => proxy.routes.agent_secret(&link),
         Upstream::Direct(_) => None,
@@ -571,15 +652,28 @@ async fn serve(
         &upstream,
         secret.as_deref().and_then(secret_value),
     );
-    let host = match (&link.spec.host_rewrite, &upstream) {
+    let rewritten = match (&link.spec.host_rewrite, &upstream) {
         (Some(h), _) => HeaderValue::from_str(h).ok(),
         // Dev servers check Host; through the agent the app is at localhost:{port}.
         (None, Upstream::Agent { .. } | Upstream::Exec { .. }) => to.pool.default_host.clone(),
-        (None, Upstream::Direct(_)) => original_host.or_else(|| to.pool.default_host.clone()),
+        (None, Upstream::Direct(_)) => None,
     };
+    let host = rewritten
+        .clone()
+        .or_else(|| original_host.clone())
+        .or_else(|| to.pool.default_host.clone());
     if let Some(h) = host {
         parts.headers.insert(header::HOST, h);
     }
+    let origins = rewrite::Origins {
+        public: public_origin,
+        upstream: rewritten
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .map(|h| format!("http://{}", h.to_ascii_lowercase())),
+        stripped: stripped.as_deref(),
+    };
+    origins.request(&mut parts.headers);
     let asked = std::time::Instant::now();
     let timeouts = proxy.timeouts.with(link.spec.timeouts.as_ref());
     let idle = link
@@ -618,9 +712,42 @@ async fn serve(
         headers.remove(header::CONTENT_LENGTH);
         headers.remove(header::TRANSFER_ENCODING);
     }
-    if let Some(c) = set_cookie {
-        resp.headers_mut().append(header::SET_COOKIE, c);
+    let headers = resp.headers_mut();
+    if origins.maps_anything() {
+        origins.response(headers);
     }
+    if let Some(c) = &cors {
+        c.answer(headers);
+    }
+    if let Some(c) = set_cookie {
+        headers.append(header::SET_COOKIE, c);
+        // The request's URL held the token: it must not travel on as a Referer.
+        headers.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        );
+    } else if capability.is_some() {
+        // The origin itself is the credential: no other site may see it as a Referer.
+        headers.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("same-origin"),
+        );
+    }
+    Ok(resp)
+}
+
+/// The header telling a path-routed app the prefix it is served under.
+const X_FORWARDED_PREFIX: http::HeaderName = http::HeaderName::from_static("x-forwarded-prefix");
+
+/// A redirect answered by the proxy itself.
+fn redirect(status: StatusCode, target: &str) -> Result<Response<ProxyBody>, ProxyError> {
+    let mut resp = Response::new(ProxyBody::empty());
+    *resp.status_mut() = status;
+    let location = HeaderValue::try_from(target)
+        .map_err(|e| ProxyError::UpstreamUnreachable(e.to_string()))?;
+    resp.headers_mut().insert(header::LOCATION, location);
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
 }
 

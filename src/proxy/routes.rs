@@ -52,9 +52,14 @@ fn under_domain<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
     (h[cut] == b'.' && h[cut + 1..].eq_ignore_ascii_case(d)).then(|| &host[..cut])
 }
 
-/// Routes by host (`{name}.{namespace}.{domain}`) or by path (`/p/{name}.{namespace}/…`).
-/// Host routing wins when the host is under the preview domain.
-pub fn route<'a>(host: Option<&'a str>, path: &'a str, domain: &str) -> Option<Routed<'a>> {
+/// Routes by host (`{name}.{namespace}.{domain}`) or, when `path_urls` is on, by path
+/// (`/p/{name}.{namespace}/…`). Host routing wins when the host is under the preview domain.
+pub fn route<'a>(
+    host: Option<&'a str>,
+    path: &'a str,
+    domain: &str,
+    path_urls: bool,
+) -> Option<Routed<'a>> {
     let host = host.map(|h| {
         rsplit_at_byte(h, b':')
             .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
@@ -72,6 +77,9 @@ pub fn route<'a>(host: Option<&'a str>, path: &'a str, domain: &str) -> Option<R
             path,
             prefix: Cow::Borrowed("/"),
         });
+    }
+    if !path_urls {
+        return None;
     }
     let rest = path.strip_prefix("/p/")?;
     let Some(slash) = rest.bytes().position(|b| b == b'/') else {
@@ -213,12 +221,12 @@ mod tests {
                 r.prefix.into_owned(),
             )
         };
-        let r = route(Some("web.default.preview.localhost:8002"), "/a?b", d);
+        let r = route(Some("web.default.preview.localhost:8002"), "/a?b", d, true);
         assert_eq!(
             r.map(parts),
             Some(("default".into(), "web".into(), "/a?b".into(), "/".into()))
         );
-        let r = route(Some("127.0.0.1:8002"), "/p/a.b.dev/x/y", d);
+        let r = route(Some("127.0.0.1:8002"), "/p/a.b.dev/x/y", d, true);
         assert_eq!(
             r.map(parts),
             Some((
@@ -228,26 +236,31 @@ mod tests {
                 "/p/a.b.dev/".into()
             ))
         );
-        let r = route(Some("127.0.0.1:8002"), "/p/a.dev", d);
+        let r = route(Some("127.0.0.1:8002"), "/p/a.dev", d, true);
         assert_eq!(
             r.map(parts),
             Some(("dev".into(), "a".into(), "/".into(), "/p/a.dev/".into()))
         );
         assert_eq!(
-            route(Some("evil.example.com"), "/", d),
+            route(Some("evil.example.com"), "/", d, true),
             None,
             "foreign hosts route nowhere"
         );
-        assert_eq!(route(Some("127.0.0.1"), "/p/nodot/", d), None);
-        assert_eq!(route(None, "/other", d), None);
+        assert_eq!(route(Some("127.0.0.1"), "/p/nodot/", d, true), None);
         assert_eq!(
-            route(Some("WEB.Default.Preview.Localhost"), "/", d).map(|r| r.id.into_owned()),
+            route(Some("127.0.0.1:8002"), "/p/a.dev/x", d, false),
+            None,
+            "path links are served only when turned on"
+        );
+        assert_eq!(route(None, "/other", d, true), None);
+        assert_eq!(
+            route(Some("WEB.Default.Preview.Localhost"), "/", d, true).map(|r| r.id.into_owned()),
             Some("web.default".into())
         );
-        assert_eq!(route(Some("preview.localhost"), "/", d), None);
-        assert_eq!(route(Some("xpreview.localhost"), "/", d), None);
+        assert_eq!(route(Some("preview.localhost"), "/", d, true), None);
+        assert_eq!(route(Some("xpreview.localhost"), "/", d, true), None);
         assert_eq!(
-            route(Some("é.preview.localhost"), "/", d),
+            route(Some("é.preview.localhost"), "/", d, true),
             None,
             "non-ASCII hosts do not panic"
         );

@@ -4,6 +4,7 @@
 //! ([`crd`]), the embedded API validates objects with them ([`validation`]), and the
 //! controllers read and write them through `kube::Api`.
 
+pub mod capability;
 pub mod conditions;
 pub mod crd;
 pub mod daemon_injection;

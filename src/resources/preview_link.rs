@@ -91,6 +91,24 @@ pub struct PreviewLinkSpec {
     /// How long the proxy waits for the upstream; the server's defaults when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<LinkTimeouts>,
+    /// What a path-routed request (`/p/{name}.{namespace}/…`) sends upstream: the path
+    /// under the prefix (`strip`, the default), or the whole path (`keep`, for apps with a
+    /// base-path setting: Jupyter's `base_url`, Gradio's `root_path`). Either way the app is
+    /// told the prefix in `X-Forwarded-Prefix`.
+    #[serde(default)]
+    pub path_prefix: PathPrefix,
+}
+
+/// What a path-routed request sends upstream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum PathPrefix {
+    /// The path under `/p/{name}.{namespace}`; root-relative redirects and cookie paths
+    /// the app answers with get the prefix back.
+    #[default]
+    Strip,
+    /// The whole path, prefix included.
+    Keep,
 }
 
 /// Bounds on waiting for a link's upstream, for apps that need others than the server's
@@ -127,6 +145,7 @@ impl PreviewLinkSpec {
             host_rewrite: None,
             cors: None,
             timeouts: None,
+            path_prefix: PathPrefix::default(),
         }
     }
 }
@@ -195,9 +214,16 @@ pub struct PreviewLinkStatus {
     /// The link in the configured URL style.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
-    /// The path-routed form, which works with any resolver.
+    /// The path-routed form, which works with any resolver (when the server serves path
+    /// URLs: they share one origin).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_url: Option<String>,
+    /// The link's own origin, the URL to embed in an `<iframe>` (with `?previewd_token=`
+    /// once: the token cookie is then partitioned into the embedding site). The capability
+    /// URL, which needs no cookie, is a credential and so only in the link's Secret
+    /// (`previewd url --embed`, the REST answer's `embed_url`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embed_url: Option<String>,
     /// Standard conditions; `Ready` says whether the link serves.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

@@ -178,6 +178,15 @@ pub fn preview_link_spec(spec: &PreviewLinkSpec) -> Vec<FieldError> {
             ));
         }
     }
+    if let Some(cors) = &spec.cors
+        && cors.allow_credentials
+        && cors.allow_origins.iter().any(|o| o == "*")
+    {
+        errs.push(FieldError::new(
+            "spec.cors.allowCredentials",
+            "Forbidden: may not be true with allowOrigins \"*\" (any site could read the app as its user); list the origins",
+        ));
+    }
     if let Some(cors) = &spec.cors {
         for (i, origin) in cors.allow_origins.iter().enumerate() {
             let ok =

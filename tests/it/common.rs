@@ -90,6 +90,8 @@ impl Server {
             ])
             .arg(state_dir)
             .env("RUST_LOG", "info")
+            // Most tests address links by path; the default (off) is tested on its own.
+            .env("PREVIEWD_PATH_URLS", "true")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

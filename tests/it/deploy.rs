@@ -931,6 +931,7 @@ fn the_example_ingress_reaches_links_by_host_and_by_path() {
         url_style: UrlStyle::Subdomain,
         proxy_addr: "0.0.0.0:8002".parse().unwrap_or_else(|e| panic!("{e}")),
         public_url: None,
+        path_urls: true,
     };
     let (url, path_url) = links.urls("default", "demo");
     let split = |u: &str| {
@@ -983,7 +984,7 @@ fn the_example_ingress_reaches_links_by_host_and_by_path() {
             "{port:?} is not a port of {}",
             backend.name
         );
-        let routed = route(Some(host), path, domain)
+        let routed = route(Some(host), path, domain, true)
             .unwrap_or_else(|| panic!("the proxy does not route http://{host}{path}"));
         assert_eq!(routed.id, "demo.default");
     }

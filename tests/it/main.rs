@@ -12,6 +12,7 @@ mod hostile;
 mod kube_mode;
 mod kubectl;
 mod leader;
+mod origins;
 mod podexec;
 mod proxy;
 mod rest;

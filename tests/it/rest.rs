@@ -97,7 +97,13 @@ async fn backends_inject_preview_revoke_and_remove() {
         "{st}"
     );
     let (_, svc) = call(api, "GET", "/api/daemon-proxy/service/status", "").await;
-    assert_eq!(svc["managed_containers"].as_array().map(Vec::len), Some(1));
+    // By the id the backend used (here the container's name), full ids beside.
+    assert_eq!(svc["managed_containers"], serde_json::json!([id]), "{svc}");
+    let full = svc["managed_container_ids"][0].as_str().unwrap_or_default();
+    assert!(
+        full.len() == 64 && full.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{svc}"
+    );
 
     // preview: self-authenticating URLs that reach the loopback-only app.
     let (code, p1) = call(api, "POST", &format!("{base}/preview/8080"), "").await;

@@ -24,7 +24,8 @@ use super::model::{
     Progress, RemoveAnswer, RemoveStatus, RevokeAnswer, Revoked, ServiceStatus, StatusOk,
 };
 use super::{
-    CONTAINER_NAME_ANNOTATION, REQUESTED_LABEL, RETRY_ANNOTATION, SHIM_LINK_LABEL, Shim, link_name,
+    CONTAINER_NAME_ANNOTATION, REQUESTED_AS_ANNOTATION, REQUESTED_LABEL, RETRY_ANNOTATION,
+    SHIM_LINK_LABEL, Shim, link_name,
 };
 use crate::agent::client as agent;
 use crate::agent::protocol::SECRET_ENV;
@@ -268,7 +269,11 @@ impl Shim {
 
     /// The container's shared injection, created or marked as asked for through this API
     /// (so it stays when its links go). Returns whether this call created it.
-    async fn ensure_requested(&self, info: &ContainerInfo) -> Result<bool, ShimError> {
+    async fn ensure_requested(
+        &self,
+        info: &ContainerInfo,
+        requested_as: &str,
+    ) -> Result<bool, ShimError> {
         let api = self.injections();
         let name = injection_of(&info.id);
         if let Some(di) = api.get_opt(&name).await.map_err(kube_err)? {
@@ -296,8 +301,13 @@ impl Shim {
             ]
             .into(),
         );
-        di.metadata.annotations =
-            Some([(CONTAINER_NAME_ANNOTATION.to_owned(), info.name.clone())].into());
+        di.metadata.annotations = Some(
+            [
+                (CONTAINER_NAME_ANNOTATION.to_owned(), info.name.clone()),
+                (REQUESTED_AS_ANNOTATION.to_owned(), requested_as.to_owned()),
+            ]
+            .into(),
+        );
         match api.create(&PostParams::default(), &di).await {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
@@ -310,6 +320,7 @@ impl Shim {
     async fn ensure_link(
         &self,
         info: &ContainerInfo,
+        requested_as: &str,
         port: u16,
         query: &PreviewQuery,
     ) -> Result<(String, bool), ShimError> {
@@ -374,8 +385,13 @@ impl Shim {
         l.metadata.namespace = Some(self.namespace.clone());
         let key = injection_of(&info.id);
         l.metadata.labels = Some([(SHIM_LINK_LABEL.to_owned(), key)].into());
-        l.metadata.annotations =
-            Some([(CONTAINER_NAME_ANNOTATION.to_owned(), info.name.clone())].into());
+        l.metadata.annotations = Some(
+            [
+                (CONTAINER_NAME_ANNOTATION.to_owned(), info.name.clone()),
+                (REQUESTED_AS_ANNOTATION.to_owned(), requested_as.to_owned()),
+            ]
+            .into(),
+        );
         match api.create(&PostParams::default(), &l).await {
             Ok(_) => Ok((name, true)),
             // A concurrent call for the same port made it: the same link serves both.
@@ -385,14 +401,19 @@ impl Shim {
     }
 
     async fn token(&self, link: &str) -> Result<String, ShimError> {
+        self.credential(link, TOKEN_KEY).await
+    }
+
+    /// The value under `key` (the token, the capability) in a link's Secret.
+    async fn credential(&self, link: &str, key: &str) -> Result<String, ShimError> {
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
         let secret = secrets
             .get(&token_secret_name(link))
             .await
             .map_err(kube_err)?;
-        secret_str(&secret, TOKEN_KEY)
+        secret_str(&secret, key)
             .map(str::to_owned)
-            .ok_or_else(|| ShimError::Conflict(format!("the token of {link} is not readable")))
+            .ok_or_else(|| ShimError::Conflict(format!("the {key} of {link} is not readable")))
     }
 
     /// Asks the running daemon which ports listen in the container.
@@ -462,7 +483,7 @@ pub async fn inject(
     let id = id.as_str();
     no_query(query)?;
     let info = s.running_container(id).await?;
-    let created = s.ensure_requested(&info).await?;
+    let created = s.ensure_requested(&info, id).await?;
     let api = s.injections();
     let name = injection_of(&info.id);
     match s.wait_for(&api, &name, model::injection_progress).await {
@@ -588,7 +609,7 @@ pub async fn preview(
     let Query(query) = query.map_err(|e| ShimError::InvalidQuery(e.body_text()))?;
     query.ttl()?;
     let info = s.running_container(&id).await?;
-    let (name, created) = s.ensure_link(&info, port, &query).await?;
+    let (name, created) = s.ensure_link(&info, &id, port, &query).await?;
     let di_name = injection_of(&info.id);
     if let Some(di) = s.injections().get_opt(&di_name).await.map_err(kube_err)? {
         s.nudge(&di).await?;
@@ -612,9 +633,19 @@ pub async fn preview(
         Some(s.token(&name).await?)
     };
     let (url, path_url) = s.links_config.urls(&s.namespace, &name);
+    let capability = s
+        .credential(&name, crate::resources::capability::KEY)
+        .await?;
+    let embed_url = s
+        .links_config
+        .capability_url(&s.namespace, &name, &capability);
     Ok(Json(PreviewAnswer {
+        embed_url,
         url: model::with_token(&st.url.unwrap_or(url), token.as_deref()),
-        path_url: model::with_token(&st.path_url.unwrap_or(path_url), token.as_deref()),
+        path_url: s
+            .links_config
+            .path_urls
+            .then(|| model::with_token(&st.path_url.unwrap_or(path_url), token.as_deref())),
         token,
         port,
         expires_at: st
@@ -750,7 +781,32 @@ pub async fn service_status(
         .list(&ListParams::default())
         .await
         .map_err(kube_err)?;
-    let mut managed: Vec<String> = dis
+    // Each container by the id the backend used for it (a backend that injected
+    // `my-sandbox` looks for `my-sandbox`), and by its full id beside.
+    let links = s
+        .links()
+        .list(&ListParams::default())
+        .await
+        .map_err(kube_err)?;
+    let requested_as = |full: &str| {
+        let named = |meta: &kube::api::ObjectMeta| {
+            meta.annotations
+                .as_ref()
+                .and_then(|a| a.get(REQUESTED_AS_ANNOTATION))
+                .cloned()
+        };
+        dis.iter()
+            .filter(|d| matches!(&d.spec.target, Target::Docker(t) if t.container == full))
+            .find_map(|d| named(&d.metadata))
+            .or_else(|| {
+                links
+                    .iter()
+                    .filter(|l| matches!(&l.spec.target, Target::Docker(t) if t.container == full))
+                    .find_map(|l| named(&l.metadata))
+            })
+            .unwrap_or_else(|| full.to_owned())
+    };
+    let mut ids: Vec<String> = dis
         .iter()
         .filter(|d| d.metadata.deletion_timestamp.is_none())
         .filter_map(|d| match &d.spec.target {
@@ -758,12 +814,32 @@ pub async fn service_status(
             Target::Pod(_) => None,
         })
         .collect();
+    ids.sort();
+    ids.dedup();
+    let mut managed: Vec<String> = ids.iter().map(|id| requested_as(id)).collect();
     managed.sort();
     managed.dedup();
+    let mut managed_ids: Vec<String> = dis
+        .iter()
+        .filter(|d| d.metadata.deletion_timestamp.is_none())
+        .filter(|d| matches!(d.spec.target, Target::Docker(_)))
+        .filter_map(|d| {
+            d.status
+                .as_ref()
+                .and_then(|st| st.container_id.clone())
+                .or_else(|| match &d.spec.target {
+                    Target::Docker(t) => Some(t.container.clone()),
+                    Target::Pod(_) => None,
+                })
+        })
+        .collect();
+    managed_ids.sort();
+    managed_ids.dedup();
     Ok(Json(ServiceStatus {
         status: StatusOk::Ok,
         is_running: true,
         managed_containers: managed,
+        managed_container_ids: managed_ids,
         service_url: s.api_url.clone(),
         proxy_url: s.links_config.proxy_base_url(),
         version: env!("CARGO_PKG_VERSION").to_owned(),

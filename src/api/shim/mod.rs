@@ -26,6 +26,9 @@ use crate::runtime::docker::DockerRuntime;
 pub const SHIM_LINK_LABEL: &str = "previewd.dev/rest-container";
 /// Annotation with the container's name, so a vanished container can still be found by it.
 pub const CONTAINER_NAME_ANNOTATION: &str = "previewd.dev/container-name";
+/// Annotation with the id or name a backend named the container by (what it looks for in
+/// `service/status`).
+pub const REQUESTED_AS_ANNOTATION: &str = "previewd.dev/requested-as";
 /// Annotation the shim sets to ask for a prompt re-reconcile of a failed or waiting injection.
 pub const RETRY_ANNOTATION: &str = "previewd.dev/retry-requested-at";
 

@@ -57,10 +57,18 @@ pub struct PreviewAnswer {
     /// The link in the server's URL style, with `?previewd_token=` for token links, so it
     /// works pasted into a browser.
     pub url: String,
-    /// The path-routed form (`/p/{link}/`), which works with any resolver, also with the token.
-    pub path_url: String,
+    /// The path-routed form (`/p/{link}/`), which works with any resolver, also with the
+    /// token; only when the server serves path URLs (`--path-urls`: they share an origin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_url: Option<String>,
     /// The token (`null` for public links); also accepted as header `X-Previewd-Token`.
     pub token: Option<String>,
+    /// The URL to embed in an `<iframe>` (or open anywhere): the link's capability host,
+    /// which needs no token and no cookie, so it works where cookies are not kept (Safari's
+    /// cross-site frames, manifests, `crossorigin` fetches). It is a credential, like the
+    /// token. `null` when the link's name is too long for one host label.
+    #[serde(default)]
+    pub embed_url: Option<String>,
     /// The container port.
     pub port: u16,
     /// When the link stops working, in seconds since the Unix epoch.
@@ -210,8 +218,11 @@ pub struct ServiceStatus {
     pub status: StatusOk,
     /// Always `true` in an answer.
     pub is_running: bool,
-    /// Containers with a daemon kept by previewd, as their targets name them.
+    /// Containers with a daemon kept by previewd, each by the id or name the backend used for
+    /// it (its full id when made otherwise).
     pub managed_containers: Vec<String>,
+    /// The same containers' full ids.
+    pub managed_container_ids: Vec<String>,
     /// This API's base URL.
     pub service_url: String,
     /// The preview proxy's base URL.
