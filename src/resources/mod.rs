@@ -8,6 +8,7 @@ pub mod conditions;
 pub mod crd;
 pub mod daemon_injection;
 pub mod daemon_source;
+pub mod go_duration;
 pub mod preview_link;
 pub mod target;
 pub mod validation;

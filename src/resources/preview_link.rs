@@ -76,7 +76,11 @@ pub struct PreviewLinkSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
     /// Lifetime counted from creation (Go duration, e.g. `90m`); exclusive with `expiresAt`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::go_duration::deserialize_option"
+    )]
     pub ttl: Option<kube::core::Duration>,
     /// How the proxy reaches the port.
     #[serde(default)]
@@ -219,4 +223,34 @@ pub struct PreviewLinkStatus {
     /// The Secret holding the token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_secret_ref: Option<SecretRef>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// kube's Duration parser panics on `1h-2m` and past Go's range, and reads `1h0` and
+    /// `+-1h` as an hour: a spec carrying one must be a plain decode error.
+    #[test]
+    fn ttls_that_are_not_go_durations_do_not_decode() {
+        for ttl in ["1h-2m", "99999999999999999999h", "1h0", "+-1h", "banana"] {
+            let spec = serde_json::json!({
+                "target": {"docker": {"container": "web"}}, "port": 80, "ttl": ttl,
+            });
+            let decoded = std::panic::catch_unwind(|| {
+                serde_json::from_value::<PreviewLinkSpec>(spec).is_err()
+            });
+            assert_eq!(decoded.ok(), Some(true), "{ttl:?}");
+        }
+        let spec = serde_json::json!({
+            "target": {"docker": {"container": "web"}}, "port": 80, "ttl": "1.5h",
+        });
+        let ttl = serde_json::from_value::<PreviewLinkSpec>(spec)
+            .ok()
+            .and_then(|s| s.ttl);
+        assert_eq!(
+            ttl.map(std::time::Duration::from),
+            Some(std::time::Duration::from_secs(5400))
+        );
+    }
 }
