@@ -10,6 +10,8 @@ pub mod daemon_injection;
 pub mod daemon_source;
 pub mod go_duration;
 pub mod preview_link;
+#[cfg(test)]
+mod schema_agreement;
 pub mod target;
 pub mod validation;
 

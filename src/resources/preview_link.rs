@@ -5,14 +5,21 @@
 #![allow(clippy::duplicated_attributes)]
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::target::Target;
+use super::validation::{
+    CORS_ORIGIN_PATTERN, HOST_REWRITE_PATTERN, TTL_OR_EXPIRY_RULE, TTL_PATTERN, TTL_RULE,
+};
 
+// Each field's schema carries the checks `validation::preview_link_spec` makes (patterns as
+// `#[schemars(...)]`, CEL rules as `#[x_kube(validation = ...)]`), so a cluster refuses what the
+// embedded store refuses; a new field gets its check in both places and cases in
+// `schema_agreement`'s table. (Doc comments here become the CRD's descriptions.)
 /// Desired state of a preview link.
-#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[kube(
     group = "previewd.dev",
     version = "v1alpha1",
@@ -63,6 +70,10 @@ use super::target::Target;
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(TTL_OR_EXPIRY_RULE)
+    .message("ttl may not be set together with expiresAt")
+    .field_path(".ttl")
+    .reason(Reason::FieldValueForbidden))]
 pub struct PreviewLinkSpec {
     /// The container whose port is previewed.
     pub target: Target,
@@ -75,12 +86,15 @@ pub struct PreviewLinkSpec {
     /// Absolute expiry time; exclusive with `ttl`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
-    /// Lifetime counted from creation (Go duration, e.g. `90m`); exclusive with `expiresAt`.
+    /// Lifetime counted from creation (a positive Go duration, e.g. `90m`); exclusive with
+    /// `expiresAt`.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
         deserialize_with = "super::go_duration::deserialize_option"
     )]
+    #[schemars(pattern(TTL_PATTERN))]
+    #[x_kube(validation = Rule::new(TTL_RULE).message("must be a positive duration"))]
     pub ttl: Option<kube::core::Duration>,
     /// How the proxy reaches the port.
     #[serde(default)]
@@ -88,6 +102,7 @@ pub struct PreviewLinkSpec {
     /// `Host` header sent upstream; `localhost:{port}` through the agent when omitted, so
     /// dev servers' host checks pass.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 261), pattern(HOST_REWRITE_PATTERN))]
     pub host_rewrite: Option<String>,
     /// CORS answers added by the proxy; none when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -163,6 +178,7 @@ pub enum Via {
 pub struct CorsPolicy {
     /// Origins allowed (`*` for any).
     #[serde(default)]
+    #[schemars(inner(pattern(CORS_ORIGIN_PATTERN)))]
     pub allow_origins: Vec<String>,
     /// Whether credentials may be sent cross-origin.
     #[serde(default)]
