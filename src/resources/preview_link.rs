@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::target::Target;
 use super::validation::{
-    CORS_ORIGIN_PATTERN, HOST_REWRITE_PATTERN, TTL_OR_EXPIRY_RULE, TTL_PATTERN, TTL_RULE,
+    CORS_ORIGIN_PATTERN, HOST_REWRITE_PATTERN, POSITIVE_DURATION_PATTERN, POSITIVE_DURATION_RULE,
+    TTL_OR_EXPIRY_RULE,
 };
 
 // Each field's schema carries the checks `validation::preview_link_spec` makes (patterns as
@@ -93,8 +94,8 @@ pub struct PreviewLinkSpec {
         skip_serializing_if = "Option::is_none",
         deserialize_with = "super::go_duration::deserialize_option"
     )]
-    #[schemars(pattern(TTL_PATTERN))]
-    #[x_kube(validation = Rule::new(TTL_RULE).message("must be a positive duration"))]
+    #[schemars(pattern(POSITIVE_DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new(POSITIVE_DURATION_RULE).message("must be a positive duration"))]
     pub ttl: Option<kube::core::Duration>,
     /// How the proxy reaches the port.
     #[serde(default)]
@@ -114,21 +115,39 @@ pub struct PreviewLinkSpec {
 
 /// Bounds on waiting for a link's upstream, for apps that need others than the server's
 /// defaults (a long-polling endpoint answers late; a quiet stream may be worth closing).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LinkTimeouts {
     /// Longest wait for a connection to the upstream (Go duration; server default 10s),
     /// then 502 `UPSTREAM_UNREACHABLE`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::go_duration::deserialize_option"
+    )]
+    #[schemars(pattern(POSITIVE_DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new(POSITIVE_DURATION_RULE).message("must be a positive duration"))]
     pub connect: Option<kube::core::Duration>,
     /// Longest wait for the response head once the request was sent (server default 60s,
     /// as nginx's `proxy_read_timeout`; raise it for long polling), then 504
     /// `UPSTREAM_TIMEOUT`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::go_duration::deserialize_option"
+    )]
+    #[schemars(pattern(POSITIVE_DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new(POSITIVE_DURATION_RULE).message("must be a positive duration"))]
     pub response: Option<kube::core::Duration>,
     /// Longest a streaming response or an upgraded connection (WebSocket) may carry no byte
     /// before the proxy closes it; none when omitted (streams stay open while they live).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::go_duration::deserialize_option"
+    )]
+    #[schemars(pattern(POSITIVE_DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new(POSITIVE_DURATION_RULE).message("must be a positive duration"))]
     pub idle: Option<kube::core::Duration>,
 }
 

@@ -2,7 +2,9 @@
 //! run through the embedded store's validation (the same `Kind::validate` its writes call:
 //! typed decoding, then `validation`) and through the generated `openAPIV3Schema`, as a
 //! cluster would (its OpenAPI part through a JSON-Schema validator, its CEL rules through
-//! kube's evaluator).
+//! kube's evaluator). A spec field with no case here fails `the_table_covers_every_spec_field`:
+//! a new field gets its check in `validation`, that check's schema form on the type, and a
+//! group of cases below.
 //!
 //! How the apiserver's semantics are reproduced:
 //! - `nullable: true` lets `null` through with no other check, as kube-openapi validates a
@@ -13,9 +15,11 @@
 //!   nulls are removed before the rules run.
 //!
 //! Where kube's CEL evaluator is not cel-go: its `duration()` does not read `µs` and
-//! saturates instead of failing on a value past Go's range, so the table has no `µs` ttl and
-//! no overflowing ttl (the store's side of both is in `go_duration`'s tests; on a cluster,
+//! saturates instead of failing on a value past Go's range, so the table has no `µs` duration
+//! and no overflowing one (the store's side of both is in `go_duration`'s tests; on a cluster,
 //! `duration()` is Go's `time.ParseDuration` and agrees with it).
+
+use std::collections::BTreeSet;
 
 use serde_json::{Value, json};
 
@@ -24,7 +28,7 @@ use super::validation::FORBIDDEN_INSTALL_DIRS;
 use crate::store::kinds;
 
 /// Which kind a case is.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Resource {
     Link,
     Injection,
@@ -104,7 +108,7 @@ fn cases() -> Vec<Case> {
     use Resource::{Injection as I, Link as L};
     let long = |n: usize| "a".repeat(n);
     let under_forbidden_dirs = FORBIDDEN_INSTALL_DIRS.iter().map(|d| format!("{d}/agent"));
-    let groups = [
+    let mut groups = vec![
         // Targets.
         field(L, "spec.target.docker.container", |v| link(json!({"target": {"docker": {"container": v}}})),
             strs(["web", "My_app.1-x", &long(128), "0123456789abcdef"]),
@@ -155,7 +159,7 @@ fn cases() -> Vec<Case> {
             vec![json!({"target": {"docker": {"container": "web"}}}), injection(json!({})), injection(Value::Null),
                 injection(json!({"user": "1000:1000"})), injection(json!({"args": [], "env": [], "source": null}))],
             vec![json!({"daemon": {}}), injection(json!({"source": {}})), injection(json!({"source": {"image": "x"}}))]),
-        field(I, "spec.target.pod.name", |v| json!({"target": {"pod": {"name": v}}}),
+        field(I, "spec.target.pod.name", |v| json!({"target": {"pod": {"name": v, "container": "app"}}}),
             strs(["web"]),
             strs(["Web"])),
         field(I, "spec.daemon.args", |v| injection(json!({"args": v})), vec![json!([])], vec![json!(["-v"])]),
@@ -201,6 +205,17 @@ fn cases() -> Vec<Case> {
             strs(["0:0", "1000:1000", "4294967295:4294967295"]),
             strs(["", "1000", "app:app", "1000:", ":1000", "1:2:3", "12345678901:1", " 1:1", "1:1\n", "-1:0"])),
     ];
+    // Upstream timeouts: positive Go durations, as ttl is.
+    for (name, at) in [("connect", "spec.timeouts.connect"), ("response", "spec.timeouts.response"), ("idle", "spec.timeouts.idle")] {
+        let timeouts = move |v| link(json!({"timeouts": {name: v}}));
+        groups.push(field(L, "spec", timeouts,
+            strs(["10s", "1.5m", "500ms", "+2h"]),
+            strs(["banana", "", "10", "1h-2m", "1d", "1h0"])));
+        groups.push(field(L, at, timeouts, vec![Value::Null], strs(["0s", "-1s", "0.1ns"])));
+    }
+    groups.push(field(L, "spec", |v| link(json!({"timeouts": v})),
+        vec![json!({}), Value::Null, json!({"connect": "1s", "response": "2m", "idle": "1h"})],
+        vec![json!("10s")]));
     groups.into_iter().flatten().collect()
 }
 
@@ -450,5 +465,55 @@ fn each_node(schema: &Value, f: &mut impl FnMut(&Value)) {
         .flat_map(|m| m.values());
     for child in properties.chain(schema.get("items")) {
         each_node(child, f);
+    }
+}
+
+/// The JSON pointers (array items without their index) of every field `value` holds, under
+/// `at`.
+fn fields_of(value: &Value, at: &str, out: &mut BTreeSet<String>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                let here = format!("{at}/{k}");
+                out.insert(here.clone());
+                fields_of(v, &here, out);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| fields_of(v, at, out)),
+        _ => {}
+    }
+}
+
+/// The JSON pointers (array items without their index) of every property a schema declares,
+/// under `at`.
+fn properties_of(schema: &Value, at: &str, out: &mut BTreeSet<String>) {
+    for (k, v) in schema["properties"].as_object().into_iter().flatten() {
+        let here = format!("{at}/{k}");
+        out.insert(here.clone());
+        properties_of(v, &here, out);
+    }
+    if let Some(items) = schema.get("items") {
+        properties_of(items, at, out);
+    }
+}
+
+/// Every spec field the CRDs declare appears in the table: a field added to a type without
+/// cases here fails, so its check (or the lack of one) gets written down.
+#[test]
+fn the_table_covers_every_spec_field() {
+    let cases = cases();
+    for kind in [Resource::Link, Resource::Injection] {
+        let mut declared = BTreeSet::new();
+        properties_of(
+            &crd_schema(kind)["properties"]["spec"],
+            "/spec",
+            &mut declared,
+        );
+        let mut covered = BTreeSet::new();
+        for case in cases.iter().filter(|c| c.kind == kind) {
+            fields_of(&case.spec, "/spec", &mut covered);
+        }
+        let missing: Vec<&String> = declared.difference(&covered).collect();
+        assert!(missing.is_empty(), "{kind:?}: no case sets {missing:?}");
     }
 }

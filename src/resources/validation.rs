@@ -54,15 +54,15 @@ pub const DNS1123_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 pub const DOCKER_CONTAINER_PATTERN: &str = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$";
 
 /// Go's duration syntax without a minus sign (see [`super::go_duration`]): what a positive
-/// `spec.ttl` looks like (`\u{b5}` and `\u{3bc}` are the micro sign and the Greek mu Go both
-/// accepts). Zero (`0s`) and durations outside Go's range match it; [`TTL_RULE`]
+/// duration (`spec.ttl`, `spec.timeouts.*`) looks like (`\u{b5}` and `\u{3bc}` are the micro sign and the Greek mu Go both
+/// accepts). Zero (`0s`) and durations outside Go's range match it; [`POSITIVE_DURATION_RULE`]
 /// refuses those.
-pub const TTL_PATTERN: &str =
+pub const POSITIVE_DURATION_PATTERN: &str =
     "^\\+?(([0-9]+(\\.[0-9]*)?|\\.[0-9]+)(ns|us|\u{b5}s|\u{3bc}s|ms|s|m|h))+$";
 
 /// The CEL form of "a positive duration": the apiserver's `duration()` is Go's parser, so it
 /// also refuses what overflows Go's range.
-pub const TTL_RULE: &str = "duration(self) > duration('0s')";
+pub const POSITIVE_DURATION_RULE: &str = "duration(self) > duration('0s')";
 
 /// The CEL form of "`ttl` and `expiresAt` are exclusive" (on the spec).
 pub const TTL_OR_EXPIRY_RULE: &str = "!has(self.ttl) || !has(self.expiresAt)";
