@@ -5,6 +5,9 @@
 //! kube's evaluator). A spec field with no case here fails `the_table_covers_every_spec_field`:
 //! a new field gets its check in `validation`, that check's schema form on the type, and a
 //! group of cases below.
+//! (The embedded store's host-path admission, `kinds::daemon_source_admission`, judges files on
+//! the machine under the operator's `--daemon-source-dir`, not the object: no schema can say
+//! it, and in a cluster the controller refuses every host-path source.)
 //!
 //! How the apiserver's semantics are reproduced:
 //! - `nullable: true` lets `null` through with no other check, as kube-openapi validates a
