@@ -4,14 +4,19 @@
 //! and the embedded API reads its printer columns and OpenAPI schemas from them, so a cluster
 //! and the local store describe the resources identically.
 
+use std::sync::LazyLock;
+
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
 use super::{DaemonInjection, PreviewLink};
 
-/// Both CRDs, PreviewLink first.
+/// Both CRDs, PreviewLink first. Generated once and cloned: the embedded API reads them for
+/// every request, and generating their schemas costs some thirty times a copy.
 pub fn all() -> [CustomResourceDefinition; 2] {
-    [PreviewLink::crd(), DaemonInjection::crd()]
+    static ALL: LazyLock<[CustomResourceDefinition; 2]> =
+        LazyLock::new(|| [PreviewLink::crd(), DaemonInjection::crd()]);
+    ALL.clone()
 }
 
 /// The file name a CRD is checked in under, in `crds/` (`{group}_{plural}.yaml`).

@@ -5,11 +5,15 @@
 #![allow(clippy::duplicated_attributes)]
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::target::Target;
+use super::validation::{
+    ABSOLUTE_PATH_PATTERN, ENV_NAME_PATTERN, ENV_VALUE_PATTERN, INSTALL_PATH_PATTERN,
+    INSTALL_PATH_RULE, NEEDS_SOURCE_MESSAGE, USER_PATTERN,
+};
 
 /// Desired state: which container, and which daemon (the built-in `previewd-agent` when
 /// `daemon` is omitted).
@@ -76,9 +80,34 @@ impl DaemonInjectionSpec {
     }
 }
 
+// Each field's schema carries the checks `validation::daemon_injection_spec` makes (patterns as
+// `#[schemars(...)]`, CEL rules as `#[x_kube(validation = ...)]`), so a cluster refuses what the
+// embedded store refuses. The struct's rules: every setting but `user` needs a `source`.
 /// A user-named static daemon, injected exactly like the built-in agent.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.source) || !has(self.args) || size(self.args) == 0")
+        .message(NEEDS_SOURCE_MESSAGE)
+        .field_path(".args")
+        .reason(Reason::FieldValueForbidden),
+    validation = Rule::new("has(self.source) || !has(self.env) || size(self.env) == 0")
+        .message(NEEDS_SOURCE_MESSAGE)
+        .field_path(".env")
+        .reason(Reason::FieldValueForbidden),
+    validation = Rule::new("has(self.source) || !has(self.port)")
+        .message(NEEDS_SOURCE_MESSAGE)
+        .field_path(".port")
+        .reason(Reason::FieldValueForbidden),
+    validation = Rule::new("has(self.source) || !has(self.installPath)")
+        .message(NEEDS_SOURCE_MESSAGE)
+        .field_path(".installPath")
+        .reason(Reason::FieldValueForbidden),
+    validation = Rule::new("has(self.source) || !has(self.readinessProbe)")
+        .message(NEEDS_SOURCE_MESSAGE)
+        .field_path(".readinessProbe")
+        .reason(Reason::FieldValueForbidden)
+)]
 pub struct DaemonSpec {
     /// Where the binary comes from; the built-in previewd-agent when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -96,12 +125,16 @@ pub struct DaemonSpec {
     /// Absolute path of the binary in the container; defaults to a file under `/.previewd/`
     /// on the root filesystem (never `/tmp` or `/dev/shm`, often tmpfs or noexec).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(INSTALL_PATH_PATTERN))]
+    #[x_kube(validation = Rule::new(INSTALL_PATH_RULE)
+        .message("/tmp, /dev, /proc, /sys and /run are often tmpfs or noexec in containers; use a path on the root filesystem such as /.previewd/"))]
     pub install_path: Option<String>,
     /// How to tell that the daemon is up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readiness_probe: Option<Probe>,
     /// `uid:gid` to run as; the container's own user when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(USER_PATTERN))]
     pub user: Option<String>,
 }
 
@@ -110,16 +143,25 @@ pub struct DaemonSpec {
 #[serde(rename_all = "camelCase")]
 pub enum DaemonSource {
     /// An absolute path on the machine previewd runs on; the file must be a static executable.
+    #[schemars(schema_with = "absolute_path")]
     HostPath(String),
+}
+
+/// The schema of an absolute path: schemars takes validation attributes on fields, not on
+/// enum variants.
+fn absolute_path(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({ "type": "string", "pattern": ABSOLUTE_PATH_PATTERN })
 }
 
 /// One environment variable.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct EnvVar {
     /// Variable name.
+    #[schemars(pattern(ENV_NAME_PATTERN))]
     pub name: String,
     /// Variable value.
     #[serde(default)]
+    #[schemars(pattern(ENV_VALUE_PATTERN))]
     pub value: String,
 }
 
@@ -138,6 +180,7 @@ pub enum Probe {
 #[serde(rename_all = "camelCase")]
 pub struct HttpProbe {
     /// Request path, starting with `/`.
+    #[schemars(pattern(ABSOLUTE_PATH_PATTERN))]
     pub path: String,
     /// Port to probe; the daemon's `port` when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -9,7 +9,10 @@ pub mod conditions;
 pub mod crd;
 pub mod daemon_injection;
 pub mod daemon_source;
+pub mod go_duration;
 pub mod preview_link;
+#[cfg(test)]
+mod schema_agreement;
 pub mod target;
 pub mod validation;
 

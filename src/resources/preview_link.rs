@@ -5,14 +5,22 @@
 #![allow(clippy::duplicated_attributes)]
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::target::Target;
+use super::validation::{
+    CORS_ORIGIN_PATTERN, HOST_REWRITE_PATTERN, POSITIVE_DURATION_PATTERN, POSITIVE_DURATION_RULE,
+    TTL_OR_EXPIRY_RULE,
+};
 
+// Each field's schema carries the checks `validation::preview_link_spec` makes (patterns as
+// `#[schemars(...)]`, CEL rules as `#[x_kube(validation = ...)]`), so a cluster refuses what the
+// embedded store refuses; a new field gets its check in both places and cases in
+// `schema_agreement`'s table. (Doc comments here become the CRD's descriptions.)
 /// Desired state of a preview link.
-#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[kube(
     group = "previewd.dev",
     version = "v1alpha1",
@@ -63,6 +71,10 @@ use super::target::Target;
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(TTL_OR_EXPIRY_RULE)
+    .message("ttl may not be set together with expiresAt")
+    .field_path(".ttl")
+    .reason(Reason::FieldValueForbidden))]
 pub struct PreviewLinkSpec {
     /// The container whose port is previewed.
     pub target: Target,
@@ -75,8 +87,15 @@ pub struct PreviewLinkSpec {
     /// Absolute expiry time; exclusive with `ttl`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
-    /// Lifetime counted from creation (Go duration, e.g. `90m`); exclusive with `expiresAt`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Lifetime counted from creation (a positive Go duration, e.g. `90m`); exclusive with
+    /// `expiresAt`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::go_duration::deserialize_option"
+    )]
+    #[schemars(pattern(POSITIVE_DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new(POSITIVE_DURATION_RULE).message("must be a positive duration"))]
     pub ttl: Option<kube::core::Duration>,
     /// How the proxy reaches the port.
     #[serde(default)]
@@ -84,6 +103,7 @@ pub struct PreviewLinkSpec {
     /// `Host` header sent upstream; `localhost:{port}` through the agent when omitted, so
     /// dev servers' host checks pass.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 261), pattern(HOST_REWRITE_PATTERN))]
     pub host_rewrite: Option<String>,
     /// CORS answers added by the proxy; none when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -113,21 +133,39 @@ pub enum PathPrefix {
 
 /// Bounds on waiting for a link's upstream, for apps that need others than the server's
 /// defaults (a long-polling endpoint answers late; a quiet stream may be worth closing).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LinkTimeouts {
     /// Longest wait for a connection to the upstream (Go duration; server default 10s),
     /// then 502 `UPSTREAM_UNREACHABLE`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::go_duration::deserialize_option"
+    )]
+    #[schemars(pattern(POSITIVE_DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new(POSITIVE_DURATION_RULE).message("must be a positive duration"))]
     pub connect: Option<kube::core::Duration>,
     /// Longest wait for the response head once the request was sent (server default 60s,
     /// as nginx's `proxy_read_timeout`; raise it for long polling), then 504
     /// `UPSTREAM_TIMEOUT`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::go_duration::deserialize_option"
+    )]
+    #[schemars(pattern(POSITIVE_DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new(POSITIVE_DURATION_RULE).message("must be a positive duration"))]
     pub response: Option<kube::core::Duration>,
     /// Longest a streaming response or an upgraded connection (WebSocket) may carry no byte
     /// before the proxy closes it; none when omitted (streams stay open while they live).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::go_duration::deserialize_option"
+    )]
+    #[schemars(pattern(POSITIVE_DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new(POSITIVE_DURATION_RULE).message("must be a positive duration"))]
     pub idle: Option<kube::core::Duration>,
 }
 
@@ -178,6 +216,7 @@ pub enum Via {
 pub struct CorsPolicy {
     /// Origins allowed (`*` for any).
     #[serde(default)]
+    #[schemars(inner(pattern(CORS_ORIGIN_PATTERN)))]
     pub allow_origins: Vec<String>,
     /// Whether credentials may be sent cross-origin.
     #[serde(default)]
@@ -245,4 +284,34 @@ pub struct PreviewLinkStatus {
     /// The Secret holding the token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_secret_ref: Option<SecretRef>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// kube's Duration parser panics on `1h-2m` and past Go's range, and reads `1h0` and
+    /// `+-1h` as an hour: a spec carrying one must be a plain decode error.
+    #[test]
+    fn ttls_that_are_not_go_durations_do_not_decode() {
+        for ttl in ["1h-2m", "99999999999999999999h", "1h0", "+-1h", "banana"] {
+            let spec = serde_json::json!({
+                "target": {"docker": {"container": "web"}}, "port": 80, "ttl": ttl,
+            });
+            let decoded = std::panic::catch_unwind(|| {
+                serde_json::from_value::<PreviewLinkSpec>(spec).is_err()
+            });
+            assert_eq!(decoded.ok(), Some(true), "{ttl:?}");
+        }
+        let spec = serde_json::json!({
+            "target": {"docker": {"container": "web"}}, "port": 80, "ttl": "1.5h",
+        });
+        let ttl = serde_json::from_value::<PreviewLinkSpec>(spec)
+            .ok()
+            .and_then(|s| s.ttl);
+        assert_eq!(
+            ttl.map(std::time::Duration::from),
+            Some(std::time::Duration::from_secs(5400))
+        );
+    }
 }

@@ -3,6 +3,10 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::validation::{
+    DNS1123_LABEL_PATTERN, DNS1123_SUBDOMAIN_PATTERN, DOCKER_CONTAINER_PATTERN,
+};
+
 /// The container an object refers to. Exactly one kind of target: the enum makes two (or
 /// none) unrepresentable, and the generated schema says so with a `oneOf`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -19,6 +23,7 @@ pub enum Target {
 #[serde(rename_all = "camelCase")]
 pub struct DockerTarget {
     /// Container id or name, as `docker ps` shows it.
+    #[schemars(length(min = 1, max = 128), pattern(DOCKER_CONTAINER_PATTERN))]
     pub container: String,
 }
 
@@ -27,9 +32,11 @@ pub struct DockerTarget {
 #[serde(rename_all = "camelCase")]
 pub struct PodTarget {
     /// Pod name.
+    #[schemars(length(min = 1, max = 253), pattern(DNS1123_SUBDOMAIN_PATTERN))]
     pub name: String,
     /// Container name; the pod's first container when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), pattern(DNS1123_LABEL_PATTERN))]
     pub container: Option<String>,
 }
 

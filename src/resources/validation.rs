@@ -1,8 +1,11 @@
 //! Semantic validation of previewd objects, beyond what the types themselves enforce.
 //!
-//! The embedded API runs these checks on every write (a real cluster enforces the subset that
-//! the CRD schema expresses), so a bad object is refused with a clear message instead of
-//! reaching a controller. Pure functions: they unit-test without a server.
+//! The embedded API runs these checks on every write, so a bad object is refused with a clear
+//! message instead of reaching a controller. A cluster runs the same checks from the CRD
+//! schema: each check here has its schema form beside it (a `*_PATTERN` for the field's
+//! `pattern`, a `*_RULE` for a CEL `x-kubernetes-validations` rule where a pattern cannot say
+//! it), the types in this module's siblings attach them, and `schema_agreement`'s table proves
+//! that both refuse the same objects. Pure functions: they unit-test without a server.
 
 use std::fmt;
 
@@ -38,7 +41,62 @@ impl fmt::Display for FieldError {
 
 /// Directories whose filesystems are usually tmpfs or noexec (or not files at all), where an
 /// uploaded daemon would vanish or fail to start.
-const FORBIDDEN_INSTALL_DIRS: [&str; 5] = ["/tmp", "/dev", "/proc", "/sys", "/run"];
+pub const FORBIDDEN_INSTALL_DIRS: [&str; 5] = ["/tmp", "/dev", "/proc", "/sys", "/run"];
+
+/// The schema form of [`dns1123_subdomain`], with `maxLength` 253 (Kubernetes' own pattern).
+pub const DNS1123_SUBDOMAIN_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
+/// The schema form of [`dns1123_label`], with `maxLength` 63.
+pub const DNS1123_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+
+/// The schema form of a Docker container id or name (see [`target`]), Docker's own rule.
+pub const DOCKER_CONTAINER_PATTERN: &str = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$";
+
+/// Go's duration syntax without a minus sign (see [`super::go_duration`]): what a positive
+/// duration (`spec.ttl`, `spec.timeouts.*`) looks like (`\u{b5}` and `\u{3bc}` are the micro sign and the Greek mu Go both
+/// accepts). Zero (`0s`) and durations outside Go's range match it; [`POSITIVE_DURATION_RULE`]
+/// refuses those.
+pub const POSITIVE_DURATION_PATTERN: &str =
+    "^\\+?(([0-9]+(\\.[0-9]*)?|\\.[0-9]+)(ns|us|\u{b5}s|\u{3bc}s|ms|s|m|h))+$";
+
+/// The CEL form of "a positive duration": the apiserver's `duration()` is Go's parser, so it
+/// also refuses what overflows Go's range.
+pub const POSITIVE_DURATION_RULE: &str = "duration(self) > duration('0s')";
+
+/// The CEL form of "`ttl` and `expiresAt` are exclusive" (on the spec).
+pub const TTL_OR_EXPIRY_RULE: &str = "!has(self.ttl) || !has(self.expiresAt)";
+
+/// The schema form of the `spec.hostRewrite` check.
+pub const HOST_REWRITE_PATTERN: &str = r"^[a-zA-Z0-9.:\[\]-]{1,261}$";
+
+/// The schema form of the `spec.cors.allowOrigins[]` check: `*`, or http(s) with no ASCII
+/// control character or space.
+pub const CORS_ORIGIN_PATTERN: &str = r"^(\*|https?://[^\x00-\x20\x7f]*)$";
+
+/// The schema form of "an absolute path" (host paths, probe paths).
+pub const ABSOLUTE_PATH_PATTERN: &str = "^/";
+
+/// The schema form of the environment variable name check (a C identifier).
+pub const ENV_NAME_PATTERN: &str = "^[A-Za-z_][A-Za-z0-9_]*$";
+
+/// The schema form of "an environment value holds no NUL" (the kernel would cut it there).
+pub const ENV_VALUE_PATTERN: &str = r"^[^\x00]*$";
+
+/// The schema form of "a normalized absolute file path" (see [`install_path`]): `/` and a
+/// segment, repeated, where a segment is anything but empty, `.` or `..` (spelled out, as
+/// RE2 has no lookahead: no leading dot, or one dot and a non-dot, or two dots and more).
+pub const INSTALL_PATH_PATTERN: &str = r"^(/([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+))+$";
+
+/// The CEL form of "not under [`FORBIDDEN_INSTALL_DIRS`]" (a pattern cannot exclude).
+pub const INSTALL_PATH_RULE: &str = "!self.startsWith('/tmp/') && !self.startsWith('/dev/') \
+    && !self.startsWith('/proc/') && !self.startsWith('/sys/') && !self.startsWith('/run/')";
+
+/// What the CEL rules on a daemon's settings say when a setting has no `source` to apply to.
+pub const NEEDS_SOURCE_MESSAGE: &str = "applies to a user-named daemon; set spec.daemon.source (without a source the built-in agent runs)";
+
+/// The schema form of the `uid:gid` check.
+pub const USER_PATTERN: &str = "^[0-9]{1,10}:[0-9]{1,10}$";
 
 /// Checks a DNS-1123 subdomain (object and pod names): at most 253 characters of lowercase
 /// alphanumerics, `-` and `.`, starting and ending alphanumeric.
@@ -228,7 +286,7 @@ fn daemon(field: &str, d: &DaemonSpec) -> Vec<FieldError> {
         for name in set {
             errs.push(FieldError::new(
                 format!("{field}.{name}"),
-                "Forbidden: applies to a user-named daemon; set spec.daemon.source (without a source the built-in agent runs)",
+                format!("Forbidden: {NEEDS_SOURCE_MESSAGE}"),
             ));
         }
     }

@@ -1,8 +1,12 @@
 //! The cluster deployment, checked by machine: every manifest under `deploy/` and `crds/`
-//! parses strictly into its Kubernetes type; the Deployment, Services, RBAC and the example
-//! Ingress hold the properties previewd relies on; the ClusterRole grants exactly what the code
-//! calls (with [`not_allowed`] for checking further calls); and the `Dockerfile` builds an image
-//! that runs.
+//! parses strictly into its Kubernetes type, and so does what `kubectl kustomize` builds of
+//! both variants (`deploy/`, serving one namespace with a Role there, and
+//! `deploy/overlays/cluster-wide/`, serving every namespace with a ClusterRole); the served
+//! namespace is set in one place and the Deployment watches the namespace its Role is in; the
+//! Deployment, Services, RBAC and the example Ingress hold the properties previewd relies on;
+//! the roles grant exactly what the code calls (with [`not_allowed`] for checking further
+//! calls, and [`Manifests::rules_in`] for where); and the `Dockerfile` builds an image that
+//! runs.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -16,8 +20,11 @@ use k8s_openapi::api::core::v1::{
     Container, Namespace, PodSecurityContext, SecurityContext, Service, ServiceAccount,
 };
 use k8s_openapi::api::networking::v1::Ingress;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::{
+    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use previewd::controller::link::{LinkConfig, UrlStyle};
 use previewd::proxy::routes::route;
@@ -30,13 +37,23 @@ use crate::common::{API_ONLY, Server, require_tool};
 const NAMESPACE: &str = "previewd";
 const NAME: &str = "previewd";
 const TOKEN_SECRET: &str = "previewd-api-token";
+/// The env variable behind `--namespace`: the one namespace previewd watches.
+const WATCH_NAMESPACE: &str = "PREVIEWD_WATCH_NAMESPACE";
+
+/// The default variant: previewd serves one namespace, with a Role there.
+pub const NAMESPACED: &str = "deploy";
+/// The overlay: previewd serves every namespace, with a ClusterRole.
+pub const CLUSTER_WIDE: &str = "deploy/overlays/cluster-wide";
+/// What both variants build on.
+const BASE: &str = "deploy/base";
 
 fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-/// `deploy/kustomization.yaml`: only the fields previewd's kustomizations use, so an
-/// unexpected one (a typo, a transformer nobody reviewed) fails to parse.
+/// A `kustomization.yaml`: only the fields previewd's kustomizations use, so an unexpected one
+/// (a typo, a transformer nobody reviewed) fails to parse. (kustomize itself refuses unknown
+/// fields inside them; what they do is checked on the builds.)
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Kustomization {
@@ -46,11 +63,27 @@ struct Kustomization {
     #[serde(rename = "kind")]
     _kind: String,
     resources: Vec<String>,
+    /// `deploy/`'s carrier of the served namespace.
+    #[serde(default, rename = "configMapGenerator")]
+    config_map_generator: Vec<ConfigMapGenerator>,
+    /// `deploy/`'s copies of it into the Role, its binding and the Deployment.
+    #[serde(default, rename = "replacements")]
+    _replacements: Vec<Value>,
 }
 
-/// The objects of some manifest files, typed.
+/// A `configMapGenerator` entry.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigMapGenerator {
+    name: String,
+    literals: Vec<String>,
+    #[serde(rename = "options")]
+    _options: Value,
+}
+
+/// The objects of some manifests, typed.
 #[derive(Default)]
-struct Manifests {
+pub struct Manifests {
     namespaces: Vec<Namespace>,
     service_accounts: Vec<ServiceAccount>,
     cluster_roles: Vec<ClusterRole>,
@@ -66,7 +99,7 @@ struct Manifests {
     objects: Vec<ObjectId>,
 }
 
-/// One object of the manifests: its file, kind, namespace and name.
+/// One object of the manifests: its source, kind, namespace and name.
 struct ObjectId {
     file: PathBuf,
     kind: String,
@@ -122,13 +155,12 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The YAML documents of one file (empty documents left out).
-fn documents(file: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-    serde_yaml::Deserializer::from_str(&text)
+/// The YAML documents of a stream (empty documents left out); `source` names it in errors.
+fn documents(source: &Path, text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
         .map(|doc| {
             serde::Deserialize::deserialize(doc)
-                .unwrap_or_else(|e| panic!("{}: not YAML: {e}", file.display()))
+                .unwrap_or_else(|e| panic!("{}: not YAML: {e}", source.display()))
         })
         .filter(|v: &Value| !v.is_null())
         .collect()
@@ -152,38 +184,48 @@ fn files_under(dirs: &[&str]) -> Vec<PathBuf> {
 fn load(files: &[PathBuf]) -> Manifests {
     let mut m = Manifests::default();
     for file in files {
-        for doc in documents(file) {
+        let text =
+            std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        m.add(file, &text);
+    }
+    m
+}
+
+impl Manifests {
+    /// Adds the objects of one YAML stream, each parsed strictly into its type.
+    fn add(&mut self, file: &Path, text: &str) {
+        for doc in documents(file, text) {
             let s = |p: &str| doc.pointer(p).and_then(Value::as_str).unwrap_or_default();
             let (api_version, kind) = (s("/apiVersion"), s("/kind"));
             match (api_version, kind) {
-                ("v1", "Namespace") => push(file, &doc, &mut m.namespaces),
-                ("v1", "ServiceAccount") => push(file, &doc, &mut m.service_accounts),
-                ("v1", "Service") => push(file, &doc, &mut m.services),
-                ("apps/v1", "Deployment") => push(file, &doc, &mut m.deployments),
-                ("networking.k8s.io/v1", "Ingress") => push(file, &doc, &mut m.ingresses),
+                ("v1", "Namespace") => push(file, &doc, &mut self.namespaces),
+                ("v1", "ServiceAccount") => push(file, &doc, &mut self.service_accounts),
+                ("v1", "Service") => push(file, &doc, &mut self.services),
+                ("apps/v1", "Deployment") => push(file, &doc, &mut self.deployments),
+                ("networking.k8s.io/v1", "Ingress") => push(file, &doc, &mut self.ingresses),
                 ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
-                    push(file, &doc, &mut m.cluster_roles)
+                    push(file, &doc, &mut self.cluster_roles)
                 }
                 ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
-                    push(file, &doc, &mut m.cluster_role_bindings)
+                    push(file, &doc, &mut self.cluster_role_bindings)
                 }
-                ("rbac.authorization.k8s.io/v1", "Role") => push(file, &doc, &mut m.roles),
+                ("rbac.authorization.k8s.io/v1", "Role") => push(file, &doc, &mut self.roles),
                 ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
-                    push(file, &doc, &mut m.role_bindings)
+                    push(file, &doc, &mut self.role_bindings)
                 }
                 ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
-                    push(file, &doc, &mut m.crds)
+                    push(file, &doc, &mut self.crds)
                 }
                 ("kustomize.config.k8s.io/v1beta1", "Kustomization") => {
                     let k = serde_path_to_error::deserialize(&doc)
                         .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-                    m.kustomizations.push(k);
+                    self.kustomizations.push(k);
                     continue;
                 }
                 _ => panic!("{}: unexpected object {api_version}/{kind}", file.display()),
             }
-            m.objects.push(ObjectId {
-                file: file.clone(),
+            self.objects.push(ObjectId {
+                file: file.to_owned(),
                 kind: kind.to_owned(),
                 namespace: doc
                     .pointer("/metadata/namespace")
@@ -193,19 +235,105 @@ fn load(files: &[PathBuf]) -> Manifests {
             });
         }
     }
-    m
+
+    /// The rules previewd's ServiceAccount holds for a call in `namespace` (`None`: a call
+    /// across all namespaces, or on a cluster-scoped resource), as the RBAC authorizer grants
+    /// them: the ClusterRoles of its ClusterRoleBindings everywhere, and in `namespace` the
+    /// Roles (or ClusterRoles) its RoleBindings there name.
+    pub fn rules_in(&self, namespace: Option<&str>) -> Vec<PolicyRule> {
+        let cluster_role = |name: &str| -> Vec<PolicyRule> {
+            self.cluster_roles
+                .iter()
+                .filter(|r| r.metadata.name.as_deref() == Some(name))
+                .flat_map(|r| r.rules.clone().unwrap_or_default())
+                .collect()
+        };
+        let mut rules: Vec<PolicyRule> = self
+            .cluster_role_bindings
+            .iter()
+            .filter(|b| b.role_ref.kind == "ClusterRole" && binds_previewd(b.subjects.as_ref()))
+            .flat_map(|b| cluster_role(&b.role_ref.name))
+            .collect();
+        let Some(ns) = namespace else {
+            return rules;
+        };
+        for b in &self.role_bindings {
+            if b.metadata.namespace.as_deref() != Some(ns) || !binds_previewd(b.subjects.as_ref()) {
+                continue;
+            }
+            match b.role_ref.kind.as_str() {
+                "ClusterRole" => rules.extend(cluster_role(&b.role_ref.name)),
+                _ => rules.extend(
+                    self.roles
+                        .iter()
+                        .filter(|r| {
+                            r.metadata.name.as_deref() == Some(b.role_ref.name.as_str())
+                                && r.metadata.namespace.as_deref() == Some(ns)
+                        })
+                        .flat_map(|r| r.rules.clone().unwrap_or_default()),
+                ),
+            }
+        }
+        rules
+    }
+
+    /// The one namespace the Deployment tells previewd to watch (`--namespace` or its env
+    /// variable), or `None` for all namespaces.
+    pub fn watch_namespace(&self) -> Option<String> {
+        let (c, _) = the_container(only(&self.deployments, "Deployment"));
+        let args = c.args.clone().unwrap_or_default();
+        let from_env = c
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == WATCH_NAMESPACE)
+            .map(|e| {
+                assert!(
+                    e.value_from.is_none(),
+                    "{e:?}: the value is set at build time"
+                );
+                e.value.clone().unwrap_or_default()
+            });
+        flag(&args, "--namespace").map(str::to_owned).or(from_env)
+    }
 }
 
-/// The files `deploy/kustomization.yaml` lists: what `kubectl apply -k deploy/` applies.
-fn base_files() -> Vec<PathBuf> {
-    let m = load(&[repo("deploy/kustomization.yaml")]);
+/// What `kubectl kustomize dir` builds, parsed strictly (`dir` is relative to the repository),
+/// or `None`, loudly, when kubectl is missing and PREVIEWD_REQUIRE_KUBECTL=1 does not make that
+/// a failure.
+pub fn built(dir: &str) -> Option<Manifests> {
+    built_at(&repo(dir))
+}
+
+fn built_at(dir: &Path) -> Option<Manifests> {
+    let kubectl = require_tool("kubectl", "PREVIEWD_REQUIRE_KUBECTL")?;
+    let out = Command::new(kubectl)
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("kubectl kustomize: {e}"));
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut m = Manifests::default();
+    m.add(dir, &String::from_utf8_lossy(&out.stdout));
+    Some(m)
+}
+
+/// The files a kustomization lists (kustomizations it includes in turn left as directories).
+fn listed(dir: &str) -> Vec<PathBuf> {
+    let m = load(&[repo(dir).join("kustomization.yaml")]);
     let k = only(&m.kustomizations, "kustomization");
-    k.resources.iter().map(|r| repo("deploy").join(r)).collect()
+    k.resources.iter().map(|r| repo(dir).join(r)).collect()
 }
 
-/// The objects of the base.
+/// The objects of `deploy/base/`, read from its files: what both variants build on, and all
+/// that the Deployment, Service and Ingress tests need.
 fn base() -> Manifests {
-    load(&base_files())
+    load(&listed(BASE))
 }
 
 fn only<'a, T>(items: &'a [T], what: &str) -> &'a T {
@@ -247,51 +375,10 @@ fn allows(rule: &PolicyRule, (group, resource, verb): Call<'_>) -> bool {
         && rule.resource_names.as_ref().is_none_or(Vec::is_empty)
 }
 
-fn binds_previewd(subjects: Option<&Vec<k8s_openapi::api::rbac::v1::Subject>>) -> bool {
+fn binds_previewd(subjects: Option<&Vec<Subject>>) -> bool {
     subjects.into_iter().flatten().any(|s| {
         s.kind == "ServiceAccount" && s.name == NAME && s.namespace.as_deref() == Some(NAMESPACE)
     })
-}
-
-/// The rules previewd holds in every namespace: those of the ClusterRoles that the base's
-/// ClusterRoleBindings grant to its ServiceAccount.
-pub fn cluster_rules() -> Vec<PolicyRule> {
-    let m = base();
-    m.cluster_role_bindings
-        .iter()
-        .filter(|b| b.role_ref.kind == "ClusterRole" && binds_previewd(b.subjects.as_ref()))
-        .flat_map(|b| {
-            m.cluster_roles
-                .iter()
-                .filter(move |r| r.metadata.name.as_deref() == Some(b.role_ref.name.as_str()))
-        })
-        .flat_map(|r| r.rules.clone().unwrap_or_default())
-        .collect()
-}
-
-/// The rules previewd holds in its own namespace (`previewd`, where its leader-election Lease
-/// lives): the cluster-wide ones plus those of the Roles bound there to its ServiceAccount.
-pub fn own_namespace_rules() -> Vec<PolicyRule> {
-    let m = base();
-    let mut rules = cluster_rules();
-    for b in &m.role_bindings {
-        if b.metadata.namespace.as_deref() != Some(NAMESPACE)
-            || b.role_ref.kind != "Role"
-            || !binds_previewd(b.subjects.as_ref())
-        {
-            continue;
-        }
-        rules.extend(
-            m.roles
-                .iter()
-                .filter(|r| {
-                    r.metadata.name.as_deref() == Some(b.role_ref.name.as_str())
-                        && r.metadata.namespace.as_deref() == Some(NAMESPACE)
-                })
-                .flat_map(|r| r.rules.clone().unwrap_or_default()),
-        );
-    }
-    rules
 }
 
 /// The API calls the code makes today, read from `src/controller/*.rs`, `src/proxy/mod.rs`
@@ -351,23 +438,71 @@ const POD_TARGETS: &[Call<'static>] = &[
     ("", "pods/exec", "create"),
 ];
 
+/// The namespace previewd serves in the default variant, and its rules there: the build of
+/// `deploy/`, or `None` without kubectl.
+fn namespaced() -> Option<(Manifests, String)> {
+    let m = built(NAMESPACED)?;
+    let served = m
+        .watch_namespace()
+        .unwrap_or_else(|| panic!("deploy/ watches every namespace"));
+    Some((m, served))
+}
+
 #[test]
 fn the_roles_allow_every_call_previewd_makes() {
-    let everywhere = cluster_rules();
-    assert!(
-        !everywhere.is_empty(),
-        "no ClusterRole is bound to previewd"
+    let Some((m, served)) = namespaced() else {
+        return;
+    };
+    let there = m.rules_in(Some(&served));
+    assert_eq!(not_allowed(&there, CALLS_TODAY), vec![]);
+    assert_eq!(not_allowed(&there, POD_TARGETS), vec![]);
+    assert_eq!(
+        not_allowed(&m.rules_in(Some(NAMESPACE)), LEADER_ELECTION),
+        vec![]
     );
+    // Nothing across namespaces, nothing in another one, no Lease where links live.
+    for (scope, calls) in [
+        (None, CALLS_TODAY),
+        (None, POD_TARGETS),
+        (Some("kube-system"), CALLS_TODAY),
+        (Some("kube-system"), POD_TARGETS),
+        (Some(served.as_str()), LEADER_ELECTION),
+    ] {
+        assert_eq!(not_allowed(&m.rules_in(scope), calls), calls, "{scope:?}");
+    }
+
+    let Some(cw) = built(CLUSTER_WIDE) else {
+        return;
+    };
+    assert_eq!(
+        cw.watch_namespace(),
+        None,
+        "the overlay watches every namespace"
+    );
+    let everywhere = cw.rules_in(None);
     assert_eq!(not_allowed(&everywhere, CALLS_TODAY), vec![]);
     assert_eq!(not_allowed(&everywhere, POD_TARGETS), vec![]);
-    assert_eq!(not_allowed(&own_namespace_rules(), LEADER_ELECTION), vec![]);
+    assert_eq!(
+        not_allowed(&cw.rules_in(Some(NAMESPACE)), LEADER_ELECTION),
+        vec![]
+    );
     // Leases are granted in previewd's namespace only.
-    assert_eq!(not_allowed(&everywhere, LEADER_ELECTION), LEADER_ELECTION);
+    for scope in [None, Some("default"), Some("kube-system")] {
+        assert_eq!(
+            not_allowed(&cw.rules_in(scope), LEADER_ELECTION),
+            LEADER_ELECTION,
+            "{scope:?}"
+        );
+    }
 }
 
 #[test]
 fn not_allowed_names_what_a_role_lacks() {
-    let rules = cluster_rules();
+    let served = load(&[repo("deploy/role.yaml")]);
+    let rules = only(&served.roles, "Role")
+        .rules
+        .clone()
+        .unwrap_or_default();
     let calls = [
         ("previewd.dev", "previewlinks", "get"),
         ("previewd.dev", "previewlinks/status", "delete"),
@@ -407,8 +542,107 @@ fn not_allowed_names_what_a_role_lacks() {
     );
 }
 
+/// `rules_in` grants as the authorizer does: a RoleBinding's rules in its namespace only,
+/// whether it names a Role or a ClusterRole; a ClusterRoleBinding's everywhere; nothing bound
+/// to another subject.
+#[test]
+fn rules_in_follows_the_bindings() {
+    let rule = |resource: &str| PolicyRule {
+        api_groups: Some(vec![String::new()]),
+        resources: Some(vec![resource.to_owned()]),
+        verbs: vec!["get".to_owned()],
+        ..Default::default()
+    };
+    let meta = |name: &str, ns: Option<&str>| ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: ns.map(str::to_owned),
+        ..Default::default()
+    };
+    let role_ref = |kind: &str, name: &str| RoleRef {
+        api_group: "rbac.authorization.k8s.io".into(),
+        kind: kind.into(),
+        name: name.into(),
+    };
+    let sa = |name: &str| {
+        Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: name.into(),
+            namespace: Some(NAMESPACE.into()),
+            ..Default::default()
+        }])
+    };
+    let m = Manifests {
+        roles: vec![
+            Role {
+                metadata: meta("r", Some("a")),
+                rules: Some(vec![rule("secrets")]),
+            },
+            Role {
+                metadata: meta("r", Some("b")),
+                rules: Some(vec![rule("pods")]),
+            },
+        ],
+        cluster_roles: vec![
+            ClusterRole {
+                metadata: meta("c", None),
+                rules: Some(vec![rule("configmaps")]),
+                ..Default::default()
+            },
+            ClusterRole {
+                metadata: meta("everywhere", None),
+                rules: Some(vec![rule("nodes")]),
+                ..Default::default()
+            },
+        ],
+        role_bindings: vec![
+            RoleBinding {
+                metadata: meta("r", Some("a")),
+                role_ref: role_ref("Role", "r"),
+                subjects: sa(NAME),
+            },
+            RoleBinding {
+                metadata: meta("c", Some("a")),
+                role_ref: role_ref("ClusterRole", "c"),
+                subjects: sa(NAME),
+            },
+            RoleBinding {
+                metadata: meta("r", Some("b")),
+                role_ref: role_ref("Role", "r"),
+                subjects: sa("someone-else"),
+            },
+        ],
+        cluster_role_bindings: vec![ClusterRoleBinding {
+            metadata: meta("everywhere", None),
+            role_ref: role_ref("ClusterRole", "everywhere"),
+            subjects: sa(NAME),
+        }],
+        ..Manifests::default()
+    };
+    let calls = [
+        ("", "secrets", "get"),
+        ("", "pods", "get"),
+        ("", "configmaps", "get"),
+        ("", "nodes", "get"),
+    ];
+    let allowed = |scope| {
+        let rules = m.rules_in(scope);
+        let missing = not_allowed(&rules, &calls);
+        calls
+            .iter()
+            .filter(|c| !missing.contains(c))
+            .map(|c| c.1)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(allowed(Some("a")), ["secrets", "configmaps", "nodes"]);
+    assert_eq!(allowed(Some("b")), ["nodes"]);
+    assert_eq!(allowed(None), ["nodes"]);
+}
+
+/// (apiGroup, resource, verb), one grant of a rule.
+type Grants = BTreeSet<(String, String, String)>;
+
 /// Every (group, resource, verb) a set of rules grants, spelled out.
-fn grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
+fn grants(rules: &[PolicyRule]) -> Grants {
     let mut out = BTreeSet::new();
     for r in rules {
         assert!(
@@ -426,7 +660,7 @@ fn grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
     out
 }
 
-fn spelled(table: &[(&str, &[&str], &[&str])]) -> BTreeSet<(String, String, String)> {
+fn spelled(table: &[(&str, &[&str], &[&str])]) -> Grants {
     let mut out = BTreeSet::new();
     for (group, resources, verbs) in table {
         for r in *resources {
@@ -438,12 +672,12 @@ fn spelled(table: &[(&str, &[&str], &[&str])]) -> BTreeSet<(String, String, Stri
     out
 }
 
-#[test]
-fn the_roles_grant_nothing_beyond_what_previewd_needs() {
+/// What previewd may do where it serves links, in either variant.
+fn serving_grants() -> Grants {
     const RW: &[&str] = &[
         "get", "list", "watch", "create", "update", "patch", "delete",
     ];
-    let expected = spelled(&[
+    spelled(&[
         ("previewd.dev", &["previewlinks", "daemoninjections"], RW),
         (
             "previewd.dev",
@@ -459,24 +693,80 @@ fn the_roles_grant_nothing_beyond_what_previewd_needs() {
         ("events.k8s.io", &["events"], &["create", "patch"]),
         ("", &["pods"], &["get", "list", "watch"]),
         ("", &["pods/exec"], &["get", "create"]),
-    ]);
-    assert_eq!(grants(&cluster_rules()), expected);
-    let m = base();
-    let role = only(&m.roles, "Role");
-    assert_eq!(role.metadata.namespace.as_deref(), Some(NAMESPACE));
-    assert_eq!(
-        grants(role.rules.as_deref().unwrap_or_default()),
-        spelled(&[(
-            "coordination.k8s.io",
-            &["leases"],
-            &["get", "create", "update", "patch"]
-        )])
-    );
+    ])
+}
+
+fn lease_grants() -> Grants {
+    spelled(&[(
+        "coordination.k8s.io",
+        &["leases"],
+        &["get", "create", "update", "patch"],
+    )])
+}
+
+/// Each role of a build, with where it applies: `(namespace, name)`, no namespace for a
+/// ClusterRole.
+fn roles_of(m: &Manifests) -> BTreeMap<(Option<String>, String), Grants> {
+    let role = |meta: &ObjectMeta| {
+        (
+            meta.namespace.clone(),
+            meta.name.clone().unwrap_or_default(),
+        )
+    };
+    m.roles
+        .iter()
+        .map(|r| {
+            (
+                role(&r.metadata),
+                grants(r.rules.as_deref().unwrap_or_default()),
+            )
+        })
+        .chain(m.cluster_roles.iter().map(|r| {
+            (
+                role(&r.metadata),
+                grants(r.rules.as_deref().unwrap_or_default()),
+            )
+        }))
+        .collect()
 }
 
 #[test]
-fn the_bindings_name_existing_roles_and_previewds_service_account() {
-    let m = base();
+fn the_roles_grant_nothing_beyond_what_previewd_needs() {
+    let Some((m, served)) = namespaced() else {
+        return;
+    };
+    let leader = (
+        Some(NAMESPACE.to_owned()),
+        "previewd-leader-election".to_owned(),
+    );
+    assert_eq!(
+        roles_of(&m),
+        BTreeMap::from([
+            ((Some(served.clone()), NAME.to_owned()), serving_grants()),
+            (leader.clone(), lease_grants()),
+        ]),
+        "deploy/: a Role where previewd serves, a Role for its Lease, no ClusterRole"
+    );
+    assert!(m.cluster_role_bindings.is_empty());
+    let Some(cw) = built(CLUSTER_WIDE) else {
+        return;
+    };
+    assert_eq!(
+        roles_of(&cw),
+        BTreeMap::from([
+            ((None, NAME.to_owned()), serving_grants()),
+            (leader, lease_grants()),
+        ]),
+        "the overlay: the same grants in a ClusterRole, the same Lease Role"
+    );
+}
+
+/// What a binding grants: its role's kind and name, and the namespace (`None`: everywhere).
+type Binding = (String, String, Option<String>);
+
+/// Checks that every binding of a build names a role of the build and previewd's
+/// ServiceAccount alone, and that every role is bound: the roles each binding grants.
+fn bindings_of(m: &Manifests) -> BTreeSet<Binding> {
     let sa = only(&m.service_accounts, "ServiceAccount");
     assert_eq!(
         (
@@ -485,23 +775,199 @@ fn the_bindings_name_existing_roles_and_previewds_service_account() {
         ),
         (Some(NAMESPACE), Some(NAME))
     );
-    let crb = only(&m.cluster_role_bindings, "ClusterRoleBinding");
-    assert_eq!(crb.role_ref.api_group, "rbac.authorization.k8s.io");
-    assert_eq!(crb.role_ref.kind, "ClusterRole");
-    let cr = only(&m.cluster_roles, "ClusterRole");
+    let alone = |subjects: Option<&Vec<Subject>>| {
+        binds_previewd(subjects) && subjects.is_some_and(|s| s.len() == 1)
+    };
+    let mut bound = BTreeSet::new();
+    for b in &m.cluster_role_bindings {
+        assert_eq!(b.role_ref.api_group, "rbac.authorization.k8s.io");
+        assert_eq!(b.role_ref.kind, "ClusterRole", "{b:?}");
+        assert!(alone(b.subjects.as_ref()), "{b:?}");
+        bound.insert((b.role_ref.kind.clone(), b.role_ref.name.clone(), None));
+    }
+    for b in &m.role_bindings {
+        assert_eq!(b.role_ref.api_group, "rbac.authorization.k8s.io");
+        assert!(alone(b.subjects.as_ref()), "{b:?}");
+        bound.insert((
+            b.role_ref.kind.clone(),
+            b.role_ref.name.clone(),
+            b.metadata.namespace.clone(),
+        ));
+    }
+    let roles: BTreeSet<Binding> = m
+        .roles
+        .iter()
+        .map(|r| {
+            (
+                "Role".to_owned(),
+                r.metadata.name.clone().unwrap_or_default(),
+                r.metadata.namespace.clone(),
+            )
+        })
+        .chain(m.cluster_roles.iter().map(|r| {
+            (
+                "ClusterRole".to_owned(),
+                r.metadata.name.clone().unwrap_or_default(),
+                None,
+            )
+        }))
+        .collect();
     assert_eq!(
-        cr.metadata.name.as_deref(),
-        Some(crb.role_ref.name.as_str())
+        bound, roles,
+        "bindings and the roles they name, one for one"
     );
-    assert!(binds_previewd(crb.subjects.as_ref()), "{crb:?}");
-    let rb = only(&m.role_bindings, "RoleBinding");
-    let role = only(&m.roles, "Role");
+    bound
+}
+
+#[test]
+fn the_bindings_name_existing_roles_and_previewds_service_account() {
+    let Some((m, served)) = namespaced() else {
+        return;
+    };
     assert_eq!(
-        (rb.role_ref.kind.as_str(), Some(rb.role_ref.name.as_str())),
-        ("Role", role.metadata.name.as_deref())
+        bindings_of(&m),
+        BTreeSet::from([
+            ("Role".to_owned(), NAME.to_owned(), Some(served)),
+            (
+                "Role".to_owned(),
+                "previewd-leader-election".to_owned(),
+                Some(NAMESPACE.to_owned())
+            ),
+        ])
     );
-    assert_eq!(rb.metadata.namespace, role.metadata.namespace);
-    assert!(binds_previewd(rb.subjects.as_ref()), "{rb:?}");
+    let Some(cw) = built(CLUSTER_WIDE) else {
+        return;
+    };
+    assert_eq!(
+        bindings_of(&cw),
+        BTreeSet::from([
+            ("ClusterRole".to_owned(), NAME.to_owned(), None),
+            (
+                "Role".to_owned(),
+                "previewd-leader-election".to_owned(),
+                Some(NAMESPACE.to_owned())
+            ),
+        ])
+    );
+}
+
+/// The namespaced variant watches exactly the namespace its Role is in, and that is not
+/// previewd's own (where its API token Secret and its own pods are, which a DaemonInjection
+/// there could otherwise reach); the overlay watches them all.
+#[test]
+fn the_deployment_watches_the_namespace_its_role_grants() {
+    let Some((m, served)) = namespaced() else {
+        return;
+    };
+    let role = m
+        .roles
+        .iter()
+        .find(|r| r.metadata.name.as_deref() == Some(NAME));
+    let binding = m
+        .role_bindings
+        .iter()
+        .find(|r| r.metadata.name.as_deref() == Some(NAME));
+    assert_eq!(
+        (
+            role.and_then(|r| r.metadata.namespace.as_deref()),
+            binding.and_then(|b| b.metadata.namespace.as_deref())
+        ),
+        (Some(served.as_str()), Some(served.as_str()))
+    );
+    assert_ne!(
+        served, NAMESPACE,
+        "previewd must not serve its own namespace"
+    );
+    let Some(cw) = built(CLUSTER_WIDE) else {
+        return;
+    };
+    let (c, _) = the_container(only(&cw.deployments, "Deployment"));
+    assert!(
+        !c.env.iter().flatten().any(|e| e.name == WATCH_NAMESPACE),
+        "{:?}",
+        c.env
+    );
+    assert_eq!(cw.watch_namespace(), None);
+}
+
+/// Copies the repository directory `rel` to `to`.
+fn copy_tree(rel: &Path, to: &Path) {
+    let from = repo(&rel.to_string_lossy());
+    for entry in std::fs::read_dir(&from).unwrap_or_else(|e| panic!("{}: {e}", from.display())) {
+        let path = entry.unwrap_or_else(|e| panic!("{e}")).path();
+        let name = path.file_name().unwrap_or_default();
+        if path.is_dir() {
+            std::fs::create_dir_all(to.join(name)).unwrap_or_else(|e| panic!("{e}"));
+            copy_tree(&rel.join(name), &to.join(name));
+        } else {
+            std::fs::copy(&path, to.join(name))
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+    }
+}
+
+/// The served namespace is one value in `deploy/kustomization.yaml`: changed there (in a copy),
+/// the Role, its binding and the watched namespace all follow, and nothing stays behind.
+#[test]
+fn the_served_namespace_is_set_in_one_place() {
+    let Some((_, served)) = namespaced() else {
+        return;
+    };
+    // The one value: the served-namespace generator's one literal.
+    let kustomizations = load(&[repo(NAMESPACED).join("kustomization.yaml")]).kustomizations;
+    let generator = only(
+        &only(&kustomizations, "kustomization").config_map_generator,
+        "generator",
+    );
+    assert_eq!(generator.name, "previewd-served-namespace");
+    let literal = only(&generator.literals, "literal");
+    assert_eq!(literal, &format!("namespace={served}"));
+    let copy = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let deploy = copy.path().join("deploy");
+    std::fs::create_dir_all(&deploy).unwrap_or_else(|e| panic!("{e}"));
+    copy_tree(Path::new("deploy"), &deploy);
+    let file = deploy.join("kustomization.yaml");
+    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        text.matches(literal.as_str()).count(),
+        1,
+        "{literal} in {text}"
+    );
+    std::fs::write(&file, text.replace(literal.as_str(), "namespace=team-a"))
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let Some(moved) = built_at(&deploy) else {
+        return;
+    };
+    assert_eq!(moved.watch_namespace().as_deref(), Some("team-a"));
+    let namespaces: BTreeSet<(String, Option<String>)> = moved
+        .objects
+        .iter()
+        .map(|o| (o.kind.clone(), o.namespace.clone()))
+        .collect();
+    let previewds = |kind: &str| (kind.to_owned(), Some(NAMESPACE.to_owned()));
+    let team = |kind: &str| (kind.to_owned(), Some("team-a".to_owned()));
+    assert_eq!(
+        namespaces,
+        BTreeSet::from([
+            ("Namespace".to_owned(), None),
+            previewds("ServiceAccount"),
+            previewds("Role"),
+            previewds("RoleBinding"),
+            previewds("Deployment"),
+            previewds("Service"),
+            team("Role"),
+            team("RoleBinding"),
+        ])
+    );
+    assert_eq!(
+        not_allowed(&moved.rules_in(Some("team-a")), CALLS_TODAY),
+        vec![]
+    );
+    assert_eq!(
+        not_allowed(&moved.rules_in(Some(&served)), CALLS_TODAY),
+        CALLS_TODAY
+    );
 }
 
 #[test]
@@ -531,7 +997,8 @@ fn every_manifest_parses_strictly_into_its_type() {
     ] {
         assert!(kinds.contains(kind), "no {kind} under deploy/");
     }
-    // The objects previewd ships in its namespace are in it.
+    // The objects previewd ships in its namespace are in it; the Role and RoleBinding for the
+    // served namespace get theirs from the kustomization (one place), so their files name none.
     let namespaced = [
         "ServiceAccount",
         "Role",
@@ -541,7 +1008,8 @@ fn every_manifest_parses_strictly_into_its_type() {
         "Ingress",
     ];
     for o in &m.objects {
-        let expected = namespaced.contains(&o.kind.as_str()).then_some(NAMESPACE);
+        let served = o.file == repo("deploy/role.yaml");
+        let expected = (namespaced.contains(&o.kind.as_str()) && !served).then_some(NAMESPACE);
         assert_eq!(
             o.namespace.as_deref(),
             expected,
@@ -553,6 +1021,11 @@ fn every_manifest_parses_strictly_into_its_type() {
     }
     let ns = only(&m.namespaces, "Namespace");
     assert_eq!(ns.metadata.name.as_deref(), Some(NAMESPACE));
+    assert_eq!(
+        m.kustomizations.len(),
+        3,
+        "deploy/, its base and the overlay"
+    );
 }
 
 #[test]
@@ -578,22 +1051,50 @@ fn strict_parsing_refuses_unknown_and_mistyped_fields() {
     assert!(err.starts_with("spec.ports[0].port"), "{err}");
 }
 
-#[test]
-fn the_kustomization_lists_the_base_and_leaves_the_examples_out() {
-    let listed: BTreeSet<PathBuf> = base_files().into_iter().collect();
-    for f in &listed {
-        assert!(f.is_file(), "{} is listed but missing", f.display());
-    }
-    let beside: BTreeSet<PathBuf> = std::fs::read_dir(repo("deploy"))
+/// The YAML files directly in `dir`, but its kustomization.
+fn manifests_beside(dir: &str) -> BTreeSet<PathBuf> {
+    std::fs::read_dir(repo(dir))
         .unwrap_or_else(|e| panic!("{e}"))
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml"))
         .filter(|p| !p.ends_with("kustomization.yaml"))
-        .collect();
-    assert_eq!(
-        listed, beside,
-        "every manifest beside the kustomization is in the base"
-    );
+        .collect()
+}
+
+#[test]
+fn the_kustomizations_list_their_manifests_and_leave_the_examples_out() {
+    // Each kustomization lists every manifest beside it, and the base it builds on.
+    for (dir, base) in [
+        (BASE, None),
+        (NAMESPACED, Some(BASE)),
+        (CLUSTER_WIDE, Some(BASE)),
+    ] {
+        let mut files = BTreeSet::new();
+        let mut dirs = BTreeSet::new();
+        for path in listed(dir) {
+            let path = path
+                .canonicalize()
+                .unwrap_or_else(|e| panic!("{} lists {}: {e}", dir, path.display()));
+            if path.is_dir() {
+                dirs.insert(path);
+            } else {
+                files.insert(path);
+            }
+        }
+        let beside: BTreeSet<PathBuf> = manifests_beside(dir)
+            .into_iter()
+            .map(|p| p.canonicalize().unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        assert_eq!(
+            files, beside,
+            "{dir}: every manifest beside the kustomization"
+        );
+        let base: BTreeSet<PathBuf> = base
+            .map(|b| repo(b).canonicalize().unwrap_or_else(|e| panic!("{e}")))
+            .into_iter()
+            .collect();
+        assert_eq!(dirs, base, "{dir}");
+    }
     assert!(
         base().ingresses.is_empty(),
         "the Ingress is an example, not in the base"
@@ -601,39 +1102,32 @@ fn the_kustomization_lists_the_base_and_leaves_the_examples_out() {
 }
 
 #[test]
-fn kubectl_kustomize_builds_the_base() {
-    let Some(kubectl) = require_tool("kubectl", "PREVIEWD_REQUIRE_KUBECTL") else {
+fn kubectl_kustomize_builds_both_variants_from_their_files() {
+    let ids = |m: Manifests| -> BTreeSet<(String, String, Option<String>)> {
+        m.objects
+            .into_iter()
+            .map(|o| (o.kind, o.name, o.namespace))
+            .collect()
+    };
+    let Some((m, served)) = namespaced() else {
         return;
     };
-    let out = Command::new(kubectl)
-        .args(["kustomize"])
-        .arg(repo("deploy"))
-        .output()
-        .unwrap_or_else(|e| panic!("kubectl kustomize: {e}"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let built: BTreeSet<(String, String)> = serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| {
-            let v: Value = serde::Deserialize::deserialize(doc).unwrap_or_else(|e| panic!("{e}"));
-            let s = |p: &str| {
-                v.pointer(p)
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_owned()
-            };
-            (s("/kind"), s("/metadata/name"))
-        })
-        .collect();
-    let files: BTreeSet<(String, String)> = base()
-        .objects
+    // What the files hold, with the served namespace where the kustomization puts it.
+    let mut files = ids(base());
+    for (kind, name, _) in ids(load(&[repo("deploy/role.yaml")])) {
+        files.insert((kind, name, Some(served.clone())));
+    }
+    assert_eq!(ids(m), files, "deploy/");
+    let Some(cw) = built(CLUSTER_WIDE) else {
+        return;
+    };
+    let overlay: Vec<PathBuf> = listed(CLUSTER_WIDE)
         .into_iter()
-        .map(|o| (o.kind, o.name))
+        .filter(|p| p.is_file())
         .collect();
-    assert_eq!(built, files);
+    let mut files = ids(base());
+    files.extend(ids(load(&overlay)));
+    assert_eq!(ids(cw), files, "the overlay");
 }
 
 /// The value of `--name` in `args`.

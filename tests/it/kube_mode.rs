@@ -1,8 +1,8 @@
 //! `previewd serve --store kube` end to end on a real Docker engine: a replica talks to an
 //! API server over HTTP (a previewd serving only its embedded API, with an audit log, stands
 //! in for kube-apiserver), serves a backend's preview of a loopback-only app, writes the same
-//! status as in local mode, and makes only calls that deploy/'s RBAC allows, all within the
-//! namespace it watches.
+//! status as in local mode, and makes only calls that deploy/'s RBAC allows where it makes
+//! them: as deploy/ runs it (one namespace, a Role there) and as the cluster-wide overlay does.
 
 use std::time::Duration;
 
@@ -15,12 +15,30 @@ use serde_json::json;
 
 use crate::common::{API_ONLY, Server};
 use crate::containers::{TestContainer, docker, images};
-use crate::deploy::{Call, not_allowed, own_namespace_rules};
+use crate::deploy::{CLUSTER_WIDE, Call, Manifests, NAMESPACED, built, not_allowed};
 use crate::rest::{call, fetch};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kube_mode_replica_serves_previews_within_its_rbac() {
+    let Some(rbac) = built(NAMESPACED) else {
+        return;
+    };
+    serves_previews_within(&rbac).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_wide_replica_serves_previews_within_the_overlays_rbac() {
+    let Some(rbac) = built(CLUSTER_WIDE) else {
+        return;
+    };
+    serves_previews_within(&rbac).await;
+}
+
+/// A replica configured as `rbac`'s Deployment (watching its namespace, or all) serves a
+/// preview, and every call it makes is one `rbac` grants in the namespace it is made in.
+async fn serves_previews_within(rbac: &Manifests) {
     let Some(rt) = docker().await else { return };
+    let watch = rbac.watch_namespace();
     images(rt.client()).await;
     let app = TestContainer::testapp(rt.client(), "127.0.0.1:8080", HostConfig::default()).await;
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -31,16 +49,12 @@ async fn a_kube_mode_replica_serves_previews_within_its_rbac() {
         &[API_ONLY, ("PREVIEWD_AUDIT_LOG", audit_env.as_str())],
     );
     let kc = crate::leader::kubeconfig(dir.path(), &apiserver.url);
-    let replica = crate::leader::kube_replica(
-        &dir.path().join("replica"),
-        &kc,
-        &[
-            ("PREVIEWD_IDENTITY", "replica-0"),
-            ("POD_NAMESPACE", "previewd"),
-            // Scoped like a replica with a namespaced Role: nothing may be read cluster-wide.
-            ("PREVIEWD_WATCH_NAMESPACE", "default"),
-        ],
-    );
+    let mut env = vec![
+        ("PREVIEWD_IDENTITY", "replica-0"),
+        ("POD_NAMESPACE", "previewd"),
+    ];
+    env.extend(watch.as_deref().map(|ns| ("PREVIEWD_WATCH_NAMESPACE", ns)));
+    let replica = crate::leader::kube_replica(&dir.path().join("replica"), &kc, &env);
     assert!(
         !dir.path().join("replica").join("objects").exists(),
         "kube mode wrote a local store"
@@ -91,46 +105,51 @@ async fn a_kube_mode_replica_serves_previews_within_its_rbac() {
     );
     assert!(replica.terminate(Duration::from_secs(10)));
 
-    // Every call the replica made is one deploy/'s roles allow.
+    // Every call the replica made is one the roles allow in the namespace it was made in (the
+    // stand-in's own in-process calls carry no user agent); scoped to one namespace, it made
+    // them all there, but for the Lease in previewd's.
     let text = std::fs::read_to_string(&audit).unwrap_or_else(|e| panic!("{e}"));
     let entries: Vec<AuditEntry> = text
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    let calls: Vec<(String, String, String)> = entries
+    let replica_calls: Vec<&AuditEntry> = entries
         .iter()
-        .filter(|e| !e.user_agent.starts_with("kubectl"))
-        .map(|e| {
-            let resource = if e.subresource.is_empty() {
-                e.resource.clone()
-            } else {
-                format!("{}/{}", e.resource, e.subresource)
-            };
-            (e.api_group.clone(), resource, e.verb.clone())
-        })
+        .filter(|e| e.user_agent == previewd::serve::USER_AGENT)
         .collect();
-    assert!(calls.len() > 20, "too few calls recorded: {calls:?}");
-    let calls: Vec<Call<'_>> = calls
-        .iter()
-        .map(|(g, r, v)| (g.as_str(), r.as_str(), v.as_str()))
-        .collect();
-    let mut missing = not_allowed(&own_namespace_rules(), &calls);
+    assert!(replica_calls.len() > 20, "too few calls recorded: {text}");
+    let mut missing = Vec::new();
+    for e in &replica_calls {
+        let resource = if e.subresource.is_empty() {
+            e.resource.clone()
+        } else {
+            format!("{}/{}", e.resource, e.subresource)
+        };
+        let call: Call<'_> = (&e.api_group, &resource, &e.verb);
+        let scope = Some(e.namespace.as_str()).filter(|ns| !ns.is_empty());
+        if !not_allowed(&rbac.rules_in(scope), &[call]).is_empty() {
+            missing.push(format!(
+                "{} {resource} {} in {scope:?}",
+                e.api_group, e.verb
+            ));
+        }
+        if e.resource == "leases" {
+            assert_eq!(e.namespace, "previewd", "{e:?}");
+        } else if let Some(ns) = &watch {
+            assert_eq!(&e.namespace, ns, "{e:?}");
+        }
+    }
+    if watch.is_none() {
+        assert!(
+            replica_calls
+                .iter()
+                .any(|e| e.namespace.is_empty() && e.verb == "watch"),
+            "a cluster-wide replica watches across namespaces: {text}"
+        );
+    }
     missing.sort();
     missing.dedup();
     assert!(missing.is_empty(), "calls RBAC does not allow: {missing:?}");
-    // The replica's own calls (the stand-in's in-process ones carry no user agent).
-    let replica_calls = entries
-        .iter()
-        .filter(|e| e.user_agent == previewd::serve::USER_AGENT);
-    assert!(replica_calls.clone().count() > 20, "{text}");
-    for e in replica_calls {
-        let expected = if e.resource == "leases" {
-            "previewd"
-        } else {
-            "default"
-        };
-        assert_eq!(e.namespace, expected, "{e:?}");
-    }
     assert!(
         entries
             .iter()
