@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::target::Target;
 use super::validation::{
-    CORS_ORIGIN_PATTERN, HOST_REWRITE_PATTERN, POSITIVE_DURATION_PATTERN, POSITIVE_DURATION_RULE,
-    TTL_OR_EXPIRY_RULE,
+    CORS_CREDENTIALS_RULE, CORS_ORIGIN_PATTERN, HOST_REWRITE_PATTERN, POSITIVE_DURATION_PATTERN,
+    POSITIVE_DURATION_RULE, TTL_OR_EXPIRY_RULE,
 };
 
 // Each field's schema carries the checks `validation::preview_link_spec` makes (patterns as
@@ -211,8 +211,12 @@ pub enum Via {
 }
 
 /// CORS headers the proxy answers with.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(CORS_CREDENTIALS_RULE)
+    .message("allowCredentials may not be true with allowOrigins \"*\"")
+    .field_path(".allowCredentials")
+    .reason(Reason::FieldValueForbidden))]
 pub struct CorsPolicy {
     /// Origins allowed (`*` for any).
     #[serde(default)]

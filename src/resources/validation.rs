@@ -64,6 +64,9 @@ pub const POSITIVE_DURATION_PATTERN: &str =
 /// also refuses what overflows Go's range.
 pub const POSITIVE_DURATION_RULE: &str = "duration(self) > duration('0s')";
 
+/// The CEL form of "credentials are not allowed with any origin" (on `spec.cors`).
+pub const CORS_CREDENTIALS_RULE: &str = "!(has(self.allowCredentials) && self.allowCredentials && has(self.allowOrigins) && '*' in self.allowOrigins)";
+
 /// The CEL form of "`ttl` and `expiresAt` are exclusive" (on the spec).
 pub const TTL_OR_EXPIRY_RULE: &str = "!has(self.ttl) || !has(self.expiresAt)";
 
