@@ -7,6 +7,7 @@
 //! harness gets its seeds (`fuzz/seeds/{target}/`) and 10,000 deterministic mutations.
 
 mod agent;
+mod auth;
 pub mod drive;
 #[cfg(test)]
 mod mutate;
@@ -16,6 +17,7 @@ mod shim;
 mod store;
 
 pub use agent::{agent_http, proc_net};
+pub use auth::auth_token;
 pub use routes::routes;
 pub use server_head::server_head;
 pub use shim::shim_input;
