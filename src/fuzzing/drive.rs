@@ -81,15 +81,20 @@ pub enum AtEnd {
 
 /// A connection whose peer sent `input` (delivered at most `chunk` bytes per read), and
 /// which swallows whatever is written to it. The end of input can be turned into an end
-/// of file later ([`MemIo::close`] through a shared flag), so a harness can first see what
-/// a reader makes of the bytes alone, then what it makes of the close.
+/// of file later (through [`MemIo::closer`]'s flag), so a harness can first see what a
+/// reader makes of the bytes alone, then what it makes of the close. A server's
+/// connection ([`MemIo::answering`]) sends nothing before something was written to it: an
+/// upstream answers a request.
 pub struct MemIo {
     input: Vec<u8>,
     at: usize,
     chunk: usize,
     closed: Arc<AtomicBool>,
-    /// What was written to the connection.
-    pub written: Vec<u8>,
+    /// Reads wait until something was written.
+    answers: bool,
+    written: bool,
+    /// A reader waiting for the first write.
+    reader: Option<Waker>,
 }
 
 impl MemIo {
@@ -101,8 +106,30 @@ impl MemIo {
             at: 0,
             chunk: chunk.max(1),
             closed: Arc::new(AtomicBool::new(at_end == AtEnd::Eof)),
-            written: Vec::new(),
+            answers: false,
+            written: false,
+            reader: None,
         }
+    }
+
+    /// Like [`MemIo::new`], for the connection to a server that sends `input` once it has
+    /// been written to (a request came).
+    pub fn answering(input: Vec<u8>, chunk: usize, at_end: AtEnd) -> Self {
+        MemIo {
+            answers: true,
+            ..MemIo::new(input, chunk, at_end)
+        }
+    }
+
+    /// Takes what is written: the first write lets an answering peer speak.
+    fn write(&mut self, n: usize) -> usize {
+        if n > 0 && !self.written {
+            self.written = true;
+            if let Some(reader) = self.reader.take() {
+                reader.wake();
+            }
+        }
+        n
     }
 
     /// A handle that turns the end of input into an end of file when set.
@@ -117,7 +144,11 @@ impl MemIo {
 
     /// The next piece of input for a reader with `room` bytes of space: `Some(empty)` at
     /// end of file, `None` while the connection waits.
-    fn next_piece(&mut self, room: usize) -> Option<&[u8]> {
+    fn next_piece(&mut self, cx: &Context<'_>, room: usize) -> Option<&[u8]> {
+        if self.answers && !self.written {
+            self.reader = Some(cx.waker().clone());
+            return None;
+        }
         let left = self.input.len() - self.at;
         if left == 0 {
             return self.closed.load(Ordering::SeqCst).then_some(&[][..]);
@@ -132,11 +163,11 @@ impl MemIo {
 impl tokio::io::AsyncRead for MemIo {
     fn poll_read(
         self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let room = buf.remaining();
-        match self.get_mut().next_piece(room) {
+        match self.get_mut().next_piece(cx, room) {
             Some(piece) => {
                 buf.put_slice(piece);
                 Poll::Ready(Ok(()))
@@ -152,8 +183,7 @@ impl tokio::io::AsyncWrite for MemIo {
         _cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().written.extend_from_slice(buf);
-        Poll::Ready(Ok(buf.len()))
+        Poll::Ready(Ok(self.get_mut().write(buf.len())))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -168,11 +198,11 @@ impl tokio::io::AsyncWrite for MemIo {
 impl hyper::rt::Read for MemIo {
     fn poll_read(
         self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
         mut buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
         let room = buf.remaining();
-        match self.get_mut().next_piece(room) {
+        match self.get_mut().next_piece(cx, room) {
             Some(piece) => {
                 buf.put_slice(piece);
                 Poll::Ready(Ok(()))
@@ -188,8 +218,7 @@ impl hyper::rt::Write for MemIo {
         _cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().written.extend_from_slice(buf);
-        Poll::Ready(Ok(buf.len()))
+        Poll::Ready(Ok(self.get_mut().write(buf.len())))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

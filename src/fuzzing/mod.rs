@@ -9,6 +9,8 @@
 mod agent;
 mod auth;
 pub mod drive;
+mod h1_facts;
+mod h1_response;
 #[cfg(test)]
 mod mutate;
 mod routes;
@@ -18,6 +20,7 @@ mod store;
 
 pub use agent::{agent_http, proc_net};
 pub use auth::auth_token;
+pub use h1_response::h1_response;
 pub use routes::routes;
 pub use server_head::server_head;
 pub use shim::shim_input;
