@@ -9,6 +9,8 @@
 # The harnesses (src/fuzzing/) panic on any property violation, so a "crash" is a panic or
 # a differential mismatch, not only a memory error.
 #
+# FUZZ_ARGS adds libFuzzer flags (e.g. -max_len=65536).
+#
 # Needs cargo-fuzz (`cargo install cargo-fuzz`). On a stable toolchain RUSTC_BOOTSTRAP=1
 # lets it pass its -Z flags; SANITIZER (default none: no sanitizer runtime is needed, and
 # previewd's code is safe Rust) may be set to address where its runtime is installed.
@@ -47,7 +49,7 @@ for t in "${targets[@]}"; do
   echo "== $t: $RUNS runs from $(ls "seeds/$t" | wc -l) seeds" >&2
   set +e
   "$bin_dir/$t" "$corpus" "seeds/$t" -runs="$RUNS" -print_final_stats=1 -timeout=10 \
-    -artifact_prefix="$artifacts/" >"$log" 2>&1
+    -artifact_prefix="$artifacts/" ${FUZZ_ARGS:-} >"$log" 2>&1
   rc=$?
   set -e
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
