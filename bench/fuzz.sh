@@ -58,8 +58,11 @@ for t in "${targets[@]}"; do
   crashes=$(find "$artifacts" -type f -newer "$stamp" | wc -l)
   if [ "$rc" -ne 0 ] || [ "$crashes" -ne 0 ]; then
     failed=1
-    echo "$t FAILED (exit $rc); its log:" >&2
-    grep -v '^"' "$log" | tail -40 >&2
+    echo "$t FAILED (exit $rc):" >&2
+    # The panic's message (a harness says which property failed, with the input), then
+    # where libFuzzer wrote the input.
+    grep -A6 'panicked at' "$log" | head -12 >&2 || true
+    grep -E '^SUMMARY|Test unit written' "$log" >&2 || true
   fi
   results+=("$(printf '%-12s %10s %10s %14s %8s' "$t" "${execs:-?}" "${per_sec:-?}" "${corp:-?}" "$crashes")")
   rm -f "$log" "$stamp"
