@@ -8,6 +8,8 @@ pub mod allocator;
 pub mod api;
 pub mod cli;
 pub mod controller;
+#[cfg(any(test, fuzzing))]
+pub mod fuzzing;
 pub mod metrics;
 pub mod proxy;
 pub mod resources;

@@ -45,7 +45,7 @@ pub fn parse_table(table: &str) -> impl Iterator<Item = ListeningPort> + '_ {
 }
 
 /// One table line: `sl local_address rem_address st ...`; `None` unless it is a LISTEN socket.
-fn parse_line(line: &str) -> Option<ListeningPort> {
+pub(crate) fn parse_line(line: &str) -> Option<ListeningPort> {
     let mut fields = line.split_whitespace();
     let _slot = fields.next()?;
     let local = fields.next()?;

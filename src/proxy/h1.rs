@@ -20,7 +20,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, request};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The largest response head accepted (status line and headers).
@@ -53,9 +53,10 @@ pub enum H1Error {
 }
 
 /// An upstream connection between messages, with what was read past the last response
-/// (nothing, when it is reused).
-pub struct H1Conn {
-    io: TcpStream,
+/// (nothing, when it is reused). Over a TCP socket; any other byte stream (`IO`) lets the
+/// fuzz harness drive the same decoding from memory.
+pub struct H1Conn<IO = TcpStream> {
+    io: IO,
     buf: BytesMut,
     /// The request head being written, kept for the next one.
     out: Vec<u8>,
@@ -97,7 +98,7 @@ pub struct Head {
 
 impl Head {
     /// The body that follows this head on `conn`.
-    pub fn body(&self, conn: H1Conn) -> H1Body {
+    pub fn body<IO>(&self, conn: H1Conn<IO>) -> H1Body<IO> {
         H1Body {
             conn: Some(conn),
             state: self.body,
@@ -138,9 +139,9 @@ fn encode_head(parts: &request::Parts, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
-impl H1Conn {
+impl<IO> H1Conn<IO> {
     /// A fresh connection.
-    pub fn new(io: TcpStream) -> Self {
+    pub fn new(io: IO) -> Self {
         H1Conn {
             io,
             buf: BytesMut::new(),
@@ -150,17 +151,21 @@ impl H1Conn {
     }
 
     /// The socket, for a connection that hyper takes over between messages.
-    pub fn into_io(self) -> TcpStream {
+    pub fn into_io(self) -> IO {
         self.io
     }
+}
 
+impl H1Conn {
     /// Whether an idle connection can carry a request: the upstream has neither closed it
     /// nor sent anything unasked. Costs no system call while the socket is not readable.
     pub fn is_idle_alive(&self) -> bool {
         let mut probe = [0u8; 1];
         matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
+}
 
+impl<IO: AsyncRead + AsyncWrite + Unpin> H1Conn<IO> {
     /// Sends a bodyless request (see [`is_plain`]) and reads the response head; the body
     /// follows on this connection ([`Head::body`]).
     pub async fn exchange(&mut self, req: &request::Parts) -> Result<Head, H1Error> {
@@ -343,9 +348,9 @@ enum BodyState {
 
 /// A response body read from its connection as the client connection asks for it; the
 /// connection is handed back by [`H1Body::finish`] when the body ended cleanly.
-pub struct H1Body {
+pub struct H1Body<IO = TcpStream> {
     /// Dropped on an error, so a failed connection is never reused.
-    conn: Option<H1Conn>,
+    conn: Option<H1Conn<IO>>,
     state: BodyState,
     reusable: bool,
 }
@@ -395,7 +400,7 @@ fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
         .ok_or(malformed)
 }
 
-impl H1Body {
+impl<IO: AsyncRead + Unpin> H1Body<IO> {
     /// The next piece of the body, `None` at its end.
     pub fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, H1Error>>> {
         let polled = self.poll_inner(cx);
@@ -496,7 +501,9 @@ impl H1Body {
         tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf)
             .map_err(H1Error::Io)
     }
+}
 
+impl<IO> H1Body<IO> {
     /// Whether the body has been read to its end.
     pub fn is_end_stream(&self) -> bool {
         matches!(self.state, BodyState::Done | BodyState::Length(0))
@@ -513,7 +520,7 @@ impl H1Body {
 
     /// The connection, when the body was read to its end and nothing followed it, so it
     /// can carry the next request.
-    pub fn finish(&mut self) -> Option<H1Conn> {
+    pub fn finish(&mut self) -> Option<H1Conn<IO>> {
         let ended = self.is_end_stream();
         let reusable = self.reusable;
         self.conn

@@ -51,14 +51,14 @@ pub enum Ended {
 }
 
 /// A request head, parsed: what the handler gets, and what the loop needs itself.
-struct Parsed {
-    parts: request::Parts,
+pub(crate) struct Parsed {
+    pub(crate) parts: request::Parts,
     /// The client asked to close after this request (`Connection: close`).
-    close: bool,
+    pub(crate) close: bool,
 }
 
 /// What the input buffer holds.
-enum Head {
+pub(crate) enum Head {
     /// A whole request head, taken from the buffer.
     Request(Box<Parsed>),
     /// Not a whole head yet.
@@ -73,7 +73,7 @@ enum Head {
 /// Parses the request head at the start of `buf`, taking it from `buf` when it is one this
 /// loop serves (and leaving `buf` as it was otherwise); `fields` is room kept between
 /// requests.
-fn parse(buf: &mut BytesMut, fields: &mut Vec<Field>) -> Head {
+pub(crate) fn parse(buf: &mut BytesMut, fields: &mut Vec<Field>) -> Head {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match httparse::ParserConfig::default()

@@ -245,11 +245,16 @@ fn key_for(resource: &Path, ns_dir: &Path, file: &Path) -> Option<ObjectKey> {
     })
 }
 
-/// Reads and checks one object file: YAML, a mapping, and metadata that agrees with where
-/// the file lives.
+/// Reads and checks one object file (see [`parse_object`]).
 fn read_object(path: &Path, key: &ObjectKey) -> Result<Value, String> {
     let text = fs::read_to_string(path).map_err(|e| format!("unreadable: {e}"))?;
-    let obj: Value = serde_yaml::from_str(&text).map_err(|e| format!("malformed YAML: {e}"))?;
+    parse_object(&text, key)
+}
+
+/// Checks one object file's text: YAML, a mapping, and metadata that agrees with where
+/// the file lives (`key`).
+pub(crate) fn parse_object(text: &str, key: &ObjectKey) -> Result<Value, String> {
+    let obj: Value = serde_yaml::from_str(text).map_err(|e| format!("malformed YAML: {e}"))?;
     if !obj.is_object() {
         return Err("not a YAML mapping".into());
     }
