@@ -44,12 +44,8 @@ fn request(data: &[u8]) -> (Option<String>, HeaderMap) {
 }
 
 /// Every non-empty `;`-piece of the `Cookie` headers but previewd's own cookies, trimmed:
-/// what the app must still get.
-///
-/// Known difference (seed auth_token/nameless-cookie): a piece without `=` (`flag`, which
-/// browsers send for a cookie with an empty name) is dropped by [`strip`] when it rewrites
-/// the header because the token cookie was in it; it is kept when there was none. Only such
-/// pieces are let pass here, every other piece must reach the app byte for byte.
+/// what the app must still get, byte for byte (a piece without `=` too: seed
+/// auth_token/nameless-cookie, which [`strip`] once dropped).
 fn app_cookie_pieces(headers: &HeaderMap) -> Vec<Vec<u8>> {
     let token: Vec<&[u8]> = cookie_pairs(headers)
         .filter(|c| c.is_token())
@@ -60,7 +56,7 @@ fn app_cookie_pieces(headers: &HeaderMap) -> Vec<Vec<u8>> {
         .iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
         .map(<[u8]>::trim_ascii)
-        .filter(|p| p.contains(&b'=') && !token.contains(p))
+        .filter(|p| !p.is_empty() && !token.contains(p))
         .map(<[u8]>::to_vec)
         .collect()
 }

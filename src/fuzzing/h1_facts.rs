@@ -8,11 +8,11 @@
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Differences {
     /// Class A (seed h1_response/te-trailing-comma): a `Transfer-Encoding` value that is
-    /// not visible ASCII, or whose last list element is empty (`chunked,`). The lean client
-    /// reads the codings as RFC 9110 §5.6.1 lists (empty elements ignored, bytes as they
-    /// are), so `chunked` is last and the body chunked; hyper looks at the text after the
-    /// last comma of the last line (none when not ASCII), finds no `chunked`, and reads the
-    /// body to the close. The two frame the body differently.
+    /// not visible ASCII, or whose last list element is empty (`chunked,`). hyper looks at
+    /// the text after the last comma of the last line (none when not ASCII), finds no
+    /// `chunked`, and reads the body to the close; RFC 9110's list syntax would make
+    /// `chunked` last. Readers disagree on such framing, so the lean client refuses it (502):
+    /// a stricter refusal.
     pub opaque_transfer_encoding: bool,
     /// Class B (seed h1_response/cl-ignored): a `Content-Length` that hyper never reads
     /// (beside a `Transfer-Encoding`, on a 204 or 304, or answering `HEAD`) and the lean

@@ -47,9 +47,30 @@ pub fn routes(data: &[u8]) {
 }
 
 fn check_route(host: Option<&str>, path: &str) {
-    let Some(r) = route(host, path, DOMAIN) else {
+    // Without path URLs, only host routing answers, and it answers the same.
+    let hosts_only = route(host, path, DOMAIN, false);
+    assert!(
+        hosts_only.as_ref().is_none_or(|r| r.prefix == "/"),
+        "path-routed with path URLs off: {hosts_only:?}"
+    );
+    let Some(r) = route(host, path, DOMAIN, true) else {
+        assert!(hosts_only.is_none(), "{hosts_only:?}");
         return;
     };
+    if r.prefix == "/" {
+        assert_eq!(
+            hosts_only.as_ref(),
+            Some(&r),
+            "host routing depends on path URLs"
+        );
+    }
+    // A capability host names a link key too.
+    if let Some((id, capability)) = crate::resources::capability::split(&r.id) {
+        assert!(
+            link_of(&id).is_some() && capability.len() == crate::resources::capability::LEN,
+            "{id} {capability}"
+        );
+    }
     let context = || format!("host {host:?}, path {:?}: {r:?}", escaped(path.as_bytes()));
     let key = link_of(&r.id).unwrap_or_else(|| panic!("routed id without a link: {}", context()));
     let namespace = key.namespace.as_deref().unwrap_or_default();

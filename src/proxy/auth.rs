@@ -185,12 +185,26 @@ pub fn strip<'q>(headers: &mut HeaderMap, query: Option<&'q str>) -> Option<Cow<
         headers.remove(TOKEN_HEADER);
     }
     if cookies && cookie_pairs(headers).any(|c| c.is_token()) {
+        // Every other piece stays as it came, one without `=` too (the app may read it).
         let mut kept = Vec::new();
-        for c in cookie_pairs(headers).filter(|c| !c.is_token()) {
+        let pieces = headers
+            .get_all(header::COOKIE)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+            .map(<[u8]>::trim_ascii)
+            .filter(|p| !p.is_empty());
+        for piece in pieces {
+            let is_token = piece
+                .iter()
+                .position(|b| *b == b'=')
+                .is_some_and(|at| piece[..at].trim_ascii() == TOKEN_COOKIE.as_bytes());
+            if is_token {
+                continue;
+            }
             if !kept.is_empty() {
                 kept.extend_from_slice(b"; ");
             }
-            kept.extend_from_slice(c.raw);
+            kept.extend_from_slice(piece);
         }
         headers.remove(header::COOKIE);
         // The pieces came from header values, so they make one again.

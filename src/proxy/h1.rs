@@ -283,13 +283,15 @@ impl FramingHeaders {
         if name.eq_ignore_ascii_case("connection") {
             self.close |= items(value).any(|t| t.eq_ignore_ascii_case(b"close"));
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            let last = items(value).rfind(|c| !c.is_empty());
+            // Which coding is last decides the framing; where readers could disagree on that
+            // (an empty last element, which hyper reads as no chunked coding, or bytes that
+            // are no token), the answer is refused rather than guessed.
+            let last = items(value).next_back().unwrap_or_default();
+            if last.is_empty() || !value.is_ascii() {
+                return Err(H1Error::Malformed("doubtful transfer-encoding"));
+            }
             // A later line's codings come after an earlier one's.
-            let chunked = match last {
-                Some(c) => c.eq_ignore_ascii_case(b"chunked"),
-                None => self.transfer_encoding.unwrap_or(false),
-            };
-            self.transfer_encoding = Some(chunked);
+            self.transfer_encoding = Some(last.eq_ignore_ascii_case(b"chunked"));
         } else if name.eq_ignore_ascii_case("content-length") {
             for item in items(value) {
                 let n =
@@ -700,6 +702,10 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n11111111111111111\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3 x\r\nabc\r\n0\r\n\r\n",
+            // A last coding readers could read differently.
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked,\r\n\r\n2\r\nzz\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\xc3\xa9\r\n\r\n2\r\nzz\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: \r\n\r\nzz",
             // Lines end in CRLF only, as hyper reads them: a bare LF or a lone CR is refused.
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\n;x\r\nabc\r\n0\r\n\r\n",

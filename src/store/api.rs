@@ -619,6 +619,13 @@ fn watch(
         },
         None => None,
     };
+    // A closing server starts no watch: ended at once, it would be started again at once by
+    // every in-process watcher, a loop that keeps the runtime from shutting down. A 503
+    // makes watchers back off, as a real API server's does.
+    if store.is_closing() {
+        return ApiError::new(503, "ServiceUnavailable", "the server is shutting down")
+            .into_response();
+    }
     let bookmarks = is_true(q.get("allowWatchBookmarks"));
     let initial_events = is_true(q.get("sendInitialEvents"));
     let timeout = q

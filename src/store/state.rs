@@ -227,6 +227,11 @@ impl Store {
         self.closing.send_replace(true);
     }
 
+    /// Whether [`Store::close`] was called (the server shuts down).
+    pub fn is_closing(&self) -> bool {
+        *self.closing.borrow()
+    }
+
     /// Resolves once [`Store::close`] was called.
     pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut rx = self.closing.subscribe();
