@@ -122,7 +122,8 @@ async fn the_proxy_serves_links_with_tokens_and_refuses_everything_else() {
         403,
         "a token for one link does not open another"
     );
-    // The query form sets an HttpOnly cookie scoped to the link; the cookie then works alone.
+    // The query form sets an HttpOnly cookie scoped to the link (a browser is sent on to the
+    // URL without the token); the cookie then works alone.
     let (code, head, _) = get(
         proxy,
         "127.0.0.1",
@@ -130,7 +131,12 @@ async fn the_proxy_serves_links_with_tokens_and_refuses_everything_else() {
         "Accept: text/html\r\n",
     )
     .await;
-    assert_eq!(code, 200);
+    assert_eq!(code, 303, "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("\r\nlocation: /p/app.default/\r\n"),
+        "{head}"
+    );
     let cookie = head
         .lines()
         .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
