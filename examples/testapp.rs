@@ -9,7 +9,12 @@
 //! - `GET /redirect?to=URL` → 302 to `URL` (`self` names `http://{Host}/landed`);
 //! - `GET /cookie` → sets `app=1` with `Domain` the request's host name and `Path=/`;
 //! - `GET /bye` → `bye`, then the connection is dropped 100 ms later without notice (what a
-//!   kept-alive connection closed by the server's idle timeout looks like to a proxy).
+//!   kept-alive connection closed by the server's idle timeout looks like to a proxy);
+//! - `GET /page` → an HTML page that loads `page.js` and `page.css`, does an XHR to `headers` and
+//!   opens a WebSocket to `ws` (all relative, so a path prefix stays), and writes into its DOM
+//!   whether each worked (`#probe-script`, `#probe-stylesheet`, `#probe-xhr`,
+//!   `#probe-websocket` read `ok`; `#done` appears when all have answered): the browser tests
+//!   open it top-level and inside a cross-site iframe.
 //!
 //! `testapp ADDR RAW_ADDR` also serves, on `RAW_ADDR`, upstreams that misbehave as no HTTP
 //! library lets a server misbehave (see [`RAW`]): `GET /raw/{case}` writes that case's bytes.
@@ -41,6 +46,62 @@ fn param(req: &Request<Incoming>, name: &str) -> Option<u64> {
         .query()?
         .split('&')
         .find_map(|p| p.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+}
+
+/// The browser probe page (see the module comment).
+const PAGE: &str = r#"<!doctype html>
+<html><head><meta charset="utf-8"><title>testapp page</title>
+<link rel="stylesheet" href="page.css">
+<script src="page.js"></script>
+</head><body>
+<h1>testapp page</h1>
+<ul>
+<li>script: <span id="probe-script">pending</span></li>
+<li>stylesheet: <span id="probe-stylesheet">pending</span></li>
+<li>xhr: <span id="probe-xhr">pending</span></li>
+<li>websocket: <span id="probe-websocket">pending</span></li>
+</ul>
+<p id="css-marker">styled by page.css when it loads</p>
+<script>
+(function () {
+  const set = (id, v) => { document.getElementById('probe-' + id).textContent = v; };
+  const pending = new Set(['xhr', 'websocket']);
+  const finish = (id, v) => {
+    if (!pending.delete(id)) return;
+    set(id, v);
+    if (pending.size === 0) {
+      const done = document.createElement('p');
+      done.id = 'done';
+      done.textContent = 'done';
+      document.body.appendChild(done);
+    }
+  };
+  set('script', window.testappScript === 'loaded' ? 'ok' : 'not loaded');
+  const color = getComputedStyle(document.getElementById('css-marker')).color;
+  set('stylesheet', color === 'rgb(0, 128, 0)' ? 'ok' : 'not applied (' + color + ')');
+  const xhr = new XMLHttpRequest();
+  xhr.open('GET', 'headers');
+  xhr.onload = () => finish('xhr', xhr.status === 200 && xhr.responseText.startsWith('target: ')
+    ? 'ok' : 'status ' + xhr.status);
+  xhr.onerror = () => finish('xhr', 'network error');
+  xhr.send();
+  const ws = new WebSocket(new URL('ws', location.href).href.replace(/^http/, 'ws'));
+  ws.onopen = () => ws.send('ping');
+  ws.onmessage = (e) => { finish('websocket', e.data === 'ping' ? 'ok' : 'echoed ' + e.data); ws.close(); };
+  ws.onerror = () => finish('websocket', 'error');
+  ws.onclose = (e) => finish('websocket', 'closed ' + e.code);
+})();
+</script>
+</body></html>
+"#;
+const PAGE_JS: &str = "window.testappScript = 'loaded';\n";
+const PAGE_CSS: &str = "#css-marker { color: rgb(0, 128, 0); }\n";
+
+fn typed(content_type: &str, body: &'static str) -> Response<Body> {
+    Response::builder()
+        .header(header::CONTENT_TYPE, content_type)
+        .body(full(body))
+        .unwrap_or_else(|_| Response::new(full("")))
 }
 
 /// Serves one request; `bye` drops its connection when notified.
@@ -96,6 +157,9 @@ async fn serve(
                 .body(full("cookie set\n"))
                 .unwrap_or_else(|_| Response::new(full("")))
         }
+        ("GET", "/page") => typed("text/html; charset=utf-8", PAGE),
+        ("GET", "/page.js") => typed("text/javascript", PAGE_JS),
+        ("GET", "/page.css") => typed("text/css", PAGE_CSS),
         ("GET", "/bye") => {
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(100)).await;
