@@ -1,6 +1,7 @@
 //! previewd's integration tests: one test binary, one module per area.
 
 mod agent;
+mod browser;
 mod cli;
 mod common;
 mod containers;
