@@ -68,7 +68,7 @@ work="$(mktemp -d "${TMPDIR:-/var/tmp}/previewd-apps.XXXXXX")"
 root="$work/root"
 cleanup() {
   umount "$root/dev/pts" "$root/proc" 2>/dev/null || true
-  rm -rf "$work"
+  rm -rf --one-file-system "$work"
 }
 trap cleanup EXIT
 

@@ -15,7 +15,7 @@
 //! debootstrap (PREVIEWD_REQUIRE_BROWSER); without them the tests skip loudly.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bollard::models::HostConfig;
 use kube::api::Api;
@@ -266,17 +266,14 @@ impl App {
         .await
     }
 
-    /// Waits until the app answers HTTP at `path` inside its container.
+    /// Waits (up to two minutes) until the app answers HTTP at `path` inside its container:
+    /// one exec that polls, so starting Python over and over does not slow the app's start.
     async fn wait_serving(self, rt: &DockerRuntime, c: &TestContainer, path: &str) {
-        let probe = "import http.client, sys\n\
-                     c = http.client.HTTPConnection('127.0.0.1', int(sys.argv[1]), timeout=2)\n\
-                     c.request('GET', sys.argv[2])\n\
-                     c.getresponse()\n";
         let spec = ExecSpec {
             argv: [
                 "/opt/venv/bin/python",
                 "-c",
-                probe,
+                SERVING_PROBE,
                 &self.port().to_string(),
                 path,
             ]
@@ -285,20 +282,37 @@ impl App {
             env: Vec::new(),
             user: None,
         };
-        crate::common::eventually(
-            Duration::from_secs(120),
-            &format!("{} to serve in {}", self.name(), c.name),
-            || {
-                let spec = spec.clone();
-                async move {
-                    let out = rt.exec(&c.name, &spec).await.ok()?;
-                    (out.exit_code == 0).then_some(())
-                }
-            },
-        )
-        .await;
+        let out = rt
+            .exec(&c.name, &spec)
+            .await
+            .unwrap_or_else(|e| panic!("exec in {}: {e}", c.name));
+        assert_eq!(
+            out.exit_code,
+            0,
+            "{} in {} does not serve {path}: {}",
+            self.name(),
+            c.name,
+            out.stderr
+        );
     }
 }
+
+/// Python that polls `http://127.0.0.1:{argv[1]}{argv[2]}` until any HTTP answer (exit 0),
+/// or gives up after 120 s (exit 1, saying why).
+const SERVING_PROBE: &str = r#"
+import http.client, sys, time
+deadline = time.monotonic() + 120
+while True:
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=2)
+        c.request("GET", sys.argv[2])
+        c.getresponse()
+        sys.exit(0)
+    except OSError as e:
+        if time.monotonic() > deadline:
+            sys.exit(f"not serving after 120 s: {e}")
+        time.sleep(0.2)
+"#;
 
 async fn container_ip(rt: &DockerRuntime, c: &TestContainer) -> String {
     rt.client()
@@ -309,6 +323,22 @@ async fn container_ip(rt: &DockerRuntime, c: &TestContainer) -> String {
         .and_then(|nets| nets.values().find_map(|ep| ep.ip_address.clone()))
         .filter(|ip| !ip.is_empty())
         .unwrap_or_else(|| panic!("{} has no IP address", c.name))
+}
+
+/// The last lines the app in `c` printed (what it said about the requests it refused).
+async fn app_log(rt: &DockerRuntime, c: &TestContainer) -> String {
+    use futures::TryStreamExt;
+    let opts = bollard::query_parameters::LogsOptionsBuilder::default()
+        .stdout(true)
+        .stderr(true)
+        .tail("25")
+        .build();
+    rt.client()
+        .logs(&c.name, Some(opts))
+        .map_ok(|line| line.to_string())
+        .try_collect::<Vec<_>>()
+        .await
+        .map_or_else(|e| format!("(no log: {e})"), |lines| lines.concat())
 }
 
 /// Creates a PreviewLink from raw JSON with `fieldValidation=Strict`, so a field this
@@ -536,6 +566,7 @@ async fn through_host_url(app: App) {
         linked.usable_s(),
         baseline.usable_s()
     );
+    println!("--- {name}'s log ---\n{}", app_log(&rt, &local).await);
     assert_works(
         &format!("{name} opened directly (the baseline)"),
         Form::Host,
@@ -598,6 +629,7 @@ async fn through_path_url(app: App) {
         linked.usable_s(),
         baseline.usable_s()
     );
+    println!("--- {name}'s log ---\n{}", app_log(&rt, &local).await);
     assert_works(
         &format!("{} under {base} opened directly (the baseline)", app.name()),
         Form::Host,
