@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 
 use crate::common::{Server, previewd_bin, raw, require_tool};
 use crate::containers::{TestContainer, docker, images};
-use crate::docker::{server, wait_link};
+use crate::docker::{server, server_with, wait_link};
 
 const REQUIRE: &str = "PREVIEWD_REQUIRE_BROWSER";
 
@@ -604,8 +604,9 @@ async fn through_path_url(app: App) {
     .await;
 
     let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let server = server(state.path());
-    let (link, ready_s) = ready_link(
+    // Path URLs share one origin, so a server serves them only when told to.
+    let server = server_with(state.path(), &[("PREVIEWD_PATH_URLS", "true")]);
+    let (_, ready_s) = ready_link(
         &server,
         &name,
         &local.name,
@@ -613,14 +614,9 @@ async fn through_path_url(app: App) {
         json!({"pathPrefix": "keep"}),
     )
     .await;
-    let path_url = link
-        .status
-        .and_then(|s| s.path_url)
-        .unwrap_or_else(|| panic!("link {name} has no status.pathUrl"));
-    let token = cli(&server, &["token", &name]);
     let linked = drive(
         app.name(),
-        &format!("{path_url}?previewd_token={token}"),
+        &cli(&server, &["url", "--path", &name]),
         &format!("{name}-path-url"),
     )
     .await;
@@ -674,8 +670,10 @@ async fn gradio_delivers_a_result_over_sse_through_a_path_url() {
 
 /// testapp's `/page` inside an `<iframe>` of a page served from 127.0.0.1 (cross-site to
 /// `*.preview.localhost`), as agent platforms show previews: its script, stylesheet, XHR and
-/// WebSocket all load. The same page opened top-level through the link, and embedded
-/// straight from the container (no previewd), are the controls.
+/// WebSocket all load, both through the link's own URL with its token (the cookie then lives
+/// in the embedding site's partition) and through its capability URL (`previewd url --embed`,
+/// no cookie at all). The same page opened top-level through the link, and embedded straight
+/// from the container (no previewd), are the controls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_embedded_in_a_cross_site_iframe_loads_everything() {
     let Some(rt) = setup().await else { return };
@@ -697,12 +695,18 @@ async fn a_link_embedded_in_a_cross_site_iframe_loads_everything() {
         "page-top-level",
     )
     .await;
-    let framed = drive(
+    let with_token = drive(
         "iframe",
         &token_url(&server, "embed", "/page"),
-        "iframe-link",
+        "iframe-token-url",
     )
     .await;
+    let capability = cli(&server, &["url", "--embed", "embed"]);
+    let capability = match capability.strip_suffix('/') {
+        Some(origin) => format!("{origin}/page"),
+        None => panic!("previewd url --embed printed {capability:?}"),
+    };
+    let with_capability = drive("iframe", &capability, "iframe-capability-url").await;
     assert_works(
         "the page embedded straight from the container",
         Form::Host,
@@ -714,9 +718,14 @@ async fn a_link_embedded_in_a_cross_site_iframe_loads_everything() {
         &top,
     );
     assert_works(
-        "the page embedded in a cross-site iframe",
+        "the page embedded in a cross-site iframe by the link's token URL",
         Form::Host,
-        &framed,
+        &with_token,
+    );
+    assert_works(
+        "the page embedded in a cross-site iframe by the link's capability URL",
+        Form::Host,
+        &with_capability,
     );
 }
 
