@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::{Resource, ResourceExt};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tracing::instrument;
@@ -540,16 +540,6 @@ async fn direct<T: ContainerRuntime>(
     }
 }
 
-fn owner_ref(link: &PreviewLink) -> Option<OwnerReference> {
-    link.object_ref(&()).uid.map(|uid| OwnerReference {
-        api_version: crate::resources::API_VERSION.into(),
-        kind: "PreviewLink".into(),
-        name: link.name_any(),
-        uid,
-        ..Default::default()
-    })
-}
-
 /// How often an update of a shared injection's owners is tried against concurrent writers
 /// (each try re-reads the object; a conflict means another link's write won).
 const OWNER_UPDATE_TRIES: usize = 20;
@@ -566,8 +556,8 @@ enum OwnerChange {
 
 /// Reads the shared injection `name`, decides with `decide`, and writes the decision with the
 /// read `resourceVersion` as a precondition, again on a conflict: links to one container
-/// change its owners concurrently, and a write that overwrote another's list would lose an
-/// owner (and the injection could be deleted under a live link). `None` when it is gone.
+/// change it concurrently (injections of earlier versions list their links as owners), and
+/// a write or a deletion decided on an outdated read must not win. `None` when it is gone.
 async fn change_owners(
     api: &Api<DaemonInjection>,
     name: &str,
@@ -613,8 +603,8 @@ async fn change_owners(
     })
 }
 
-/// The shared DaemonInjection for the link's container, created or listing this link as an
-/// owner.
+/// The shared DaemonInjection for the link's container, created on first use. It lists no
+/// owners (see [`super::users`]): the link controller keeps it while links use it.
 async fn ensure_injection<R: ContainerRuntime>(
     ctx: &Context<R>,
     link: &PreviewLink,
@@ -623,37 +613,19 @@ async fn ensure_injection<R: ContainerRuntime>(
     let ns = link.namespace().unwrap_or_default();
     let api: Api<DaemonInjection> = Api::namespaced(ctx.client.clone(), &ns);
     let name = injection_name_for(target);
-    let me = owner_ref(link);
-    let add_me = |di: &DaemonInjection| {
-        let owners = di.metadata.owner_references.clone().unwrap_or_default();
-        match &me {
-            Some(m) if !owners.iter().any(|o| o.uid == m.uid) => {
-                let mut updated = owners;
-                updated.push(m.clone());
-                OwnerChange::Set(updated)
-            }
-            _ => OwnerChange::Keep,
-        }
-    };
-    for _ in 0..OWNER_UPDATE_TRIES {
-        if let Some(di) = change_owners(&api, &name, add_me).await? {
-            return Ok(di);
-        }
-        let mut di = DaemonInjection::new(&name, DaemonInjectionSpec::new(target.clone()));
-        di.metadata.namespace = Some(ns.clone());
-        di.metadata.owner_references = me.clone().map(|m| vec![m]);
-        di.metadata.labels = Some([(MANAGED_BY.to_owned(), "previewd".to_owned())].into());
-        match api.create(&PostParams::default(), &di).await {
-            Ok(created) => return Ok(created),
-            // Another link created it meanwhile: join its owners.
-            Err(kube::Error::Api(e)) if e.code == 409 => continue,
-            Err(e) => return Err(Error::Kube(e)),
-        }
+    ctx.users.uses(link);
+    if let Some(di) = api.get_opt(&name).await.map_err(Error::Kube)? {
+        return Ok(di);
     }
-    Err(Error::Injection {
-        reason: "OwnerUpdateConflict",
-        message: format!("DaemonInjection {name} kept appearing and vanishing; retrying"),
-    })
+    let mut di = DaemonInjection::new(&name, DaemonInjectionSpec::new(target.clone()));
+    di.metadata.namespace = Some(ns);
+    di.metadata.labels = Some([(MANAGED_BY.to_owned(), "previewd".to_owned())].into());
+    match api.create(&PostParams::default(), &di).await {
+        Ok(created) => Ok(created),
+        // Another link created it meanwhile: it serves both.
+        Err(kube::Error::Api(e)) if e.code == 409 => api.get(&name).await.map_err(Error::Kube),
+        Err(e) => Err(Error::Kube(e)),
+    }
 }
 
 async fn cleanup<R: ContainerRuntime>(
@@ -664,14 +636,16 @@ async fn cleanup<R: ContainerRuntime>(
     if let Some(uid) = link.uid() {
         let api: Api<DaemonInjection> = Api::namespaced(ctx.client.clone(), &ns);
         let name = injection_name_for(&link.spec.target);
+        let last = ctx.users.leaves(&link);
         change_owners(&api, &name, |di| {
+            // Injections of earlier versions list their links as owners: this one goes.
             let all = di.metadata.owner_references.clone().unwrap_or_default();
             let owners: Vec<OwnerReference> =
                 all.iter().filter(|o| o.uid != uid).cloned().collect();
             // Injections asked for explicitly (the REST shim's `inject`) outlive their links.
             let managed = di.labels().get(MANAGED_BY).map(String::as_str) == Some("previewd")
                 && !di.labels().contains_key(REQUESTED_LABEL);
-            if owners.is_empty() && managed {
+            if last && owners.is_empty() && managed {
                 OwnerChange::Delete
             } else if owners.len() != all.len() {
                 OwnerChange::Set(owners)

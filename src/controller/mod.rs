@@ -7,6 +7,7 @@ pub mod injection;
 pub mod leader;
 pub mod link;
 pub mod shared;
+pub mod users;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -116,6 +117,8 @@ pub struct Context<R: ContainerRuntime> {
     pub daemon_sources: DaemonSourcePolicy,
     /// Reports objects that do not decode (they are left alone).
     pub undecodable: Undecodable,
+    /// Which links use each shared injection.
+    pub users: users::Users,
 }
 
 /// How the controllers are run.
@@ -171,6 +174,7 @@ pub async fn run(
             agent
         },
         undecodable: Undecodable::new(metrics.clone()),
+        users: users::Users::default(),
         metrics,
         backoff: backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(120)),
         agent_port: config.agent_port,
@@ -212,12 +216,21 @@ pub async fn run_with<R: ContainerRuntime + Clone>(
             ctx.clone(),
         )
         .for_each(report);
-    // Links follow their shared injection (they are among its owners), and their token
-    // Secret: one deleted (a rotation) gets a new token at once.
+    // Links follow their shared injection (the links that use it, as the index knows them),
+    // and their token Secret: one deleted (a rotation) gets a new token at once.
     let secrets: Api<DeserializeGuard<k8s_openapi::api::core::v1::Secret>> =
         scoped_api(ctx.client.clone(), namespace);
-    let link_controller = Controller::new(links, watcher::Config::default())
-        .owns(injections, watcher::Config::default())
+    let link_controller = Controller::new(links, watcher::Config::default());
+    ctx.users.attach(link_controller.store());
+    let users = ctx.clone();
+    let link_controller = link_controller
+        .watches(injections, watcher::Config::default(), move |di| {
+            let meta = kube::Resource::meta(&di);
+            users.users.of(
+                meta.namespace.as_deref().unwrap_or_default(),
+                meta.name.as_deref().unwrap_or_default(),
+            )
+        })
         .owns(
             secrets,
             watcher::Config::default().labels(&format!("{}=previewd", shared::MANAGED_BY)),
