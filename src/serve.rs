@@ -208,6 +208,9 @@ async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client, Serve
     kube::Client::try_from(config).map_err(|e| ServeError::Kube(e.to_string()))
 }
 
+/// How long the controllers get to finish their reconciles when previewd stops.
+const CONTROLLERS_STOP: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What previewd calls itself on a Kubernetes API server.
 pub const USER_AGENT: &str = concat!("previewd/", env!("CARGO_PKG_VERSION"));
 
@@ -381,11 +384,28 @@ pub async fn run(
 
     let app = crate::api::router(base, shim, guard, auth);
     let closing = store.clone();
+    // The controllers stop first, while the store still serves them: a controller whose
+    // first list had not completed when the store closed would wait for it forever.
+    let (controllers_done, controllers_stopped) = tokio::sync::oneshot::channel::<()>();
+    let controllers = controllers.map(|c| {
+        tokio::spawn(async move {
+            let _ = c.await;
+            let _ = controllers_done.send(());
+        })
+    });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down");
             let _ = stop_tx.send(true);
+            if tokio::time::timeout(CONTROLLERS_STOP, controllers_stopped)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "the controllers did not stop within {CONTROLLERS_STOP:?}; stopping anyway"
+                );
+            }
             if let Some(s) = closing {
                 s.close();
             }
@@ -393,6 +413,7 @@ pub async fn run(
         .await
         .map_err(ServeError::Serve);
     if let Some(c) = controllers {
+        c.abort();
         let _ = c.await;
     }
     if let Some(e) = expiry {
