@@ -34,8 +34,10 @@ const REQUIRE: &str = "PREVIEWD_REQUIRE_BROWSER";
 /// Which URL a scenario opened: an excuse may hold for one form only.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Form {
-    /// A link's own host name, or the app opened directly.
+    /// A link's own host name, or its capability host, or the app opened directly.
     Host,
+    /// A link's own host name opened by its token URL: the session rides the token cookie.
+    Token,
     /// `/p/NAME.NS/` on the proxy's shared host.
     Path,
 }
@@ -58,6 +60,14 @@ const EXCUSES: &[Excuse] = &[
         forms: &[Form::Host, Form::Path],
         why: "a page that declares no icon makes the browser ask the origin root for one: \
               testapp has none, and on a path URL the origin root is previewd's, not the app's",
+    },
+    Excuse {
+        path: "/manifest.json",
+        status: 401,
+        forms: &[Form::Token],
+        why: "browsers fetch a web app manifest without credentials (no cookie), so an origin \
+              that authenticates by cookie cannot serve it; the link's capability URL, opened \
+              beside it, needs no cookie and serves it",
     },
     Excuse {
         path: "/manifest.json",
@@ -561,9 +571,12 @@ async fn through_host_url(app: App) {
         &format!("{name}-host-url"),
     )
     .await;
+    let capability = cli(&server, &["url", "--embed", name]);
+    let by_capability = drive(app.name(), &capability, &format!("{name}-capability-url")).await;
     println!(
-        "{name}: through the link: apply→Ready {ready_s:.2} s, page→UI usable {} | opened directly: page→UI usable {}",
+        "{name}: through the link: apply→Ready {ready_s:.2} s, page→UI usable {} (token URL), {} (capability URL) | opened directly: page→UI usable {}",
         linked.usable_s(),
+        by_capability.usable_s(),
         baseline.usable_s()
     );
     println!("--- {name}'s log ---\n{}", app_log(&rt, &local).await);
@@ -573,9 +586,14 @@ async fn through_host_url(app: App) {
         &baseline,
     );
     assert_works(
-        &format!("{name} through the link's host URL"),
-        Form::Host,
+        &format!("{name} through the link's token URL"),
+        Form::Token,
         &linked,
+    );
+    assert_works(
+        &format!("{name} through the link's capability URL"),
+        Form::Host,
+        &by_capability,
     );
 }
 
@@ -733,6 +751,23 @@ async fn a_link_embedded_in_a_cross_site_iframe_loads_everything() {
 fn excuses_hold_for_their_path_status_and_form_only() {
     assert!(excuse(Form::Path, "http://127.0.0.1:1/manifest.json", 404).is_some());
     assert!(excuse(Form::Path, "http://127.0.0.1:1/manifest.json", 401).is_none());
+    assert!(
+        excuse(
+            Form::Token,
+            "http://g.default.preview.localhost:1/manifest.json",
+            401
+        )
+        .is_some()
+    );
+    assert!(
+        excuse(
+            Form::Host,
+            "http://g--c.default.preview.localhost:1/manifest.json",
+            401
+        )
+        .is_none(),
+        "the capability URL must serve the manifest"
+    );
     assert!(
         excuse(
             Form::Host,
