@@ -256,7 +256,21 @@ async fn apply<R: ContainerRuntime>(
     if matches!(outcome, Outcome::Running { injected: true, .. }) {
         ctx.metrics.injected(started.elapsed());
     }
-    let status = status_for(&obj, &outcome, Time(k8s_openapi::jiff::Timestamp::now()));
+    let mut status = status_for(&obj, &outcome, Time(k8s_openapi::jiff::Timestamp::now()));
+    let used = !ctx
+        .users
+        .of(&obj.namespace().unwrap_or_default(), &obj.name_any())
+        .is_empty();
+    if let Outcome::Running {
+        endpoint,
+        container_id,
+        ..
+    } = &outcome
+        && obj.spec.daemon.is_none()
+        && let Some(ports) = listening(ctx, &obj, endpoint, container_id).await
+    {
+        status.ports = ports;
+    }
     write_status(ctx, &obj, status).await?;
     announce(ctx, &obj, &outcome).await;
     let has_user_daemon = obj.spec.daemon.as_ref().is_some_and(|d| d.source.is_some());
@@ -265,6 +279,9 @@ async fn apply<R: ContainerRuntime>(
             ctx.backoff.reset(&obj.uid().unwrap_or_default());
             Ok(Action::requeue(if has_user_daemon {
                 DAEMON_RECHECK
+            } else if used {
+                // Links follow how their ports are bound.
+                PORTS_RECHECK
             } else {
                 HEALTH_INTERVAL
             }))
@@ -338,6 +355,47 @@ async fn agent_secret<R: ContainerRuntime>(
         },
     )
     .await
+}
+
+/// How often the listening sockets of an injection links use are read again.
+const PORTS_RECHECK: Duration = Duration::from_secs(10);
+
+/// The sockets listening in the container, as the agent at `endpoint` (`ip:port`, or `exec`)
+/// reads them, sorted; `None` when it cannot say now (the previous reading then stays).
+async fn listening<R: ContainerRuntime>(
+    ctx: &Context<R>,
+    obj: &DaemonInjection,
+    endpoint: &str,
+    container_id: &str,
+) -> Option<Vec<crate::resources::daemon_injection::ListeningSocket>> {
+    let secret = agent_secret(ctx, obj).await.ok()?;
+    let ask = async {
+        if endpoint == "exec" {
+            let docker = ctx.docker.as_ref().ok()?;
+            let layout = Layout::for_object(&obj.namespace().unwrap_or_default(), &obj.name_any());
+            let spec = ExecSpec {
+                argv: vec![layout.agent(), "stdio".into()],
+                env: vec![format!("{SECRET_ENV}={secret}")],
+                user: None,
+            };
+            let mut stdio = docker.exec_stdio(container_id, &spec).await.ok()?;
+            agent::ports(&mut stdio, &secret).await.ok()
+        } else {
+            let mut stream = tokio::net::TcpStream::connect(endpoint).await.ok()?;
+            agent::ports(&mut stream, &secret).await.ok()
+        }
+    };
+    let ports = tokio::time::timeout(HEALTH_TIMEOUT, ask).await.ok()??;
+    let mut sockets: Vec<_> = ports
+        .into_iter()
+        .map(|p| crate::resources::daemon_injection::ListeningSocket {
+            address: p.address.to_string(),
+            port: i32::from(p.port),
+        })
+        .collect();
+    sockets.sort_by(|a, b| (a.port, &a.address).cmp(&(b.port, &b.address)));
+    sockets.dedup();
+    Some(sockets)
 }
 
 /// Name of the Secret holding an injection's agent secret (the proxy and the REST shim read

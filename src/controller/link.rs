@@ -264,6 +264,8 @@ pub enum LinkOutcome {
     Ready {
         /// What the proxy connects to.
         upstream: String,
+        /// Which path that is, and why (`status.route`).
+        route: String,
     },
     /// Waiting for the target or its agent.
     Pending {
@@ -305,8 +307,9 @@ pub fn status_for(
         name: token_secret_name(&name),
     });
     let (phase, ready, reason, message) = match outcome {
-        LinkOutcome::Ready { upstream } => {
+        LinkOutcome::Ready { upstream, route } => {
             st.upstream = Some(upstream.clone());
+            st.route = Some(route.clone());
             (
                 LinkPhase::Ready,
                 true,
@@ -316,10 +319,12 @@ pub fn status_for(
         }
         LinkOutcome::Pending { reason, message } => {
             st.upstream = None;
+            st.route = None;
             (LinkPhase::Pending, false, reason.clone(), message.clone())
         }
         LinkOutcome::Expired => {
             st.upstream = None;
+            st.route = None;
             (
                 LinkPhase::Expired,
                 false,
@@ -329,6 +334,7 @@ pub fn status_for(
         }
         LinkOutcome::Failed { reason, message } => {
             st.upstream = None;
+            st.route = None;
             (
                 LinkPhase::Failed,
                 false,
@@ -430,9 +436,14 @@ async fn resolve_upstream<R: ContainerRuntime>(
 ) -> Result<LinkOutcome, Error> {
     let port = link.spec.port;
     match link.spec.via {
-        Via::Agent => {
+        Via::Agent | Via::Auto => {
             let di = ensure_injection(ctx, link, &link.spec.target).await?;
             let st = di.status.clone().unwrap_or_default();
+            if let (Some(DaemonPhase::Running), Some(endpoint)) = (st.phase, &st.endpoint)
+                && let Some(route) = auto_route(link.spec.via, port, endpoint, &st.ports)
+            {
+                return Ok(route);
+            }
             match (st.phase, st.endpoint) {
                 (Some(DaemonPhase::Running), Some(endpoint))
                     if endpoint == "exec" && matches!(link.spec.target, Target::Pod(_)) =>
@@ -444,6 +455,7 @@ async fn resolve_upstream<R: ContainerRuntime>(
                 }
                 (Some(DaemonPhase::Running), Some(endpoint)) if endpoint == "exec" => {
                     Ok(LinkOutcome::Ready {
+                        route: agent_route(link.spec.via, "the container has no routable address"),
                         // No routable address: the proxy runs the agent's stdio mode through
                         // exec, so the upstream names the container and the agent's path.
                         upstream: format!(
@@ -458,6 +470,7 @@ async fn resolve_upstream<R: ContainerRuntime>(
                     })
                 }
                 (Some(DaemonPhase::Running), Some(endpoint)) => Ok(LinkOutcome::Ready {
+                    route: agent_route(link.spec.via, &loopback_reason(port, &st.ports)),
                     upstream: format!("agent://{endpoint}/{port}"),
                 }),
                 _ => {
@@ -503,6 +516,69 @@ async fn resolve_upstream<R: ContainerRuntime>(
     }
 }
 
+/// A `via: auto` link's way straight to the container, when its port listens on a wildcard
+/// address and the agent (at `endpoint`, `ip:port`) is reached at a routable one: the agent
+/// hop buys nothing then. `None` otherwise (the link goes through the agent).
+fn auto_route(
+    via: Via,
+    port: i32,
+    endpoint: &str,
+    ports: &[crate::resources::daemon_injection::ListeningSocket],
+) -> Option<LinkOutcome> {
+    if via != Via::Auto {
+        return None;
+    }
+    let agent: SocketAddr = endpoint.parse().ok()?;
+    // An agent on the host's loopback (a host-network container) gives no container address.
+    if agent.ip().is_loopback() {
+        return None;
+    }
+    let bound = ports
+        .iter()
+        .find(|p| p.port == port && p.is_wildcard() && family_reaches(&p.address, agent.ip()))?;
+    Some(LinkOutcome::Ready {
+        upstream: format!(
+            "http://{}",
+            SocketAddr::new(agent.ip(), u16::try_from(port).ok()?)
+        ),
+        route: format!(
+            "direct: port {port} listens on {} and the container has a routable address",
+            bound.address
+        ),
+    })
+}
+
+/// Whether a socket bound to the wildcard `address` accepts connections to `ip`: `::`
+/// (dual-stack by default on Linux) takes both families, `0.0.0.0` only IPv4.
+fn family_reaches(address: &str, ip: std::net::IpAddr) -> bool {
+    address.contains(':') || ip.is_ipv4()
+}
+
+/// Why a link goes through the agent, from how its port is bound.
+fn loopback_reason(
+    port: i32,
+    ports: &[crate::resources::daemon_injection::ListeningSocket],
+) -> String {
+    let bound: Vec<&str> = ports
+        .iter()
+        .filter(|p| p.port == port)
+        .map(|p| p.address.as_str())
+        .collect();
+    if bound.is_empty() {
+        format!("nothing listens on port {port} yet")
+    } else {
+        format!("port {port} listens on {} only", bound.join(" and "))
+    }
+}
+
+/// `status.route` of a link through the agent.
+fn agent_route(via: Via, why: &str) -> String {
+    match via {
+        Via::Auto => format!("agent: {why}"),
+        _ => "agent: spec.via is agent".into(),
+    }
+}
+
 /// The upstream of a `via: direct` link: the container's own address.
 async fn direct<T: ContainerRuntime>(
     rt: &T,
@@ -516,6 +592,7 @@ async fn direct<T: ContainerRuntime>(
         }),
         Ok(info) => match info.ips.first() {
             Some(ip) => Ok(LinkOutcome::Ready {
+                route: "direct: spec.via is direct".into(),
                 upstream: format!(
                     "http://{}",
                     SocketAddr::new(*ip, u16::try_from(port).unwrap_or(0))
@@ -740,6 +817,7 @@ mod tests {
             &link(),
             &LinkOutcome::Ready {
                 upstream: "agent://172.17.0.2:4000/3000".into(),
+                route: "agent: port 3000 listens on 127.0.0.1 only".into(),
             },
             &token_hash("secret-token"),
             &cfg(UrlStyle::Subdomain),
@@ -764,6 +842,54 @@ mod tests {
     }
 
     #[test]
+    fn auto_goes_direct_only_to_wildcard_ports_at_a_routable_address() {
+        use crate::resources::daemon_injection::ListeningSocket;
+        let socket = |address: &str, port: i32| ListeningSocket {
+            address: address.into(),
+            port,
+        };
+        let ports = [
+            socket("0.0.0.0", 8080),
+            socket("127.0.0.1", 3000),
+            socket("::", 9000),
+        ];
+        let ep = "172.17.0.2:4567";
+        let upstream = |o: Option<LinkOutcome>| match o {
+            Some(LinkOutcome::Ready { upstream, route }) => Some((upstream, route)),
+            _ => None,
+        };
+        let direct = upstream(auto_route(Via::Auto, 8080, ep, &ports));
+        assert_eq!(
+            direct.as_ref().map(|(u, _)| u.as_str()),
+            Some("http://172.17.0.2:8080")
+        );
+        assert!(direct.is_some_and(|(_, r)| r.starts_with("direct: port 8080 listens on 0.0.0.0")));
+        // `::` takes IPv4 connections too.
+        assert!(upstream(auto_route(Via::Auto, 9000, ep, &ports)).is_some());
+        // Loopback-bound, not listening, through exec or the host's loopback: the agent.
+        assert!(auto_route(Via::Auto, 3000, ep, &ports).is_none());
+        assert!(auto_route(Via::Auto, 5000, ep, &ports).is_none());
+        assert!(auto_route(Via::Auto, 8080, "exec", &ports).is_none());
+        assert!(auto_route(Via::Auto, 8080, "127.0.0.1:4567", &ports).is_none());
+        // Only `auto` chooses.
+        assert!(auto_route(Via::Agent, 8080, ep, &ports).is_none());
+        assert_eq!(
+            loopback_reason(3000, &ports),
+            "port 3000 listens on 127.0.0.1 only"
+        );
+        assert_eq!(
+            loopback_reason(5000, &ports),
+            "nothing listens on port 5000 yet"
+        );
+        assert!(!family_reaches(
+            "0.0.0.0",
+            "fd00::2"
+                .parse()
+                .unwrap_or(std::net::Ipv6Addr::LOCALHOST.into())
+        ));
+    }
+
+    #[test]
     fn ttl_counts_from_creation_and_expiry_clears_the_upstream() {
         let mut l = link();
         l.spec.ttl = "90s".parse().ok();
@@ -776,6 +902,7 @@ mod tests {
             &l,
             &LinkOutcome::Ready {
                 upstream: "u".into(),
+                route: "direct: spec.via is direct".into(),
             },
             "h",
             &cfg(UrlStyle::Path),

@@ -244,4 +244,27 @@ pub struct DaemonInjectionStatus {
     /// How often the daemon was re-injected after the container restarted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarts: Option<i32>,
+    /// The sockets listening inside the container, as the agent reads them (refreshed while
+    /// links use the injection): links with `via: auto` go straight to a port bound to a
+    /// wildcard address, and through the agent to one bound to loopback.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ListeningSocket>,
+}
+
+/// One socket listening inside a container.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ListeningSocket {
+    /// The bound address (`0.0.0.0`, `::`, `127.0.0.1`, `::1`, …).
+    pub address: String,
+    /// The port.
+    pub port: i32,
+}
+
+impl ListeningSocket {
+    /// Whether it accepts connections on every address, the container's own included.
+    pub fn is_wildcard(&self) -> bool {
+        self.address
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_unspecified())
+    }
 }

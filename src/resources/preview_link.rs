@@ -203,8 +203,12 @@ pub enum Access {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Via {
-    /// Through the injected agent, so servers bound to 127.0.0.1 work.
+    /// Straight to the container when the port listens on a wildcard address and the
+    /// container has a routable one, else through the agent (the agent is injected either
+    /// way: it says how the port is bound); follows the binding as it changes.
     #[default]
+    Auto,
+    /// Through the injected agent, so servers bound to 127.0.0.1 work.
     Agent,
     /// Straight to the container IP; the server must listen on a routable address.
     Direct,
@@ -282,6 +286,10 @@ pub struct PreviewLinkStatus {
     /// The resolved upstream the proxy connects to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
+    /// Which path the proxy takes now (`agent` or `direct`), and why (`spec.via: auto`
+    /// chooses by how the port is bound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
     /// SHA-256 (hex) of the link's token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_hash: Option<String>,

@@ -126,7 +126,7 @@ fn cases() -> Vec<Case> {
             vec![],
             vec![json!({}), json!({"docker": {"container": "a"}, "pod": {"name": "b"}})]),
         field(L, "spec", |v| v,
-            vec![link(json!({"access": "public", "via": "direct"})), link(json!({"access": "token", "via": "agent"}))],
+            vec![link(json!({"access": "public", "via": "direct"})), link(json!({"access": "token", "via": "agent"})), link(json!({"via": "auto"}))],
             vec![json!({"port": 80}), link(json!({"access": "everyone"})), link(json!({"via": "magic"})), link(json!({"port": "80"}))]),
         field(L, "spec.port", |v| link(json!({"port": v})),
             vec![json!(1), json!(65535)],

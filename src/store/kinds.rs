@@ -329,7 +329,7 @@ mod tests {
         let errs = (kind("previewlinks").validate.unwrap_or(|_| vec![]))(&mut obj);
         assert!(errs.is_empty(), "{errs:?}");
         assert_eq!(obj["spec"]["access"], "token");
-        assert_eq!(obj["spec"]["via"], "agent");
+        assert_eq!(obj["spec"]["via"], "auto");
         assert!(obj["spec"].get("bogus").is_none());
     }
 

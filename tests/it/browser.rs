@@ -204,6 +204,15 @@ impl App {
         }
     }
 
+    /// What to add to the URL of an app opened a second time, so it starts as new: JupyterLab
+    /// keeps its workspace (the notebook opened before) on the server, and `?reset` clears it.
+    fn second_visit(self) -> &'static str {
+        match self {
+            App::Jupyter => "lab?reset",
+            App::Streamlit | App::Gradio => "",
+        }
+    }
+
     fn port(self) -> u16 {
         match self {
             App::Jupyter => 8888,
@@ -572,7 +581,12 @@ async fn through_host_url(app: App) {
     )
     .await;
     let capability = cli(&server, &["url", "--embed", name]);
-    let by_capability = drive(app.name(), &capability, &format!("{name}-capability-url")).await;
+    let by_capability = drive(
+        app.name(),
+        &format!("{capability}{}", app.second_visit()),
+        &format!("{name}-capability-url"),
+    )
+    .await;
     println!(
         "{name}: through the link: apply→Ready {ready_s:.2} s, page→UI usable {} (token URL), {} (capability URL) | opened directly: page→UI usable {}",
         linked.usable_s(),

@@ -626,3 +626,114 @@ async fn upstream_connections_closed_while_kept_alive_are_replaced() {
         assert_eq!(counted, (200, "100000".into()), "round {round}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_links_go_direct_to_wildcard_ports_and_follow_the_binding() {
+    let Some(rt) = docker().await else { return };
+    images(rt.client()).await;
+    let public = TestContainer::testapp(rt.client(), "0.0.0.0:8080", HostConfig::default()).await;
+    // busybox httpd started (and later moved) by exec, so the container keeps running.
+    let moving = TestContainer::run(
+        rt.client(),
+        crate::containers::BUSYBOX_IMAGE,
+        Some(vec!["/bin/sleep", "3600"]),
+        HostConfig::default(),
+        None,
+        true,
+    )
+    .await;
+    let httpd = |addr: &str| {
+        format!(
+            "ps -o pid,args | while read p a; do case \"$a\" in httpd*) kill $p;; esac; done; httpd -p {addr} -h /www"
+        )
+    };
+    crate::docker::sh(
+        &rt,
+        &moving.name,
+        &["/bin/sh", "-c", &httpd("127.0.0.1:3000")],
+    )
+    .await;
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server = crate::docker::server(state.path());
+    let links: Api<PreviewLink> = Api::default_namespaced(server.client());
+    for l in [
+        link(
+            "wide",
+            &public.name,
+            8080,
+            serde_json::json!({"access": "public"}),
+        ),
+        link(
+            "narrow",
+            &moving.name,
+            3000,
+            serde_json::json!({"access": "public"}),
+        ),
+    ] {
+        links
+            .create(&PostParams::default(), &l)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // The route a link settles on (the agent reads the ports once it runs).
+    let route_of = |name: &'static str, route: &'static str| {
+        let links = links.clone();
+        async move {
+            eventually(
+                Duration::from_secs(60),
+                &format!("{name}'s route to be {route:?}"),
+                || {
+                    let links = links.clone();
+                    async move {
+                        let st = links.get(name).await.ok()?.status?;
+                        st.route.as_deref()?.starts_with(route).then_some(st)
+                    }
+                },
+            )
+            .await
+        }
+    };
+    let wide = route_of("wide", "direct: port 8080 listens on 0.0.0.0").await;
+    assert!(
+        wide.upstream
+            .as_deref()
+            .is_some_and(|u| u.starts_with("http://")),
+        "{wide:?}"
+    );
+    let narrow = route_of("narrow", "agent: port 3000 listens on 127.0.0.1 only").await;
+    assert!(
+        narrow
+            .upstream
+            .as_deref()
+            .is_some_and(|u| u.starts_with("agent://")),
+        "{narrow:?}"
+    );
+    for id in ["wide", "narrow"] {
+        let (code, _, _) = get(
+            server.proxy,
+            &format!("{id}.default.preview.localhost"),
+            "/",
+            "",
+        )
+        .await;
+        assert_eq!(code, 200, "{id}");
+    }
+    // The app moves to the wildcard address: the link follows, and still serves.
+    crate::docker::sh(
+        &rt,
+        &moving.name,
+        &["/bin/sh", "-c", &httpd("0.0.0.0:3000")],
+    )
+    .await;
+    let moved = route_of("narrow", "direct: port 3000 listens on 0.0.0.0").await;
+    assert!(
+        moved
+            .upstream
+            .as_deref()
+            .is_some_and(|u| u.starts_with("http://")),
+        "{moved:?}"
+    );
+    let (code, _, body) = get(server.proxy, "narrow.default.preview.localhost", "/", "").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("hello from busybox httpd"), "{body}");
+}

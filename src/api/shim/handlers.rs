@@ -15,7 +15,6 @@ use kube::runtime::wait::await_condition;
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::json;
-use tokio::net::TcpStream;
 
 use super::error::{ErrorBody, ShimError};
 use super::input::{self, ContainerPath, ContainerPortPath, NoQuery, PreviewQuery};
@@ -27,9 +26,6 @@ use super::{
     CONTAINER_NAME_ANNOTATION, REQUESTED_AS_ANNOTATION, REQUESTED_LABEL, RETRY_ANNOTATION,
     SHIM_LINK_LABEL, Shim, link_name,
 };
-use crate::agent::client as agent;
-use crate::agent::protocol::SECRET_ENV;
-use crate::controller::injection::{Layout, SECRET_KEY as AGENT_SECRET_KEY, agent_secret_name};
 use crate::controller::link::{self, TOKEN_KEY, injection_name, token_secret_name};
 use crate::controller::shared::{MANAGED_BY, secret_str};
 use crate::proxy::errors::ProxyError;
@@ -40,10 +36,7 @@ use crate::resources::target::DockerTarget;
 use crate::resources::{
     DaemonInjection, DaemonInjectionSpec, PreviewLink, PreviewLinkSpec, Target,
 };
-use crate::runtime::{ContainerInfo, ContainerRuntime, ExecSpec, RuntimeError};
-
-/// How long the daemon's listening ports are asked for before `status` answers without them.
-const PORTS_TIMEOUT: Duration = Duration::from_secs(3);
+use crate::runtime::{ContainerInfo, ContainerRuntime, RuntimeError};
 
 /// The checked container id of a container's call.
 fn path_id(p: Result<Path<ContainerPath>, PathRejection>) -> Result<String, ShimError> {
@@ -417,40 +410,17 @@ impl Shim {
     }
 
     /// Asks the running daemon which ports listen in the container.
-    async fn listening_ports(&self, di: &DaemonInjection) -> Option<Vec<model::ListeningPort>> {
+    fn listening_ports(&self, di: &DaemonInjection) -> Option<Vec<model::ListeningPort>> {
         let st = di.status.as_ref()?;
-        let endpoint = st.endpoint.as_deref()?;
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-        let secret = secrets.get(&agent_secret_name(&di.name_any())).await.ok()?;
-        let secret = secret_str(&secret, AGENT_SECRET_KEY)?.to_owned();
-        let ask = async {
-            if endpoint == "exec" {
-                let docker = self.docker.as_ref()?;
-                let spec = ExecSpec {
-                    argv: vec![
-                        Layout::for_object(&self.namespace, &di.name_any()).agent(),
-                        "stdio".into(),
-                    ],
-                    env: vec![format!("{SECRET_ENV}={secret}")],
-                    user: None,
-                };
-                let mut stdio = docker
-                    .exec_stdio(st.container_id.as_deref()?, &spec)
-                    .await
-                    .ok()?;
-                agent::ports(&mut stdio, &secret).await.ok()
-            } else {
-                let mut stream = TcpStream::connect(endpoint).await.ok()?;
-                agent::ports(&mut stream, &secret).await.ok()
-            }
-        };
-        let ports = tokio::time::timeout(PORTS_TIMEOUT, ask).await.ok()??;
+        st.endpoint.as_ref()?;
         Some(
-            ports
-                .into_iter()
-                .map(|p| model::ListeningPort {
-                    port: p.port,
-                    address: p.address.to_string(),
+            st.ports
+                .iter()
+                .filter_map(|p| {
+                    Some(model::ListeningPort {
+                        port: u16::try_from(p.port).ok()?,
+                        address: p.address.clone(),
+                    })
                 })
                 .collect(),
         )
@@ -538,7 +508,7 @@ pub async fn remove(
     let links = s.links();
     let all = links.list(&ListParams::default()).await.map_err(kube_err)?;
     let uses_agent = |l: &PreviewLink| {
-        l.spec.via == Via::Agent
+        l.spec.via != Via::Direct
             && matches!(&l.spec.target, Target::Docker(d) if d.container == container)
     };
     let foreign: Vec<String> = all
@@ -746,7 +716,7 @@ pub async fn container_status(
             answer.message = Some(c.message.clone());
         }
         if answer.daemon_status == DaemonStatus::Running {
-            answer.ports = s.listening_ports(di).await;
+            answer.ports = s.listening_ports(di);
         }
     }
     let links = s
