@@ -104,6 +104,15 @@ fn typed(content_type: &str, body: &'static str) -> Response<Body> {
         .unwrap_or_else(|_| Response::new(full("")))
 }
 
+/// The request's `Host`, as sent.
+fn host_of(req: &Request<Incoming>) -> String {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
 /// Serves one request; `bye` drops its connection when notified.
 async fn serve(
     mut req: Request<Incoming>,
@@ -124,12 +133,7 @@ async fn serve(
                 .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("to=")))
                 .unwrap_or("/")
                 .to_owned();
-            let host = req
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("")
-                .to_owned();
+            let host = host_of(&req);
             let to = if to == "self" {
                 format!("http://{host}/landed")
             } else {
@@ -142,12 +146,7 @@ async fn serve(
                 .unwrap_or_else(|_| Response::new(full("")))
         }
         ("GET", "/cookie") => {
-            let host = req
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("")
-                .to_owned();
+            let host = host_of(&req);
             let name = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
             Response::builder()
                 .header(

@@ -550,10 +550,7 @@ async fn serve(
         };
         return redirect(StatusCode::PERMANENT_REDIRECT, &target);
     }
-    // The link's own origin, as the client addressed it.
-    let scheme = if proxy.https { "https" } else { "http" };
-    let public_host = host.unwrap_or_default().to_ascii_lowercase();
-    let public_origin = format!("{scheme}://{public_host}");
+    let public_host = host.unwrap_or_default();
     // A CORS preflight carries no credentials: a link's policy answers it before the token.
     let cors = link
         .spec
@@ -577,7 +574,7 @@ async fn serve(
         if source == auth::TokenSource::Query
             && let Ok(token) = std::str::from_utf8(&token)
         {
-            let context = auth::CookieContext::of(&public_host, proxy.https);
+            let context = auth::CookieContext::of(public_host, proxy.https);
             set_cookie = HeaderValue::try_from(auth::cookie(token, &routed.prefix, context)).ok();
             // A browser opening the self-authenticating URL is sent on without the token,
             // so it leaves the address bar, the history and every Referer.
@@ -607,6 +604,15 @@ async fn serve(
     let forward_path = if keep_prefix { path } else { routed.path };
     let stripped =
         (path_routed && !keep_prefix).then(|| routed.prefix.trim_end_matches('/').to_owned());
+    // The link's own origin as the client addressed it, where anything is mapped to and from
+    // it: the Host is rewritten (through the agent, or spec.hostRewrite), or a prefix is
+    // stripped. A direct host-routed link (most requests) builds none.
+    let host_rewritten =
+        link.spec.host_rewrite.is_some() || !matches!(upstream, Upstream::Direct(_));
+    let public_origin = (host_rewritten || stripped.is_some()).then(|| {
+        let scheme = if proxy.https { "https" } else { "http" };
+        format!("{scheme}://{}", public_host.to_ascii_lowercase())
+    });
     let forwarded_prefix = path_routed
         .then(|| HeaderValue::from_str(routed.prefix.trim_end_matches('/')).ok())
         .flatten();
@@ -665,15 +671,17 @@ async fn serve(
     if let Some(h) = host {
         parts.headers.insert(header::HOST, h);
     }
-    let origins = rewrite::Origins {
-        public: public_origin,
+    let origins = public_origin.map(|public| rewrite::Origins {
+        public,
         upstream: rewritten
             .as_ref()
             .and_then(|h| h.to_str().ok())
             .map(|h| format!("http://{}", h.to_ascii_lowercase())),
         stripped: stripped.as_deref(),
-    };
-    origins.request(&mut parts.headers);
+    });
+    if let Some(o) = &origins {
+        o.request(&mut parts.headers);
+    }
     let asked = std::time::Instant::now();
     let timeouts = proxy.timeouts.with(link.spec.timeouts.as_ref());
     let idle = link
@@ -713,8 +721,8 @@ async fn serve(
         headers.remove(header::TRANSFER_ENCODING);
     }
     let headers = resp.headers_mut();
-    if origins.maps_anything() {
-        origins.response(headers);
+    if let Some(o) = &origins {
+        o.response(headers);
     }
     if let Some(c) = &cors {
         c.answer(headers);

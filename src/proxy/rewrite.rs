@@ -54,11 +54,6 @@ fn host_name(authority: &str) -> &str {
 }
 
 impl Origins<'_> {
-    /// Whether anything is mapped at all (a direct host-routed link: nothing).
-    pub fn maps_anything(&self) -> bool {
-        self.upstream.is_some() || self.stripped.is_some()
-    }
-
     /// Rewrites the request's `Origin` and `Referer` when they are the link's own.
     pub fn request(&self, headers: &mut HeaderMap) {
         if let Some(upstream) = &self.upstream

@@ -558,37 +558,14 @@ async fn user_named_daemons_are_injected_like_the_agent() {
         "{ps}"
     );
 
-    for name in ["platform", "http"] {
-        api.delete(name, &DeleteParams::default())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-    eventually(Duration::from_secs(30), "all injections to be gone", || {
-        let api = api.clone();
-        async move {
-            api.list(&Default::default())
-                .await
-                .ok()
-                .filter(|l| l.items.is_empty())
-                .map(|_| ())
-        }
-    })
-    .await;
-    let ps = sh(&rt, &c.name, &["/bin/ps", "-o", "args"]).await;
-    assert!(
-        !ps.contains("/.previewd/") && !ps.contains("/opt/tools/busybox"),
-        "daemons left running: {ps}"
-    );
-    let files = sh(
+    delete_all_and_check_nothing_is_left(
+        &api,
         &rt,
         &c.name,
-        &["/bin/sh", "-c", "ls -d /.previewd /opt/tools/busybox 2>&1"],
+        &["platform", "http"],
+        "/opt/tools/busybox",
     )
     .await;
-    assert!(
-        files.matches("No such file").count() == 2,
-        "files left behind: {files}"
-    );
 }
 
 /// `previewd-agent daemon-status` of injection `name`'s supervisor, run in the container.
@@ -758,37 +735,14 @@ async fn user_daemons_that_exit_are_failed_and_restarted_with_backoff() {
         Some(DaemonPhase::Running)
     );
 
-    for name in ["crash", "flaky", "steady"] {
-        api.delete(name, &DeleteParams::default())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-    eventually(Duration::from_secs(30), "all injections to be gone", || {
-        let api = api.clone();
-        async move {
-            api.list(&Default::default())
-                .await
-                .ok()
-                .filter(|l| l.items.is_empty())
-                .map(|_| ())
-        }
-    })
-    .await;
-    let ps = sh(&rt, &c.name, &["/bin/ps", "-o", "args"]).await;
-    assert!(
-        !ps.contains("/.previewd/") && !ps.contains("/opt/steady/busybox"),
-        "daemons left running: {ps}"
-    );
-    let files = sh(
+    delete_all_and_check_nothing_is_left(
+        &api,
         &rt,
         &c.name,
-        &["/bin/sh", "-c", "ls -d /.previewd /opt/steady/busybox 2>&1"],
+        &["crash", "flaky", "steady"],
+        "/opt/steady/busybox",
     )
     .await;
-    assert!(
-        files.matches("No such file").count() == 2,
-        "files left behind: {files}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1092,5 +1046,52 @@ async fn preview_links_share_an_agent_hold_a_token_hash_and_clean_up() {
         agent_processes(&rt, &local.name).await,
         0,
         "the agent went with the last link"
+    );
+}
+
+/// Deletes the injections `names`, waits until they are gone, and checks that no daemon runs
+/// in `container` and that neither `/.previewd` nor the daemon installed at `installed`
+/// is left.
+async fn delete_all_and_check_nothing_is_left(
+    api: &Api<DaemonInjection>,
+    rt: &DockerRuntime,
+    container: &str,
+    names: &[&str],
+    installed: &str,
+) {
+    for name in names {
+        api.delete(name, &DeleteParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    eventually(Duration::from_secs(30), "all injections to be gone", || {
+        let api = api.clone();
+        async move {
+            api.list(&Default::default())
+                .await
+                .ok()
+                .filter(|l| l.items.is_empty())
+                .map(|_| ())
+        }
+    })
+    .await;
+    let ps = sh(rt, container, &["/bin/ps", "-o", "args"]).await;
+    assert!(
+        !ps.contains("/.previewd/") && !ps.contains(installed),
+        "daemons left running: {ps}"
+    );
+    let files = sh(
+        rt,
+        container,
+        &[
+            "/bin/sh",
+            "-c",
+            &format!("ls -d /.previewd {installed} 2>&1"),
+        ],
+    )
+    .await;
+    assert!(
+        files.matches("No such file").count() == 2,
+        "files left behind: {files}"
     );
 }

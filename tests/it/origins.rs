@@ -300,15 +300,15 @@ async fn path_links_are_off_by_default_and_waiting_browsers_get_a_page_that_retr
         "no path URL when they are off"
     );
     let port = server.proxy.port();
-    // An app bound to [::1] only (Vite's default) is reached through the agent.
-    let (code, _, body) = get(
-        &server,
-        &format!("v6.default.preview.localhost:{port}"),
-        "/",
-        "",
-    )
+    // An app bound to [::1] only (Vite's default) is reached through the agent (once the
+    // proxy's own watch has seen the link Ready).
+    let host = format!("v6.default.preview.localhost:{port}");
+    let body = crate::common::eventually(Duration::from_secs(10), "the [::1] app", || async {
+        let (code, _, body) = get(&server, &host, "/", "").await;
+        (code == 200).then_some(body)
+    })
     .await;
-    assert_eq!((code, body.as_str()), (200, "hello from testapp\n"));
+    assert_eq!(body, "hello from testapp\n");
     let (code, _, _) = get(&server, &format!("127.0.0.1:{port}"), "/p/v6.default/", "").await;
     assert_eq!(code, 404, "path links are opt-in");
 
