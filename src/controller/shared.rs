@@ -173,13 +173,24 @@ pub async fn delete_secret(
     }
 }
 
-/// Counts the failure and retries the object after its next backoff delay.
+/// Counts the failure and retries the object after its next backoff delay; an object that
+/// was deleted meanwhile (a 404 on its own finalizer or status) is no failure and is left.
 pub fn back_off<K: Resource, R: ContainerRuntime>(
     controller: &'static str,
     obj: &K,
     err: &Error,
     ctx: &Context<R>,
 ) -> Action {
+    if err.is_gone() {
+        tracing::debug!(
+            controller,
+            name = obj.meta().name.as_deref().unwrap_or_default(),
+            "the object is gone"
+        );
+        ctx.backoff
+            .reset(obj.meta().uid.as_deref().unwrap_or_default());
+        return Action::await_change();
+    }
     let reason = err.metric_label();
     ctx.metrics.failed(controller, &reason);
     let delay = ctx

@@ -93,14 +93,25 @@ fn classify(container: &str, action: &'static str, e: DockerError) -> RuntimeErr
 /// Builds the tar unpacked at `/` (by dockerd, or by tar in a pod): parent directories
 /// (0755, root-owned) and the files (root-owned, with their modes).
 pub(super) fn archive(files: &[FileUpload]) -> Result<Vec<u8>, RuntimeError> {
-    tar_of(files).map_err(|e| RuntimeError::Engine {
+    Ok(archive_pieces(files)?.concat())
+}
+
+/// The same tar as [`archive`], in pieces: the headers are made here, and each file's
+/// contents is its own `Bytes` (shared, not copied). Two hundred containers injected at once
+/// then hold one copy of the agent between them, not one each.
+pub(super) fn archive_pieces(files: &[FileUpload]) -> Result<Vec<bytes::Bytes>, RuntimeError> {
+    tar_pieces(files).map_err(|e| RuntimeError::Engine {
         action: "build the upload archive",
         message: e.to_string(),
     })
 }
 
-fn tar_of(files: &[FileUpload]) -> std::io::Result<Vec<u8>> {
+fn tar_pieces(files: &[FileUpload]) -> std::io::Result<Vec<bytes::Bytes>> {
+    const BLOCK: usize = 512;
+    // The builder writes the headers (and the long-name entries it needs); each file's
+    // contents and padding are added as pieces of their own.
     let mut builder = tar::Builder::new(Vec::new());
+    let mut pieces = Vec::new();
     let mtime = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -138,9 +149,18 @@ fn tar_of(files: &[FileUpload]) -> std::io::Result<Vec<u8>> {
         h.set_gid(0);
         h.set_size(f.contents.len() as u64);
         h.set_mtime(mtime);
-        builder.append_data(&mut h, rel, f.contents.as_ref())?;
+        // With no data given, the builder writes the header alone.
+        builder.append_data(&mut h, rel, std::io::empty())?;
+        pieces.push(bytes::Bytes::from(std::mem::take(builder.get_mut())));
+        pieces.push(f.contents.clone());
+        let padding = (BLOCK - f.contents.len() % BLOCK) % BLOCK;
+        if padding > 0 {
+            pieces.push(bytes::Bytes::from(vec![0u8; padding]));
+        }
     }
-    builder.into_inner()
+    builder.finish()?;
+    pieces.push(bytes::Bytes::from(std::mem::take(builder.get_mut())));
+    Ok(pieces)
 }
 
 fn exec_config(spec: &ExecSpec, stdin: bool) -> ExecConfig {
@@ -238,7 +258,7 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     async fn upload(&self, container_id: &str, files: &[FileUpload]) -> Result<(), RuntimeError> {
-        let tar = archive(files)?;
+        let pieces = archive_pieces(files)?;
         let options = UploadToContainerOptionsBuilder::default()
             .path("/")
             .no_overwrite_dir_non_dir("true")
@@ -248,7 +268,7 @@ impl ContainerRuntime for DockerRuntime {
             self.docker.upload_to_container(
                 container_id,
                 Some(options),
-                bollard::body_full(tar.into()),
+                bollard::body_stream(futures::stream::iter(pieces)),
             ),
         )
         .await
@@ -472,6 +492,51 @@ fn to_event(m: &bollard::models::EventMessage) -> Option<ContainerEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn archive_pieces_share_the_contents_and_unpack_whole() -> Result<(), Box<dyn std::error::Error>>
+    {
+        use std::io::Read;
+        let agent = bytes::Bytes::from(vec![7u8; 1500]);
+        let long = format!("/.previewd/{}/previewd-agent", "n".repeat(150));
+        let files = [
+            FileUpload {
+                path: long.clone(),
+                contents: agent.clone(),
+                mode: 0o755,
+            },
+            FileUpload {
+                path: "/opt/d/daemon".into(),
+                contents: bytes::Bytes::from_static(b"exactly 512? no"),
+                mode: 0o700,
+            },
+        ];
+        let pieces = archive_pieces(&files)?;
+        assert!(
+            pieces.iter().any(|p| p.as_ptr() == agent.as_ptr()),
+            "the agent was copied into the archive"
+        );
+        let tar = pieces.concat();
+        assert_eq!(tar.len() % 512, 0);
+        let mut a = tar::Archive::new(tar.as_slice());
+        let mut seen = Vec::new();
+        for e in a.entries()? {
+            let mut e = e?;
+            let path = e.path()?.display().to_string();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data)?;
+            seen.push((path, data.len(), e.header().mode()?));
+        }
+        assert!(
+            seen.contains(&(long.trim_start_matches('/').to_owned(), 1500, 0o755)),
+            "{seen:?}"
+        );
+        assert!(
+            seen.contains(&("opt/d/daemon".to_owned(), 15, 0o700)),
+            "{seen:?}"
+        );
+        Ok(())
+    }
 
     #[test]
     fn archives_hold_parent_directories_and_modes() -> Result<(), Box<dyn std::error::Error>> {
