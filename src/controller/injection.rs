@@ -136,7 +136,9 @@ impl Outcome {
             },
             RuntimeError::ReadOnlyRootfs(_) => Outcome::failed("ReadOnlyRootfs", message),
             RuntimeError::NoInjectionMethod { .. } => Outcome::failed("NoInjectionMethod", message),
-            RuntimeError::InvalidTarget(_) => Outcome::failed("InvalidTarget", message),
+            RuntimeError::InvalidTarget(_) | RuntimeError::AmbiguousContainer(_) => {
+                Outcome::failed("InvalidTarget", message)
+            }
             RuntimeError::Unavailable(_) => Outcome::failed("DockerUnavailable", message),
             RuntimeError::Engine { .. } | RuntimeError::Timeout(_) => {
                 Outcome::failed("ExecFailed", message)

@@ -57,6 +57,8 @@ fn classify(container: &str, action: &'static str, e: DockerError) -> RuntimeErr
             let lower = message.to_ascii_lowercase();
             if lower.contains("read-only") || lower.contains("read only") {
                 RuntimeError::ReadOnlyRootfs(container.to_owned())
+            } else if lower.contains("multiple ids found with provided prefix") {
+                RuntimeError::AmbiguousContainer(container.to_owned())
             } else if status_code == 404 && lower.contains("container") {
                 RuntimeError::ContainerNotFound(container.to_owned())
             } else if status_code == 409
@@ -492,6 +494,18 @@ fn to_event(m: &bollard::models::EventMessage) -> Option<ContainerEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_prefix_of_several_containers_is_the_callers_mistake() {
+        let e = DockerError::DockerResponseServerError {
+            status_code: 400,
+            message: "Multiple IDs found with provided prefix: 0".into(),
+        };
+        assert!(matches!(
+            classify("0", "inspect the container", e),
+            RuntimeError::AmbiguousContainer(id) if id == "0"
+        ));
+    }
 
     #[test]
     fn archive_pieces_share_the_contents_and_unpack_whole() -> Result<(), Box<dyn std::error::Error>>

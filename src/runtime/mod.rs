@@ -108,6 +108,12 @@ pub enum RuntimeError {
         /// The engine's state word.
         state: String,
     },
+    /// The id prefix names more than one container (Docker resolves short ids by prefix):
+    /// the caller must give more of it, and nothing was done to any of them.
+    #[error(
+        "{0:?} is the prefix of more than one container's id; give more of the id, or the name"
+    )]
+    AmbiguousContainer(String),
     /// The container exists but cannot run an exec now.
     #[error("container {container:?} is not running ({state})")]
     ContainerNotRunning {

@@ -243,6 +243,32 @@ async fn bad_input_gets_clear_4xx_and_leaves_nothing_behind() {
         true,
     )
     .await;
+    // Docker resolves a short id by prefix; two of our own containers whose ids begin
+    // alike make that prefix name more than one (at most 17 are needed, by pigeonhole).
+    let mut alike = Vec::new();
+    let shared_prefix = loop {
+        let c = TestContainer::run(
+            rt.client(),
+            BUSYBOX_IMAGE,
+            Some(vec!["/bin/sleep", "600"]),
+            HostConfig::default(),
+            None,
+            false,
+        )
+        .await;
+        let id = rt
+            .client()
+            .inspect_container(&c.name, None)
+            .await
+            .ok()
+            .and_then(|i| i.id)
+            .unwrap_or_else(|| panic!("no id for {}", c.name));
+        let first = id.get(..1).unwrap_or_default().to_owned();
+        alike.push((first.clone(), c));
+        if alike.iter().filter(|(f, _)| *f == first).count() == 2 {
+            break first;
+        }
+    };
     let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let srv = server(state.path());
     let api = srv.url.as_str();
@@ -273,6 +299,16 @@ async fn bad_input_gets_clear_4xx_and_leaves_nothing_behind() {
             "INVALID_QUERY",
         ),
         (format!("{p}/web/inject?force=1"), 422, "INVALID_QUERY"),
+        (
+            format!("{p}/{shared_prefix}/inject"),
+            400,
+            "AMBIGUOUS_CONTAINER_ID",
+        ),
+        (
+            format!("{p}/{shared_prefix}/preview/80"),
+            400,
+            "AMBIGUOUS_CONTAINER_ID",
+        ),
         (
             format!("{p}/no-such-container-xyz/inject"),
             404,

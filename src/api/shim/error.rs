@@ -28,6 +28,9 @@ pub enum ShimError {
     /// The query has unknown or malformed fields.
     #[error("{0}")]
     InvalidQuery(String),
+    /// The id is a prefix of more than one container's id.
+    #[error("{0}")]
+    AmbiguousContainerId(String),
     /// No such container.
     #[error("{0}")]
     ContainerNotFound(String),
@@ -68,7 +71,9 @@ impl ShimError {
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            ShimError::InvalidContainerId(_) | ShimError::InvalidPort(_) => StatusCode::BAD_REQUEST,
+            ShimError::InvalidContainerId(_)
+            | ShimError::AmbiguousContainerId(_)
+            | ShimError::InvalidPort(_) => StatusCode::BAD_REQUEST,
             ShimError::InvalidQuery(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ShimError::ContainerNotFound(_) | ShimError::LinkNotFound(_) => StatusCode::NOT_FOUND,
             ShimError::ContainerNotRunning(_) | ShimError::Conflict(_) => StatusCode::CONFLICT,
@@ -84,6 +89,7 @@ impl ShimError {
     pub fn code(&self) -> &'static str {
         match self {
             ShimError::InvalidContainerId(_) => "INVALID_CONTAINER_ID",
+            ShimError::AmbiguousContainerId(_) => "AMBIGUOUS_CONTAINER_ID",
             ShimError::InvalidPort(_) => "INVALID_PORT",
             ShimError::InvalidQuery(_) => "INVALID_QUERY",
             ShimError::ContainerNotFound(_) => "CONTAINER_NOT_FOUND",
@@ -133,6 +139,7 @@ mod tests {
     fn client_mistakes_are_4xx_and_carry_a_code() {
         let cases = [
             (ShimError::InvalidContainerId("x".into()), 400),
+            (ShimError::AmbiguousContainerId("x".into()), 400),
             (ShimError::InvalidPort("x".into()), 400),
             (ShimError::InvalidQuery("x".into()), 422),
             (ShimError::ContainerNotFound("x".into()), 404),

@@ -103,6 +103,9 @@ impl Shim {
             Err(e @ RuntimeError::ContainerRemoved { .. }) => {
                 Err(ShimError::ContainerNotFound(e.to_string()))
             }
+            Err(e @ RuntimeError::AmbiguousContainer(_)) => {
+                Err(ShimError::AmbiguousContainerId(e.to_string()))
+            }
             Err(e) => Err(ShimError::DockerUnavailable(e.to_string())),
         }
     }
@@ -434,7 +437,7 @@ impl Shim {
     params(ContainerPath),
     responses(
         (status = 200, description = "The daemon runs (also when it already did)", body = InjectAnswer),
-        (status = 400, description = "Invalid container id", body = ErrorBody),
+        (status = 400, description = "Invalid container id, or a prefix of more than one", body = ErrorBody),
         (status = 401, description = "Bearer token missing or wrong (non-loopback API)", body = ErrorBody),
         (status = 404, description = "No such container", body = ErrorBody),
         (status = 409, description = "The container is not running", body = ErrorBody),
@@ -480,7 +483,7 @@ pub async fn inject(
     params(ContainerPath),
     responses(
         (status = 200, description = "Removed, or nothing was managed there", body = RemoveAnswer),
-        (status = 400, description = "Invalid container id", body = ErrorBody),
+        (status = 400, description = "Invalid container id, or a prefix of more than one", body = ErrorBody),
         (status = 401, description = "Bearer token missing or wrong (non-loopback API)", body = ErrorBody),
         (status = 409, description = "Links made with kubectl or YAML still use the daemon", body = ErrorBody),
         (status = 422, description = "Unknown query field", body = ErrorBody),
@@ -560,7 +563,7 @@ pub async fn remove(
     params(ContainerPortPath, PreviewQuery),
     responses(
         (status = 200, description = "The link serves; `url` and `path_url` carry the token", body = PreviewAnswer),
-        (status = 400, description = "Invalid container id or port", body = ErrorBody),
+        (status = 400, description = "Invalid container id or port, or an id prefix of more than one container", body = ErrorBody),
         (status = 401, description = "Bearer token missing or wrong (non-loopback API)", body = ErrorBody),
         (status = 404, description = "No such container", body = ErrorBody),
         (status = 409, description = "The container is not running, or a link of that name was made otherwise", body = ErrorBody),
@@ -634,7 +637,7 @@ pub async fn preview(
     params(ContainerPortPath),
     responses(
         (status = 200, description = "Revoked", body = RevokeAnswer),
-        (status = 400, description = "Invalid container id or port", body = ErrorBody),
+        (status = 400, description = "Invalid container id or port, or an id prefix of more than one container", body = ErrorBody),
         (status = 401, description = "Bearer token missing or wrong (non-loopback API)", body = ErrorBody),
         (status = 404, description = "No link made through this API for that container and port", body = ErrorBody),
         (status = 422, description = "Unknown query field", body = ErrorBody),
@@ -675,7 +678,7 @@ pub async fn revoke(
     params(ContainerPath),
     responses(
         (status = 200, description = "The state (`not_managed` for containers previewd keeps nothing in)", body = ContainerStatus),
-        (status = 400, description = "Invalid container id", body = ErrorBody),
+        (status = 400, description = "Invalid container id, or a prefix of more than one", body = ErrorBody),
         (status = 401, description = "Bearer token missing or wrong (non-loopback API)", body = ErrorBody),
         (status = 422, description = "Unknown query field", body = ErrorBody),
         (status = 500, description = "The API store failed", body = ErrorBody),
