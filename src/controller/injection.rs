@@ -691,12 +691,19 @@ async fn inject<R: ContainerRuntime, T: ContainerRuntime>(
         }
         Some(ip) => {
             // Port 0 (the default) lets the kernel pick a free port, so several injections
-            // (and the app) share the container's network namespace without clashing.
+            // (and the app) share the container's network namespace without clashing. An
+            // agent reached on loopback (a host-network container) listens there only, never
+            // on the host's other interfaces.
+            let listen = if ip.is_loopback() {
+                SocketAddr::new(ip, ctx.agent_port)
+            } else {
+                SocketAddr::from(([0, 0, 0, 0], ctx.agent_port))
+            };
             let argv = vec![
                 layout.agent(),
                 "serve".into(),
                 "--listen".into(),
-                format!("0.0.0.0:{}", ctx.agent_port),
+                listen.to_string(),
             ];
             let line = match rt
                 .exec_until_ready(&info.handle, &as_agent(argv), READY_PREFIX)

@@ -92,6 +92,17 @@ fn classify(container: &str, action: &'static str, e: DockerError) -> RuntimeErr
     }
 }
 
+/// Whether the process `pid` (a container's, as the engine reports it) is in previewd's own
+/// network namespace. Unknowable when previewd runs in a container of its own (the pid is
+/// another namespace's): callers then treat it as not shared.
+fn shares_my_network(pid: i64) -> std::io::Result<bool> {
+    if pid <= 0 {
+        return Ok(false);
+    }
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net"))?;
+    Ok(std::fs::read_link("/proc/self/ns/net")? == theirs)
+}
+
 /// Builds the tar unpacked at `/` (by dockerd, or by tar in a pod): parent directories
 /// (0755, root-owned) and the files (root-owned, with their modes).
 pub(super) fn archive(files: &[FileUpload]) -> Result<Vec<u8>, RuntimeError> {
@@ -238,6 +249,21 @@ impl ContainerRuntime for DockerRuntime {
             })
             .unwrap_or_default();
         ips.dedup();
+        // A host-network container has no address of its own: it shares the host's network
+        // namespace, so when previewd runs there too the agent is reached on loopback.
+        let host_network = c
+            .host_config
+            .as_ref()
+            .and_then(|h| h.network_mode.as_deref())
+            == Some("host");
+        if ips.is_empty()
+            && host_network
+            && state
+                .and_then(|s| s.pid)
+                .is_some_and(|pid| shares_my_network(pid).unwrap_or(false))
+        {
+            ips.push(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        }
         Ok(ContainerInfo {
             id: c.id.clone().unwrap_or_default(),
             handle: c.id.clone().unwrap_or_default(),
@@ -494,6 +520,14 @@ fn to_event(m: &bollard::models::EventMessage) -> Option<ContainerEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_my_own_network_namespace_counts_as_shared() -> std::io::Result<()> {
+        assert!(shares_my_network(i64::from(std::process::id()))?);
+        assert!(!shares_my_network(0)?);
+        assert!(shares_my_network(i64::from(u32::MAX)).is_err());
+        Ok(())
+    }
 
     #[test]
     fn an_id_prefix_of_several_containers_is_the_callers_mistake() {

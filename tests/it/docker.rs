@@ -87,6 +87,16 @@ pub async fn agent_processes(docker: &DockerRuntime, container: &str) -> usize {
         .count()
 }
 
+/// How many agents serve a single tunnel over exec stdio in a busybox container: each is
+/// owed only while its connection is open.
+pub async fn stdio_agent_processes(docker: &DockerRuntime, container: &str) -> usize {
+    sh(docker, container, &["/bin/ps", "-o", "args"])
+        .await
+        .lines()
+        .filter(|l| l.contains("previewd-agent stdio"))
+        .count()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injects_into_public_local_noshell_and_nonroot_containers() {
     let Some(rt) = docker().await else { return };

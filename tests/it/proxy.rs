@@ -478,6 +478,161 @@ async fn containers_without_a_network_are_served_through_exec() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(seen.contains("data: event 3"), "the stream was cut: {seen}");
+    drop(s);
+
+    // Each WebSocket is an exec of its own, owed only while it is open: closed, none stays
+    // (the pool may keep the idle keep-alive ones above for a while; those are counted first).
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let pooled = crate::docker::stdio_agent_processes(&rt, &isolated.name).await;
+    let mut sockets = Vec::new();
+    for _ in 0..5 {
+        let mut request = format!(
+            "ws://127.0.0.1:{}/p/isolated.default/ws",
+            server.proxy.port()
+        )
+        .into_client_request()
+        .unwrap_or_else(|e| panic!("{e}"));
+        request.headers_mut().insert(
+            "x-previewd-token",
+            token.parse().unwrap_or_else(|e| panic!("{e}")),
+        );
+        let tcp = TcpStream::connect(server.proxy)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (mut ws, _) = tokio_tungstenite::client_async(request, tcp)
+            .await
+            .unwrap_or_else(|e| panic!("websocket handshake: {e}"));
+        ws.send(Message::text("ping"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(ws.next().await.is_some_and(|m| m.is_ok()), "no echo");
+        sockets.push(ws);
+    }
+    assert!(crate::docker::stdio_agent_processes(&rt, &isolated.name).await >= 5);
+    for mut ws in sockets {
+        let _ = ws.close(None).await;
+    }
+    eventually(
+        Duration::from_secs(15),
+        "the WebSockets' exec'd agents to exit with their connections",
+        || async {
+            (crate::docker::stdio_agent_processes(&rt, &isolated.name).await <= pooled)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// The local addresses (hex, as the kernel writes them) of the IPv4 sockets listening on
+/// `port` in this network namespace.
+fn listening_v4(port: u16) -> Vec<String> {
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (addr, p) = f.get(1)?.split_once(':')?;
+            (f.get(3) == Some(&"0A") && u16::from_str_radix(p, 16).ok()? == port)
+                .then(|| addr.to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_network_containers_are_reached_on_loopback_and_leave_nothing_behind() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let Some(rt) = docker().await else { return };
+    images(rt.client()).await;
+    // The app shares the host's network: it needs a port free here.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let host = HostConfig {
+        network_mode: Some("host".into()),
+        ..Default::default()
+    };
+    let app = TestContainer::testapp(rt.client(), &format!("127.0.0.1:{port}"), host).await;
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server = crate::docker::server(state.path());
+    let links: Api<PreviewLink> = Api::default_namespaced(server.client());
+    links
+        .create(
+            &PostParams::default(),
+            &link("hostnet", &app.name, i32::from(port), serde_json::json!({})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    ready(&links, "hostnet").await;
+    let injections: Api<previewd::resources::DaemonInjection> =
+        Api::default_namespaced(server.client());
+    let di = injections
+        .list(&Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .items;
+    let endpoint: SocketAddr = di
+        .first()
+        .and_then(|d| d.status.as_ref()?.endpoint.as_deref()?.parse().ok())
+        .unwrap_or_else(|| panic!("no TCP endpoint: {di:?}"));
+    assert!(endpoint.ip().is_loopback(), "{endpoint}");
+    // The agent listens on the host's loopback only, not on its other interfaces.
+    assert_eq!(listening_v4(endpoint.port()), vec!["0100007F".to_owned()]);
+
+    let token = token_of(&server, "hostnet");
+    let auth = format!("X-Previewd-Token: {token}\r\n");
+    let mut sockets = Vec::new();
+    for _ in 0..20 {
+        let mut request = format!(
+            "ws://127.0.0.1:{}/p/hostnet.default/ws",
+            server.proxy.port()
+        )
+        .into_client_request()
+        .unwrap_or_else(|e| panic!("{e}"));
+        request.headers_mut().insert(
+            "x-previewd-token",
+            token.parse().unwrap_or_else(|e| panic!("{e}")),
+        );
+        let tcp = TcpStream::connect(server.proxy)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (ws, _) = tokio_tungstenite::client_async(request, tcp)
+            .await
+            .unwrap_or_else(|e| panic!("websocket handshake: {e}"));
+        sockets.push(ws);
+    }
+    for ws in &mut sockets {
+        ws.send(Message::text("ping"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let echo = ws
+            .next()
+            .await
+            .and_then(Result::ok)
+            .unwrap_or_else(|| panic!("no echo"));
+        assert_eq!(echo.into_text().ok().as_deref(), Some("ping"));
+    }
+    let (code, _, body) = get(server.proxy, "127.0.0.1", "/p/hostnet.default/", &auth).await;
+    assert_eq!(
+        (code, body.contains("hello from testapp")),
+        (200, true),
+        "{body}"
+    );
+    // No tunnel was an exec of its own.
+    assert_eq!(
+        crate::docker::stdio_agent_processes(&rt, &app.name).await,
+        0
+    );
+    for mut ws in sockets {
+        let _ = ws.close(None).await;
+    }
+    assert_eq!(crate::docker::agent_processes(&rt, &app.name).await, 1);
 }
 
 /// A testapp listening on 0.0.0.0:8080, a previewd server (with `env`) and a Ready public
