@@ -18,7 +18,7 @@ use crate::agent::{daemon_state, server, stop, supervise};
 /// The usage text printed for `--help` and after a usage error.
 pub const USAGE: &str = "usage:
   previewd-agent --version
-  previewd-agent serve --listen <ip:port> [--pidfile <path>]
+  previewd-agent serve --listen <ip:port> [--pidfile <path>] [--replace]
   previewd-agent stdio
   previewd-agent stop [--pidfile <path>] [--remove-dir <dir>] [--reset-dir <dir>] [--remove-file <path>]
   previewd-agent supervise [--pidfile <path>] --state-dir <dir> -- <cmd> [args...]
@@ -41,6 +41,9 @@ pub enum Command {
         listen: SocketAddr,
         /// Where to write the pid for `stop`.
         pidfile: Option<PathBuf>,
+        /// Stop every other process of this executable first (as `stop` does): previewd
+        /// then starts an agent in one exec instead of two.
+        replace: bool,
     },
     /// `stdio`: one request over stdin/stdout.
     Stdio,
@@ -82,6 +85,11 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         "--version" | "-V" | "version" => no_more(args, Command::Version),
         "--help" | "-h" | "help" => no_more(args, Command::Help),
         "serve" => {
+            let (flags, args): (Vec<OsString>, Vec<OsString>) =
+                args.partition(|a| a == "--replace");
+            if flags.len() > 1 {
+                return Err("--replace given twice".into());
+            }
             let mut opts = Options::parse(args, &["--listen", "--pidfile"])?;
             let listen = opts
                 .take("--listen")
@@ -93,6 +101,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             Ok(Command::Serve {
                 listen,
                 pidfile: opts.take("--pidfile").map(PathBuf::from),
+                replace: !flags.is_empty(),
             })
         }
         "stdio" => no_more(args, Command::Stdio),
@@ -195,10 +204,17 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             println!("{USAGE}");
             ExitCode::SUCCESS
         }
-        Command::Serve { listen, pidfile } => {
+        Command::Serve {
+            listen,
+            pidfile,
+            replace,
+        } => {
             let Some(secret) = secret() else {
                 return ExitCode::from(EXIT_USAGE);
             };
+            if replace && let Err(e) = stop::stop(None, None, None, None) {
+                return fail(format_args!("stopping the agent it replaces failed: {e}"));
+            }
             on_runtime(serve(listen, pidfile, secret))
         }
         Command::Stdio => {
@@ -348,7 +364,26 @@ mod tests {
             Ok(Command::Serve {
                 listen: "[::1]:0".parse().unwrap(),
                 pidfile: Some("/p".into()),
+                replace: false,
             })
+        );
+        assert_eq!(
+            parse(args(&["serve", "--replace", "--listen", "0.0.0.0:0"])),
+            Ok(Command::Serve {
+                listen: "0.0.0.0:0".parse().unwrap(),
+                pidfile: None,
+                replace: true,
+            })
+        );
+        assert!(
+            parse(args(&[
+                "serve",
+                "--replace",
+                "--replace",
+                "--listen",
+                "0.0.0.0:0"
+            ]))
+            .is_err()
         );
         assert_eq!(parse(args(&["stdio"])), Ok(Command::Stdio));
         assert_eq!(

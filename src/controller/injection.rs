@@ -629,36 +629,21 @@ async fn inject<R: ContainerRuntime, T: ContainerRuntime>(
         env: vec![format!("{SECRET_ENV}={secret}")],
         user: agent_user.clone(),
     };
-    match rt
-        .exec(
-            &info.handle,
-            &as_agent(vec![layout.agent(), "--version".into()]),
-        )
-        .await
-    {
-        Ok(out) if out.exit_code == 0 && out.stdout.starts_with("previewd-agent") => {}
-        Ok(out) => {
-            return Outcome::failed(
-                "ExecFailed",
-                format!(
-                    "the uploaded agent does not run (exit code {}): {}{} — is {INSTALL_DIR} on a noexec or tmpfs mount, or the container another architecture?",
-                    out.exit_code,
-                    out.stdout.trim(),
-                    out.stderr.trim()
-                ),
-            );
+    // Replace, never duplicate: whatever this injection left running goes first. An agent
+    // alone that listens on TCP as the container's user does it itself as it starts
+    // (`serve --replace`: what it replaces ran as that same user), saving the engine an exec
+    // per injection; otherwise a separate `stop` runs as root (a user daemon, or an agent
+    // given a user, may run as another user than before) and gives a user daemon's
+    // supervisor an empty state directory it can write.
+    let replace_on_start = daemon.is_none() && agent_user.is_none() && ip.is_some();
+    if !replace_on_start {
+        let mut stop = vec![layout.agent(), "stop".into()];
+        if daemon.is_some() {
+            stop.extend(["--reset-dir".into(), layout.daemon_state()]);
         }
-        Err(e) => return Outcome::from_runtime(e),
-    }
-    // Replace, never duplicate: stop whatever this injection left running, agent and user
-    // daemon alike (as root: they may run as other users; the binary sits in a root-owned
-    // directory), and give a user daemon's supervisor an empty state directory it can write.
-    let mut stop = vec![layout.agent(), "stop".into()];
-    if daemon.is_some() {
-        stop.extend(["--reset-dir".into(), layout.daemon_state()]);
-    }
-    if let Err(e) = rt.exec(&info.handle, &as_root(stop)).await {
-        tracing::debug!(error = %e, "stopping a previous agent failed");
+        if let Err(e) = rt.exec(&info.handle, &as_root(stop)).await {
+            tracing::debug!(error = %e, "stopping a previous agent failed");
+        }
     }
     let agent = match ip {
         None => {
@@ -699,19 +684,27 @@ async fn inject<R: ContainerRuntime, T: ContainerRuntime>(
             } else {
                 SocketAddr::from(([0, 0, 0, 0], ctx.agent_port))
             };
-            let argv = vec![
+            let mut argv = vec![
                 layout.agent(),
                 "serve".into(),
                 "--listen".into(),
                 listen.to_string(),
             ];
+            if replace_on_start {
+                argv.push("--replace".into());
+            }
             let line = match rt
                 .exec_until_ready(&info.handle, &as_agent(argv), READY_PREFIX)
                 .await
             {
                 Ok(line) => line,
                 Err(e) => {
-                    return Outcome::failed("ExecFailed", format!("the agent did not start: {e}"));
+                    return Outcome::failed(
+                        "ExecFailed",
+                        format!(
+                            "the agent did not start: {e} — is {INSTALL_DIR} on a noexec or tmpfs mount, or the container another architecture?"
+                        ),
+                    );
                 }
             };
             let Some(port) = line
