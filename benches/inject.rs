@@ -1,8 +1,11 @@
 //! Benchmark of daemon injection on the real Docker engine (`cargo bench --bench inject`).
 //!
 //! Reports time from creating a DaemonInjection to it being Running (p50/p95 over 20
-//! containers, one at a time, then all 20 at once), against the engine's own exec round trip
-//! measured in the same run, and the agent's size.
+//! containers, one at a time), against the engine's own exec round trip; then
+//! `PREVIEWD_BENCH_AT_ONCE` (default 200) injections applied at once — first and all Running,
+//! previewd's extra RSS, the warnings their deletion logs — against the engine's own time for
+//! the same uploads and execs at the same concurrency, all measured in the same run; and the
+//! agent's size.
 
 // The test helpers are shared with the integration tests; not all of them are used here.
 #![allow(dead_code)]
@@ -12,14 +15,22 @@ mod common;
 #[path = "../tests/it/containers.rs"]
 mod containers;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+
 use bollard::models::HostConfig;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use previewd::resources::daemon_injection::DaemonPhase;
 use previewd::resources::target::Target;
 use previewd::resources::{DaemonInjection, DaemonInjectionSpec};
-use previewd::runtime::{ContainerRuntime, ExecSpec};
+use previewd::runtime::{ContainerRuntime, ExecSpec, FileUpload};
+
+/// The controller's bound on injections at once (src/controller/mod.rs), used by the
+/// engine baseline so that both do the same work the same way.
+const ENGINE_CONCURRENCY: usize = 16;
 
 fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples.sort();
@@ -44,6 +55,51 @@ async fn until_running(api: &Api<DaemonInjection>, name: &str) {
     }
 }
 
+/// A number from a process's `/proc/PID/status` (`VmRSS:` in KiB, `Threads:`).
+fn status_value(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Resident memory of a process now (VmRSS), in bytes.
+fn rss(pid: u32) -> u64 {
+    status_value(pid, "VmRSS:") * 1024
+}
+
+/// The highest RSS and thread count of a process, polled every 20 ms until `stop`.
+struct Peaks {
+    stop: Arc<AtomicBool>,
+    rss: Arc<AtomicU64>,
+    threads: Arc<AtomicU64>,
+}
+
+fn watch_peaks(pid: u32) -> Peaks {
+    let peaks = Peaks {
+        stop: Arc::new(AtomicBool::new(false)),
+        rss: Arc::new(AtomicU64::new(0)),
+        threads: Arc::new(AtomicU64::new(0)),
+    };
+    let (s, r, t) = (peaks.stop.clone(), peaks.rss.clone(), peaks.threads.clone());
+    std::thread::spawn(move || {
+        while !s.load(Ordering::Relaxed) {
+            r.fetch_max(rss(pid), Ordering::Relaxed);
+            t.fetch_max(status_value(pid, "Threads:"), Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    peaks
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
 fn injection(name: &str, container: &str) -> DaemonInjection {
     DaemonInjection::new(name, DaemonInjectionSpec::new(Target::docker(container)))
 }
@@ -55,8 +111,11 @@ async fn main() -> anyhow::Result<()> {
     };
     containers::images(rt.client()).await;
     let agent = env!("CARGO_BIN_EXE_previewd-agent");
+    let at_once: usize = std::env::var("PREVIEWD_BENCH_AT_ONCE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
     let mut sequential_boxes = Vec::new();
-    let mut parallel_boxes = Vec::new();
     for _ in 0..20 {
         sequential_boxes.push(
             containers::TestContainer::httpd(
@@ -67,16 +126,19 @@ async fn main() -> anyhow::Result<()> {
             )
             .await,
         );
-        parallel_boxes.push(
+    }
+    let parallel_boxes: Vec<_> = futures::stream::iter(0..at_once)
+        .map(|_| {
             containers::TestContainer::httpd(
                 rt.client(),
                 "127.0.0.1:3000",
                 None,
                 HostConfig::default(),
             )
-            .await,
-        );
-    }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
     // Baseline: one exec round trip through the engine (create + start + wait), same containers.
     let mut exec_rtt = Vec::new();
     for c in &sequential_boxes {
@@ -92,6 +154,43 @@ async fn main() -> anyhow::Result<()> {
         .await?;
         exec_rtt.push(t.elapsed());
     }
+    // Baseline for the burst: what an injection asks of the engine — inspect, upload the
+    // agent, run it once — for every container, ENGINE_CONCURRENCY at a time.
+    let agent_bytes = bytes::Bytes::from(std::fs::read(agent)?);
+    let t = Instant::now();
+    let engine: Vec<Result<(), previewd::runtime::RuntimeError>> =
+        futures::stream::iter(&parallel_boxes)
+            .map(|c| {
+                let (rt, agent_bytes) = (rt.clone(), agent_bytes.clone());
+                async move {
+                    rt.resolve(&c.name).await?;
+                    let path = "/tmp/previewd-bench/agent".to_owned();
+                    rt.upload(
+                        &c.name,
+                        &[FileUpload {
+                            path: path.clone(),
+                            contents: agent_bytes,
+                            mode: 0o755,
+                        }],
+                    )
+                    .await?;
+                    rt.exec(
+                        &c.name,
+                        &ExecSpec {
+                            argv: vec![path.clone(), "--version".into()],
+                            env: Vec::new(),
+                            user: None,
+                        },
+                    )
+                    .await?;
+                    Ok(())
+                }
+            })
+            .buffer_unordered(ENGINE_CONCURRENCY)
+            .collect()
+            .await;
+    let engine_all = t.elapsed();
+    engine.into_iter().collect::<Result<Vec<()>, _>>()?;
 
     let state = tempfile::tempdir()?;
     let server = common::Server::start_with(
@@ -111,18 +210,67 @@ async fn main() -> anyhow::Result<()> {
         until_running(&api, &name).await;
         one_at_a_time.push(t.elapsed());
     }
+
+    let rss_before = rss(server.pid());
+    let threads_before = status_value(server.pid(), "Threads:");
+    let peaks = watch_peaks(server.pid());
+    let par = ListParams::default().labels("bench=burst");
     let t = Instant::now();
-    for (i, c) in parallel_boxes.iter().enumerate() {
-        api.create(
-            &PostParams::default(),
-            &injection(&format!("par-{i}"), &c.name),
-        )
-        .await?;
+    let created: Vec<kube::Result<DaemonInjection>> =
+        futures::stream::iter(parallel_boxes.iter().enumerate())
+            .map(|(i, c)| {
+                let api = api.clone();
+                let mut di = injection(&format!("par-{i}"), &c.name);
+                di.metadata.labels = Some([("bench".to_owned(), "burst".to_owned())].into());
+                async move { api.create(&PostParams::default(), &di).await }
+            })
+            .buffer_unordered(at_once.max(1))
+            .collect()
+            .await;
+    created.into_iter().collect::<kube::Result<Vec<_>>>()?;
+    let mut first_running = None;
+    let all_running = loop {
+        let running = api
+            .list(&par)
+            .await?
+            .items
+            .iter()
+            .filter(|o| o.status.as_ref().and_then(|s| s.phase) == Some(DaemonPhase::Running))
+            .count();
+        if running > 0 && first_running.is_none() {
+            first_running = Some(t.elapsed());
+        }
+        if running == at_once {
+            break t.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    peaks.stop.store(true, Ordering::Relaxed);
+    let peak_extra = peaks.rss.load(Ordering::Relaxed).saturating_sub(rss_before);
+    let peak_threads = peaks.threads.load(Ordering::Relaxed);
+
+    let log_before = server.log_text().lines().count();
+    let deleted: Vec<kube::Result<_>> = futures::stream::iter(0..at_once)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                api.delete(&format!("par-{i}"), &DeleteParams::default())
+                    .await
+            }
+        })
+        .buffer_unordered(at_once.max(1))
+        .collect()
+        .await;
+    deleted.into_iter().collect::<kube::Result<Vec<_>>>()?;
+    while !api.list(&par).await?.items.is_empty() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for i in 0..parallel_boxes.len() {
-        until_running(&api, &format!("par-{i}")).await;
-    }
-    let all_at_once = t.elapsed();
+    let log = server.log_text();
+    let warnings: Vec<&str> = log
+        .lines()
+        .skip(log_before)
+        .filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\""))
+        .collect();
 
     let (e50, s50) = (
         percentile(&mut exec_rtt, 0.5),
@@ -138,13 +286,33 @@ async fn main() -> anyhow::Result<()> {
         ms(percentile(&mut one_at_a_time, 0.95))
     );
     println!(
-        "  ratio to one engine exec round trip     {:.1}x (an injection = upload + 3 execs + health check)",
+        "  ratio to one engine exec round trip     {:.1}x (an injection = inspect + upload + 1 exec + health check)",
         s50.as_secs_f64() / e50.as_secs_f64()
     );
+    println!("\n{at_once} applied at once");
     println!(
-        "  20 applied at once → all Running        {}",
-        ms(all_at_once)
+        "  engine alone: inspect + upload + 1 exec each, {ENGINE_CONCURRENCY} at a time   {}",
+        ms(engine_all)
     );
+    println!(
+        "  previewd: first Running {}   all Running {}   ratio to the engine alone {:.2}x",
+        ms(first_running.unwrap_or_default()),
+        ms(all_running),
+        all_running.as_secs_f64() / engine_all.as_secs_f64()
+    );
+    println!(
+        "  previewd RSS before {}   peak extra during the burst {}",
+        mib(rss_before),
+        mib(peak_extra)
+    );
+    println!("  previewd threads before {threads_before}   peak during the burst {peak_threads}");
+    println!(
+        "  warnings and errors logged while all {at_once} were deleted: {}",
+        warnings.len()
+    );
+    for w in warnings.iter().take(5) {
+        println!("    {w}");
+    }
     let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).ok();
     println!("\nagent binary");
     println!(

@@ -335,11 +335,28 @@ fn wants_table(headers: &HeaderMap) -> bool {
         })
 }
 
+/// Store writes handed to blocking threads at once. The store persists one write at a time
+/// under its lock, so more in flight only park threads, each with its own stack and
+/// allocator heap: 200 injections applied at once grew previewd by 140 threads and 321 MiB.
+const WRITES_AT_ONCE: usize = 4;
+
+/// The slots of [`WRITES_AT_ONCE`]; a write waits for one without holding a thread.
+static WRITE_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(WRITES_AT_ONCE);
+
 /// Runs a (possibly fsync-bound) store write off the async workers.
 async fn blocking<F: FnOnce() -> Result<Written, StoreError> + Send + 'static>(
     f: F,
 ) -> Result<Written, ApiError> {
-    match tokio::task::spawn_blocking(f).await {
+    let slot = WRITE_SLOTS.acquire().await.map_err(|_| {
+        ApiError::new(
+            503,
+            "ServiceUnavailable",
+            "the store's write slots are closed",
+        )
+    })?;
+    let result = tokio::task::spawn_blocking(f).await;
+    drop(slot);
+    match result {
         Ok(r) => r.map_err(ApiError::from),
         Err(e) => Err(ApiError::new(
             500,
