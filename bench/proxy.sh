@@ -4,7 +4,10 @@
 # An upstream (examples/testapp, in a container built with `docker import`) is reached:
 #   direct  — wrk to the container's port, published on 127.0.0.1
 #   proxy   — wrk to previewd's proxy, a `via: direct` link to the container
-#   agent   — wrk to previewd's proxy, a `via: agent` link (through the injected agent)
+#   agent   — wrk to previewd's proxy, a `via: agent` link (through the injected agent; the
+#             agent's own CPU per request is reported too, its host pid from `docker top`)
+#   default — wrk to previewd's proxy, a link with no `via` (auto: the app listens on
+#             0.0.0.0, so it should go direct)
 #   ref     — wrk to nginx (keepalive upstream, as a tuned reverse proxy) proxying the container
 # with ../shared/tools/proxy_bench.sh (interleaved rounds; ratios from one run), at 32
 # connections and at 1 connection (added latency), with CPU per request for previewd and nginx.
@@ -71,12 +74,20 @@ spec: {target: {docker: {container: $NAME}}, port: 8080, via: direct, access: pu
 apiVersion: previewd.dev/v1alpha1
 kind: PreviewLink
 metadata: {name: agent}
+spec: {target: {docker: {container: $NAME}}, port: 8080, via: agent, access: public}
+---
+apiVersion: previewd.dev/v1alpha1
+kind: PreviewLink
+metadata: {name: default}
 spec: {target: {docker: {container: $NAME}}, port: 8080, access: public}
 YAML
 for _ in $(seq 100); do
-  curl -sf "http://$PROXY/p/direct.default/" >/dev/null && curl -sf "http://$PROXY/p/agent.default/" >/dev/null && break
+  curl -sf "http://$PROXY/p/direct.default/" >/dev/null && curl -sf "http://$PROXY/p/agent.default/" >/dev/null &&
+    curl -sf "http://$PROXY/p/default.default/" >/dev/null && break
   sleep 0.2
 done
+echo "default link: $(kubectl --server "http://$API" get pl default -o jsonpath='{.status.route}' 2>/dev/null || true)"
+AGENT_PID=$(docker top "$NAME" -eo pid,args | awk '/previewd-agent serve/ {print $1; exit}')
 
 # nginx as a tuned reverse proxy to the same container.
 cat > "$WORK/nginx.conf" <<CONF
@@ -118,10 +129,13 @@ if [ $MODE = instructions ]; then
   exit 0
 fi
 
-echo "== 32 connections: previewd (direct link) vs direct vs nginx; agent link as an extra =="
+echo "== 32 connections: previewd (direct link) vs direct vs nginx; agent and default links as extras =="
 "$BENCH_TOOL" -c 32 -d 8 -n 3 -P "$PREVIEWD_PID" -R "$NGINX_PID" -r http://127.0.0.1:18103/ \
-  -x "agent=http://$PROXY/p/agent.default/" "http://$PROXY/p/direct.default/" "http://127.0.0.1:$DIRECT_PORT/"
+  -x "agent=http://$PROXY/p/agent.default/" ${AGENT_PID:+-p "agent=$AGENT_PID"} \
+  -x "default=http://$PROXY/p/default.default/" \
+  "http://$PROXY/p/direct.default/" "http://127.0.0.1:$DIRECT_PORT/"
 echo
 echo "== 1 connection: added latency =="
 "$BENCH_TOOL" -t 1 -c 1 -d 5 -n 3 -r http://127.0.0.1:18103/ \
-  -x "agent=http://$PROXY/p/agent.default/" "http://$PROXY/p/direct.default/" "http://127.0.0.1:$DIRECT_PORT/"
+  -x "agent=http://$PROXY/p/agent.default/" -x "default=http://$PROXY/p/default.default/" \
+  "http://$PROXY/p/direct.default/" "http://127.0.0.1:$DIRECT_PORT/"
