@@ -78,23 +78,25 @@ pub async fn sh(docker: &DockerRuntime, container: &str, argv: &[&str]) -> Strin
     out.stdout
 }
 
-/// How many agent processes run in a busybox container.
-pub async fn agent_processes(docker: &DockerRuntime, container: &str) -> usize {
+/// How many processes in a busybox container run `previewd-agent {command}`.
+async fn agents_running(docker: &DockerRuntime, container: &str, command: &str) -> usize {
+    let wanted = format!("previewd-agent {command}");
     sh(docker, container, &["/bin/ps", "-o", "args"])
         .await
         .lines()
-        .filter(|l| l.contains("previewd-agent serve"))
+        .filter(|l| l.contains(&wanted))
         .count()
+}
+
+/// How many agent processes run in a busybox container.
+pub async fn agent_processes(docker: &DockerRuntime, container: &str) -> usize {
+    agents_running(docker, container, "serve").await
 }
 
 /// How many agents serve a single tunnel over exec stdio in a busybox container: each is
 /// owed only while its connection is open.
 pub async fn stdio_agent_processes(docker: &DockerRuntime, container: &str) -> usize {
-    sh(docker, container, &["/bin/ps", "-o", "args"])
-        .await
-        .lines()
-        .filter(|l| l.contains("previewd-agent stdio"))
-        .count()
+    agents_running(docker, container, "stdio").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

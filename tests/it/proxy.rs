@@ -239,11 +239,33 @@ async fn the_proxy_serves_links_with_tokens_and_refuses_everything_else() {
     );
 }
 
+/// A WebSocket to `path` on `proxy`, authenticated by the token header.
+async fn token_websocket(
+    proxy: SocketAddr,
+    path: &str,
+    token: &str,
+) -> tokio_tungstenite::WebSocketStream<TcpStream> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://127.0.0.1:{}{path}", proxy.port())
+        .into_client_request()
+        .unwrap_or_else(|e| panic!("{e}"));
+    request.headers_mut().insert(
+        "x-previewd-token",
+        token.parse().unwrap_or_else(|e| panic!("{e}")),
+    );
+    let tcp = TcpStream::connect(proxy)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (ws, _) = tokio_tungstenite::client_async(request, tcp)
+        .await
+        .unwrap_or_else(|e| panic!("websocket handshake: {e}"));
+    ws
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_sse_and_large_bodies_stream_through_the_agent() {
     use futures::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
     let Some(rt) = docker().await else { return };
     images(rt.client()).await;
@@ -284,19 +306,7 @@ async fn websockets_sse_and_large_bodies_stream_through_the_agent() {
     );
 
     // WebSocket echo, text and binary, 1 MiB messages.
-    let mut request = format!("ws://127.0.0.1:{}/p/live.default/ws", proxy.port())
-        .into_client_request()
-        .unwrap_or_else(|e| panic!("{e}"));
-    request.headers_mut().insert(
-        "x-previewd-token",
-        token.parse().unwrap_or_else(|e| panic!("{e}")),
-    );
-    let tcp = TcpStream::connect(proxy)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let (mut ws, _) = tokio_tungstenite::client_async(request, tcp)
-        .await
-        .unwrap_or_else(|e| panic!("websocket handshake: {e}"));
+    let mut ws = token_websocket(proxy, "/p/live.default/ws", &token).await;
     let text = "t".repeat(1 << 20);
     let binary: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
     ws.send(Message::text(text.clone()))
@@ -484,26 +494,10 @@ async fn containers_without_a_network_are_served_through_exec() {
     // (the pool may keep the idle keep-alive ones above for a while; those are counted first).
     use futures::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let pooled = crate::docker::stdio_agent_processes(&rt, &isolated.name).await;
     let mut sockets = Vec::new();
     for _ in 0..5 {
-        let mut request = format!(
-            "ws://127.0.0.1:{}/p/isolated.default/ws",
-            server.proxy.port()
-        )
-        .into_client_request()
-        .unwrap_or_else(|e| panic!("{e}"));
-        request.headers_mut().insert(
-            "x-previewd-token",
-            token.parse().unwrap_or_else(|e| panic!("{e}")),
-        );
-        let tcp = TcpStream::connect(server.proxy)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let (mut ws, _) = tokio_tungstenite::client_async(request, tcp)
-            .await
-            .unwrap_or_else(|e| panic!("websocket handshake: {e}"));
+        let mut ws = token_websocket(server.proxy, "/p/isolated.default/ws", &token).await;
         ws.send(Message::text("ping"))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
@@ -545,7 +539,6 @@ fn listening_v4(port: u16) -> Vec<String> {
 async fn host_network_containers_are_reached_on_loopback_and_leave_nothing_behind() {
     use futures::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
     let Some(rt) = docker().await else { return };
     images(rt.client()).await;
@@ -589,23 +582,7 @@ async fn host_network_containers_are_reached_on_loopback_and_leave_nothing_behin
     let auth = format!("X-Previewd-Token: {token}\r\n");
     let mut sockets = Vec::new();
     for _ in 0..20 {
-        let mut request = format!(
-            "ws://127.0.0.1:{}/p/hostnet.default/ws",
-            server.proxy.port()
-        )
-        .into_client_request()
-        .unwrap_or_else(|e| panic!("{e}"));
-        request.headers_mut().insert(
-            "x-previewd-token",
-            token.parse().unwrap_or_else(|e| panic!("{e}")),
-        );
-        let tcp = TcpStream::connect(server.proxy)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let (ws, _) = tokio_tungstenite::client_async(request, tcp)
-            .await
-            .unwrap_or_else(|e| panic!("websocket handshake: {e}"));
-        sockets.push(ws);
+        sockets.push(token_websocket(server.proxy, "/p/hostnet.default/ws", &token).await);
     }
     for ws in &mut sockets {
         ws.send(Message::text("ping"))
