@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Resource;
 use kube::core::DeserializeGuard;
 use kube::core::error_boundary::InvalidObject;
 use kube::runtime::watcher::{self, Event};
@@ -107,6 +108,28 @@ where
         };
         std::future::ready(mapped)
     })
+}
+
+/// kubectl's copy of the last applied object, kept in an annotation.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops from an object what no cache reader uses and what costs the most to keep decoded:
+/// its managed fields (a JSON tree per writer, several times the object itself) and
+/// kubectl's last-applied copy. Caches of 10,000 links hold only what routing and
+/// reconciling read; nothing writes a cached object back whole.
+pub fn prune<K: Resource>(obj: &mut K) {
+    let meta = obj.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
+/// [`prune`] for an object read guarded (one that did not decode holds nothing to drop).
+pub fn prune_guarded<K: Resource>(obj: &mut DeserializeGuard<K>) {
+    if let Ok(k) = &mut obj.0 {
+        prune(k);
+    }
 }
 
 /// Where one watch is.

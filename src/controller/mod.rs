@@ -17,7 +17,7 @@ use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use kube::runtime::Controller;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 
 use crate::metrics::Metrics;
@@ -26,7 +26,7 @@ use crate::resources::{DaemonInjection, PreviewLink, scoped_api};
 use crate::runtime::ContainerRuntime;
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::pod::PodRuntime;
-use crate::watching::Undecodable;
+use crate::watching::{self, Undecodable};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 
@@ -240,7 +240,14 @@ pub async fn run_with<R: ContainerRuntime + Clone>(
     // and their token Secret: one deleted (a rotation) gets a new token at once.
     let secrets: Api<DeserializeGuard<k8s_openapi::api::core::v1::Secret>> =
         scoped_api(ctx.client.clone(), namespace);
-    let link_controller = Controller::new(links, watcher::Config::default());
+    // The links' cache is pruned (it is as large as the links are many); the controller's
+    // triggers come from the same pruned watch.
+    let (link_store, link_writer) = reflector::store();
+    let link_feed = watcher(links, watcher::Config::default())
+        .modify(watching::prune_guarded)
+        .reflect(link_writer)
+        .applied_objects();
+    let link_controller = Controller::for_stream(link_feed, link_store);
     ctx.users.attach(link_controller.store());
     let users = ctx.clone();
     let link_controller = link_controller

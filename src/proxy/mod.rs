@@ -88,7 +88,8 @@ impl Routes {
                 ),
                 status: None,
             },
-        );
+        )
+        .modify(watching::prune);
         let revocations = revoke::Revocations::default();
         let observer = revocations.clone();
         let health = readiness.watch("previewlinks");
@@ -114,7 +115,8 @@ impl Routes {
                 metadata,
                 ..Secret::default()
             },
-        );
+        )
+        .modify(watching::prune);
         let health = readiness.watch("secrets");
         tokio::spawn(
             reflector::reflector(writer, secret_feed).for_each(move |event| {

@@ -209,13 +209,16 @@ async fn resource(
         (&Method::GET, None) if is_true(q.get("watch")) => {
             return watch(store, kind, namespace, &q, wants_table(&headers));
         }
-        (&Method::GET, None) => list(
-            &store,
-            &kind,
-            namespace.as_deref(),
-            &q,
-            wants_table(&headers),
-        ),
+        (&Method::GET, None) => {
+            let listed = list(
+                &store,
+                &kind,
+                namespace.as_deref(),
+                &q,
+                wants_table(&headers),
+            );
+            return listed.unwrap_or_else(IntoResponse::into_response);
+        }
         (&Method::POST, None) => match (read_body(body, &headers).await, namespace) {
             (Ok(obj), Some(ns)) => blocking(move || store.create(&kind, &ns, obj, fields))
                 .await
@@ -229,12 +232,12 @@ async fn resource(
         },
         (&Method::GET, Some(name)) => {
             let ns = namespace.clone().unwrap_or_default();
-            store.get(&kind, &ns, name).map_err(ApiError::from).map(|o| {
+            store.get(&kind, &ns, name).and_then(|o| o.value()).map_err(ApiError::from).map(|o| {
                 let object = if wants_table(&headers) {
                     let include = IncludeObject::parse(q.get("includeObject").map(String::as_str));
-                    table::table(&kind, [o.as_ref()], include, true, json!({"resourceVersion": super::meta::str_at(&o, "/metadata/resourceVersion")}))
+                    table::table(&kind, [&o], include, true, json!({"resourceVersion": super::meta::str_at(&o, "/metadata/resourceVersion")}))
                 } else {
-                    (*o).clone()
+                    o
                 };
                 (StatusCode::OK, Written { object, warnings: Vec::new() })
             })
@@ -488,7 +491,7 @@ fn list(
     namespace: Option<&str>,
     q: &HashMap<String, String>,
     as_table: bool,
-) -> Result<(StatusCode, Written), ApiError> {
+) -> Result<Response, ApiError> {
     let selectors = Selectors::parse(
         q.get("labelSelector").map(String::as_str),
         q.get("fieldSelector").map(String::as_str),
@@ -514,30 +517,34 @@ fn list(
     }
     if as_table {
         let include = IncludeObject::parse(q.get("includeObject").map(String::as_str));
-        let object = table::table(
-            kind,
-            page.items.iter().map(|o| o.as_ref()),
-            include,
-            true,
-            list_meta,
-        );
-        return Ok((
-            StatusCode::OK,
-            Written {
-                object,
-                warnings: Vec::new(),
-            },
-        ));
+        let objects = page
+            .items
+            .iter()
+            .map(|o| o.value())
+            .collect::<Result<Vec<Value>, _>>()?;
+        let object = table::table(kind, &objects, include, true, list_meta);
+        return Ok((StatusCode::OK, Json(object)).into_response());
     }
-    let items: Vec<&Value> = page.items.iter().map(|o| o.as_ref()).collect();
-    let object = json!({"kind": format!("{}List", kind.kind), "apiVersion": kind.api_version(), "metadata": list_meta, "items": items});
+    // The items are sent as the store keeps them; only the list's own fields are encoded.
+    let head = json!({"kind": format!("{}List", kind.kind), "apiVersion": kind.api_version(), "metadata": list_meta});
+    let mut body = serde_json::to_vec(&head).map_err(StoreError::Json)?;
+    body.pop(); // the closing brace: the items go before it
+    let items: usize = page.items.iter().map(|o| o.size() + 1).sum();
+    body.reserve(items + 12);
+    body.extend_from_slice(b",\"items\":[");
+    for (i, item) in page.items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(item.json());
+    }
+    body.extend_from_slice(b"]}");
     Ok((
         StatusCode::OK,
-        Written {
-            object,
-            warnings: Vec::new(),
-        },
-    ))
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
 }
 
 /// How one watch stream encodes and filters events.
@@ -565,11 +572,12 @@ impl WatchFilter {
         {
             return None;
         }
-        let now = self.selectors.matches(&c.object);
+        let (name, namespace) = (&c.key.name, &c.key.namespace);
+        let now = self.selectors.matches_stored(name, namespace, &c.object);
         let before = c
             .previous
             .as_ref()
-            .is_some_and(|p| self.selectors.matches(p));
+            .is_some_and(|p| self.selectors.matches_stored(name, namespace, p));
         let type_ = match c.change {
             ChangeType::Added if now => "ADDED",
             ChangeType::Modified if now && before => "MODIFIED",
@@ -578,20 +586,20 @@ impl WatchFilter {
             ChangeType::Deleted if now || before => "DELETED",
             _ => return None,
         };
-        let object = if self.as_table {
-            let t = table::table(
-                &self.kind,
-                [c.object.as_ref()],
-                self.include,
-                !self.headers_sent,
-                json!({"resourceVersion": c.revision.to_string()}),
-            );
-            self.headers_sent = true;
-            t
-        } else {
-            (*c.object).clone()
-        };
-        Some(line(type_, object))
+        if !self.as_table {
+            return Some(raw_line(type_, c.object.json()));
+        }
+        // An object the store encoded decodes; one that does not is left out of the table.
+        let object = c.object.value().ok()?;
+        let t = table::table(
+            &self.kind,
+            [&object],
+            self.include,
+            !self.headers_sent,
+            json!({"resourceVersion": c.revision.to_string()}),
+        );
+        self.headers_sent = true;
+        Some(line(type_, t))
     }
 
     fn bookmark(&self, revision: u64, initial_events_end: bool) -> Bytes {
@@ -609,6 +617,17 @@ impl WatchFilter {
 fn line(type_: &str, object: Value) -> Bytes {
     let mut v = serde_json::to_vec(&json!({"type": type_, "object": object})).unwrap_or_default();
     v.push(b'\n');
+    Bytes::from(v)
+}
+
+/// A watch event line around an object's stored JSON, which is sent as it is.
+fn raw_line(type_: &str, object: &[u8]) -> Bytes {
+    let mut v = Vec::with_capacity(object.len() + type_.len() + 24);
+    v.extend_from_slice(b"{\"type\":\"");
+    v.extend_from_slice(type_.as_bytes());
+    v.extend_from_slice(b"\",\"object\":");
+    v.extend_from_slice(object);
+    v.extend_from_slice(b"}\n");
     Bytes::from(v)
 }
 

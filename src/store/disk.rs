@@ -71,6 +71,9 @@ pub enum OpenError {
         #[source]
         source: io::Error,
     },
+    /// A loaded object could not be encoded for keeping in memory.
+    #[error("cannot keep a loaded object in memory: {0}")]
+    Encode(String),
 }
 
 /// An opened, locked state directory.

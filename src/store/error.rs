@@ -75,6 +75,9 @@ pub enum StoreError {
     /// Serializing an object failed.
     #[error("encoding the object failed: {0}")]
     Encode(#[source] serde_yaml::Error),
+    /// An object's JSON (as the store keeps it in memory) did not encode or decode.
+    #[error("encoding or decoding the object as JSON failed: {0}")]
+    Json(#[source] serde_json::Error),
 }
 
 impl StoreError {
@@ -88,7 +91,9 @@ impl StoreError {
             StoreError::BadRequest(_) => (400, "BadRequest"),
             StoreError::Gone { .. } => (410, "Expired"),
             StoreError::Unreadable { .. } => (500, "InternalError"),
-            StoreError::Storage(_) | StoreError::Encode(_) => (500, "InternalError"),
+            StoreError::Storage(_) | StoreError::Encode(_) | StoreError::Json(_) => {
+                (500, "InternalError")
+            }
         }
     }
 

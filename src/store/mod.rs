@@ -19,6 +19,7 @@ pub mod patch;
 pub mod selector;
 pub mod state;
 pub mod status;
+pub mod stored;
 pub mod table;
 
 pub use error::StoreError;

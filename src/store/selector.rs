@@ -3,12 +3,12 @@
 //! kubectl (`-l`, `wait`) and kube-rs send these as query strings; matching reuses kube's own
 //! `Selector` so the semantics are the ones kube clients already rely on.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use kube::core::{Expression, Selector, SelectorExt};
-use serde_json::Value;
 
 use super::error::StoreError;
+use super::stored::Stored;
 
 /// A parsed `labelSelector` and `fieldSelector` pair.
 #[derive(Clone, Debug, Default)]
@@ -48,30 +48,22 @@ impl Selectors {
         Ok(Selectors { labels, fields })
     }
 
-    /// Whether an object passes both selectors.
-    pub fn matches(&self, obj: &Value) -> bool {
-        let fields_ok = self.fields.iter().all(|r| {
-            let actual = match r.field {
-                Field::Name => obj.pointer("/metadata/name"),
-                Field::Namespace => obj.pointer("/metadata/namespace"),
-            }
-            .and_then(Value::as_str)
-            .unwrap_or("");
-            (actual == r.value) == r.equal
-        });
-        fields_ok && (self.labels.selects_all() || self.labels.matches(&labels_of(obj)))
+    /// Whether a stored object named `name` in `namespace` passes both selectors (its labels
+    /// are read only when a label selector asks).
+    pub fn matches_stored(&self, name: &str, namespace: &str, obj: &Stored) -> bool {
+        self.fields_match(name, namespace)
+            && (self.labels.selects_all() || self.labels.matches(&obj.labels()))
     }
-}
 
-fn labels_of(obj: &Value) -> BTreeMap<String, String> {
-    obj.pointer("/metadata/labels")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
-                .collect()
+    fn fields_match(&self, name: &str, namespace: &str) -> bool {
+        self.fields.iter().all(|r| {
+            let actual = match r.field {
+                Field::Name => name,
+                Field::Namespace => namespace,
+            };
+            (actual == r.value) == r.equal
         })
-        .unwrap_or_default()
+    }
 }
 
 fn bad(sel: &str, why: &str) -> StoreError {
@@ -202,8 +194,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn obj() -> Value {
-        json!({"metadata": {"name": "web", "namespace": "dev", "labels": {"app": "shop", "tier": "front"}}})
+    /// Whether `selectors` match the object web in dev, labelled app=shop and tier=front.
+    fn matches(selectors: &Selectors) -> bool {
+        let obj = json!({"metadata": {"name": "web", "namespace": "dev", "labels": {"app": "shop", "tier": "front"}}});
+        let stored = Stored::encode(&obj).unwrap_or_else(|e| panic!("{e}"));
+        selectors.matches_stored("web", "dev", &stored)
     }
 
     fn sel(l: &str, f: &str) -> Selectors {
@@ -223,15 +218,15 @@ mod tests {
             ("!missing", true),
             ("app=shop,tier in (back)", false),
         ] {
-            assert_eq!(sel(s, "").matches(&obj()), want, "{s}");
+            assert_eq!(matches(&sel(s, "")), want, "{s}");
         }
     }
 
     #[test]
     fn field_terms() {
-        assert!(sel("", "metadata.name=web").matches(&obj()));
-        assert!(!sel("", "metadata.name=other").matches(&obj()));
-        assert!(sel("", "metadata.namespace=dev,metadata.name!=x").matches(&obj()));
+        assert!(matches(&sel("", "metadata.name=web")));
+        assert!(!matches(&sel("", "metadata.name=other")));
+        assert!(matches(&sel("", "metadata.namespace=dev,metadata.name!=x")));
     }
 
     #[test]

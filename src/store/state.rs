@@ -19,10 +19,15 @@ use super::kinds::Kind;
 use super::meta;
 use super::patch::Patch;
 use super::selector::Selectors;
+use super::stored::Stored;
 use crate::resources::validation::{self, FieldError};
 
 /// How many changes are kept for watches to resume from; older resourceVersions get 410.
 const HISTORY_CAPACITY: usize = 10_000;
+/// How many bytes of objects those changes may hold at most: a burst of writes (10,000 links
+/// created with their Secrets and status) must not keep megabytes of old versions alive. A
+/// watcher further behind re-lists, as on an API server whose watch cache moved on.
+const HISTORY_BYTES: usize = 8 << 20;
 /// How many changes a slow watcher may fall behind before its stream is ended (it then
 /// resumes from its last resourceVersion, out of the history).
 const BROADCAST_CAPACITY: usize = 4_096;
@@ -48,9 +53,9 @@ pub struct Change {
     /// What happened.
     pub change: ChangeType,
     /// The object after the change (for deletions: its final state).
-    pub object: Arc<Value>,
+    pub object: Arc<Stored>,
     /// The object before the change, so selector watches can see objects leave their set.
-    pub previous: Option<Arc<Value>>,
+    pub previous: Option<Arc<Stored>>,
 }
 
 /// Where a subresource write goes.
@@ -66,7 +71,7 @@ pub enum Target {
 #[derive(Debug)]
 pub struct ListPage {
     /// Matching objects, sorted by namespace and name.
-    pub items: Vec<Arc<Value>>,
+    pub items: Vec<Arc<Stored>>,
     /// The resourceVersion the list is consistent with; watch from it.
     pub revision: u64,
     /// Token for the next page, when `limit` cut the list short.
@@ -128,11 +133,13 @@ pub struct Preconditions {
 }
 
 struct Inner {
-    objects: BTreeMap<ObjectKey, Arc<Value>>,
+    objects: BTreeMap<ObjectKey, Arc<Stored>>,
     /// Keys whose state file is malformed: never overwritten, reported on access.
     unreadable: HashMap<ObjectKey, SkippedFile>,
     revision: u64,
     history: VecDeque<Arc<Change>>,
+    /// The bytes of the objects `history` holds (see [`HISTORY_BYTES`]).
+    history_bytes: usize,
     /// Watches from any resourceVersion ≥ this can be resumed.
     floor: u64,
 }
@@ -145,6 +152,8 @@ pub struct Store {
     disk: Disk,
     inner: Mutex<Inner>,
     changes: broadcast::Sender<Arc<Change>>,
+    /// How many bytes of objects the history may hold ([`HISTORY_BYTES`]; less in tests).
+    history_budget: usize,
     skipped: Vec<SkippedFile>,
     closing: tokio::sync::watch::Sender<bool>,
 }
@@ -157,8 +166,9 @@ impl Store {
         let mut revision = loaded.revision;
         let mut objects = BTreeMap::new();
         for (key, obj) in loaded.objects {
-            revision = revision.max(meta::resource_version(&obj));
-            objects.insert(key, Arc::new(obj));
+            let stored = Stored::encode(&obj).map_err(|e| OpenError::Encode(e.to_string()))?;
+            revision = revision.max(stored.revision());
+            objects.insert(key, Arc::new(stored));
         }
         for s in &loaded.skipped {
             tracing::warn!(path = %s.path.display(), reason = %s.reason, "skipping unreadable state file (left untouched)");
@@ -178,9 +188,11 @@ impl Store {
                 unreadable,
                 revision,
                 history: VecDeque::new(),
+                history_bytes: 0,
                 floor: revision,
             }),
             changes,
+            history_budget: HISTORY_BYTES,
             skipped: loaded.skipped,
             closing: tokio::sync::watch::Sender::new(false),
         })
@@ -282,7 +294,7 @@ impl Store {
     }
 
     /// Reads one object.
-    pub fn get(&self, kind: &Kind, namespace: &str, name: &str) -> Result<Arc<Value>, StoreError> {
+    pub fn get(&self, kind: &Kind, namespace: &str, name: &str) -> Result<Arc<Stored>, StoreError> {
         let key = Self::key(kind, namespace, name);
         let inner = self.lock();
         self.check_readable(&inner, &key)?;
@@ -327,26 +339,26 @@ impl Store {
             .take_while(|(k, _)| {
                 k.resource == resource && namespace.is_none_or(|ns| k.namespace == ns)
             })
-            .filter(|(_, v)| selectors.matches(v));
+            .filter(|(k, v)| selectors.matches_stored(&k.name, &k.namespace, v));
         let limit = limit.filter(|l| *l > 0);
-        let items: Vec<Arc<Value>> = match limit {
-            Some(l) => matching.by_ref().take(l).map(|(_, v)| v.clone()).collect(),
-            None => matching.by_ref().map(|(_, v)| v.clone()).collect(),
+        let page: Vec<(&ObjectKey, &Arc<Stored>)> = match limit {
+            Some(l) => matching.by_ref().take(l).collect(),
+            None => matching.by_ref().collect(),
         };
         let remaining = matching.count() as u64;
-        let continue_token = match (limit, items.last()) {
-            (Some(_), Some(last)) if remaining > 0 => Some(
+        let continue_token = match (limit, page.last()) {
+            (Some(_), Some((last, _))) if remaining > 0 => Some(
                 ContinueToken {
                     revision,
-                    namespace: meta::namespace(last).to_owned(),
-                    name: meta::name(last).to_owned(),
+                    namespace: last.namespace.clone(),
+                    name: last.name.clone(),
                 }
                 .encode(),
             ),
             _ => None,
         };
         Ok(ListPage {
-            items,
+            items: page.into_iter().map(|(_, v)| v.clone()).collect(),
             revision,
             remaining: continue_token.as_ref().map(|_| remaining),
             continue_token,
@@ -374,7 +386,7 @@ impl Store {
                 })
                 .map(|(k, v)| {
                     Arc::new(Change {
-                        revision: meta::resource_version(v),
+                        revision: v.revision(),
                         key: k.clone(),
                         change: ChangeType::Added,
                         object: v.clone(),
@@ -502,7 +514,7 @@ impl Store {
                 name,
             });
         }
-        let object = self.commit(&mut inner, key, Some(body), ChangeType::Added, None)?;
+        let object = self.commit(&mut inner, key, Commit::Put(ChangeType::Added, body), None)?;
         Ok(Written { object, warnings })
     }
 
@@ -542,11 +554,19 @@ impl Store {
             .get(&key)
             .cloned()
             .ok_or_else(|| Self::not_found(kind, name))?;
-        if requested_rv != meta::str_at(&current, "/metadata/resourceVersion") {
+        if requested_rv != current.revision().to_string() {
             return Err(modified_conflict(kind, name));
         }
-        let next = compose(kind, &current, body, target);
-        self.update_locked(&mut inner, kind, key, current, next, (fields, None))
+        let current_value = current.value()?;
+        let next = compose(kind, &current_value, body, target);
+        self.update_locked(
+            &mut inner,
+            kind,
+            key,
+            (current, &current_value),
+            next,
+            (fields, None),
+        )
     }
 
     /// Patches an object. An apply patch creates the object when it does not exist.
@@ -588,7 +608,8 @@ impl Store {
             };
             return self.create_owned(kind, namespace, doc, fields, owner);
         };
-        let mut doc = (*current).clone();
+        let mut current_value = current.value()?;
+        let mut doc = current_value.clone();
         patch.apply_to(&mut doc)?;
         let mut inner = self.lock();
         // Another writer may have won between the read above and this lock: patch again.
@@ -598,22 +619,24 @@ impl Store {
             .cloned()
             .ok_or_else(|| Self::not_found(kind, name))?;
         if !Arc::ptr_eq(&latest, &current) {
-            doc = (*latest).clone();
+            current_value = latest.value()?;
+            doc = current_value.clone();
             patch.apply_to(&mut doc)?;
         }
+        let latest_value = current_value;
         if meta::str_at(&doc, "/metadata/resourceVersion")
-            != meta::str_at(&latest, "/metadata/resourceVersion")
+            != meta::str_at(&latest_value, "/metadata/resourceVersion")
         {
             return Err(modified_conflict(kind, name));
         }
         if let Patch::Apply(applied) = patch {
-            let conflicts = fields::apply_conflicts(&latest, applied, &writer.manager);
+            let conflicts = fields::apply_conflicts(&latest_value, applied, &writer.manager);
             if !conflicts.is_empty() && !writer.force {
                 return Err(apply_conflict(kind, name, &conflicts));
             }
-            fields::prune_dropped(&latest, applied, &writer.manager, &mut doc);
+            fields::prune_dropped(&latest_value, applied, &writer.manager, &mut doc);
         }
-        let next = compose(kind, &latest, doc, target);
+        let next = compose(kind, &latest_value, doc, target);
         let owner = Owner {
             manager: &writer.manager,
             operation: match patch {
@@ -625,7 +648,14 @@ impl Store {
                 _ => None,
             },
         };
-        self.update_locked(&mut inner, kind, key, latest, next, (fields, Some(owner)))
+        self.update_locked(
+            &mut inner,
+            kind,
+            key,
+            (latest, &latest_value),
+            next,
+            (fields, Some(owner)),
+        )
     }
 
     /// Deletes an object: with finalizers it only gets a `deletionTimestamp` (and goes once
@@ -645,10 +675,11 @@ impl Store {
             .get(&key)
             .cloned()
             .ok_or_else(|| Self::not_found(kind, name))?;
+        let current_value = current.value()?;
         if pre
             .uid
             .as_deref()
-            .is_some_and(|u| u != meta::str_at(&current, "/metadata/uid"))
+            .is_some_and(|u| u != meta::str_at(&current_value, "/metadata/uid"))
         {
             return Err(StoreError::Conflict {
                 resource: kind.resource_name(),
@@ -659,18 +690,18 @@ impl Store {
         if pre
             .resource_version
             .as_deref()
-            .is_some_and(|rv| rv != meta::str_at(&current, "/metadata/resourceVersion"))
+            .is_some_and(|rv| rv != meta::str_at(&current_value, "/metadata/resourceVersion"))
         {
             return Err(modified_conflict(kind, name));
         }
-        if meta::has_finalizers(&current) {
-            if meta::is_terminating(&current) {
+        if meta::has_finalizers(&current_value) {
+            if meta::is_terminating(&current_value) {
                 return Ok(Written {
-                    object: (*current).clone(),
+                    object: current_value,
                     warnings: Vec::new(),
                 });
             }
-            let mut next = (*current).clone();
+            let mut next = current_value;
             meta::set_meta(
                 &mut next,
                 "deletionTimestamp",
@@ -680,8 +711,7 @@ impl Store {
             let object = self.commit(
                 &mut inner,
                 key,
-                Some(next),
-                ChangeType::Modified,
+                Commit::Put(ChangeType::Modified, next),
                 Some(current),
             )?;
             return Ok(Written {
@@ -689,7 +719,12 @@ impl Store {
                 warnings: Vec::new(),
             });
         }
-        let object = self.commit(&mut inner, key, None, ChangeType::Deleted, Some(current))?;
+        let object = self.commit(
+            &mut inner,
+            key,
+            Commit::Remove(current_value),
+            Some(current),
+        )?;
         Ok(Written {
             object,
             warnings: Vec::new(),
@@ -701,16 +736,16 @@ impl Store {
         inner: &mut Inner,
         kind: &Kind,
         key: ObjectKey,
-        current: Arc<Value>,
+        (stored, current): (Arc<Stored>, &Value),
         mut next: Value,
         (fields, owner): (FieldValidation, Option<Owner<'_>>),
     ) -> Result<Written, StoreError> {
         let warnings = run_validation(kind, &key.name, &mut next, fields)?;
-        self.admit(kind, &key.name, Some(&current), &next)?;
+        self.admit(kind, &key.name, Some(current), &next)?;
         // Ownership follows what really changed, defaults and pruning included.
         if let Some(o) = owner {
             fields::record(
-                &current,
+                current,
                 &mut next,
                 o.manager,
                 o.operation,
@@ -718,10 +753,10 @@ impl Store {
                 &meta::now_rfc3339(),
             );
         }
-        if meta::is_terminating(&current) {
+        if meta::is_terminating(current) {
             let added = finalizer_names(&next)
                 .into_iter()
-                .filter(|f| !finalizer_names(&current).contains(f))
+                .filter(|f| !finalizer_names(current).contains(f))
                 .count();
             if added > 0 {
                 return Err(invalid(
@@ -734,7 +769,7 @@ impl Store {
                 ));
             }
         }
-        if kind.has_status && meta::spec_part(&next) != meta::spec_part(&current) {
+        if kind.has_status && meta::spec_part(&next) != meta::spec_part(current) {
             let generation = current
                 .pointer("/metadata/generation")
                 .and_then(Value::as_i64)
@@ -745,46 +780,50 @@ impl Store {
         let object = if next == *current {
             next
         } else if meta::is_terminating(&next) && !meta::has_finalizers(&next) {
-            self.commit(inner, key, None, ChangeType::Deleted, Some(Arc::new(next)))?
+            self.commit(inner, key, Commit::Remove(next), Some(stored))?
         } else {
-            self.commit(inner, key, Some(next), ChangeType::Modified, Some(current))?
+            self.commit(
+                inner,
+                key,
+                Commit::Put(ChangeType::Modified, next),
+                Some(stored),
+            )?
         };
         Ok(Written { object, warnings })
     }
 
     /// Persists a change, then applies it to memory, the history and live watches.
-    /// `next` is `None` for a removal; `previous` is then the object's final state.
+    /// `previous` is the version the change replaces (none for a creation).
     fn commit(
         &self,
         inner: &mut Inner,
         key: ObjectKey,
-        next: Option<Value>,
-        change: ChangeType,
-        previous: Option<Arc<Value>>,
+        write: Commit,
+        previous: Option<Arc<Stored>>,
     ) -> Result<Value, StoreError> {
         let revision = inner.revision + 1;
         let rv = Some(json!(revision.to_string()));
-        let object = match next {
-            Some(mut obj) => {
+        let (change, object, stored) = match write {
+            Commit::Put(change, mut obj) => {
                 meta::set_meta(&mut obj, "resourceVersion", rv);
+                let stored = Arc::new(Stored::encode(&obj)?);
                 let yaml = serde_yaml::to_string(&obj).map_err(StoreError::Encode)?;
                 self.disk
                     .write(&key, yaml.as_bytes())
                     .map_err(StoreError::Storage)?;
-                let obj = Arc::new(obj);
-                inner.objects.insert(key.clone(), obj.clone());
-                obj
+                inner.objects.insert(key.clone(), stored.clone());
+                (change, obj, stored)
             }
-            None => {
-                let mut last = previous.as_deref().cloned().unwrap_or(Value::Null);
+            Commit::Remove(mut last) => {
                 meta::set_meta(&mut last, "resourceVersion", rv);
+                let stored = Arc::new(Stored::encode(&last)?);
                 // Record the counter first: the deleted object may have held the highest version.
                 self.disk
                     .write_revision(revision)
                     .map_err(StoreError::Storage)?;
                 self.disk.remove(&key).map_err(StoreError::Storage)?;
                 inner.objects.remove(&key);
-                Arc::new(last)
+                (ChangeType::Deleted, last, stored)
             }
         };
         inner.revision = revision;
@@ -792,19 +831,30 @@ impl Store {
             revision,
             key,
             change,
-            object: object.clone(),
+            object: stored,
             previous,
         });
+        inner.history_bytes += record.object.size();
         inner.history.push_back(record.clone());
-        while inner.history.len() > HISTORY_CAPACITY {
-            if let Some(old) = inner.history.pop_front() {
-                inner.floor = old.revision;
-            }
+        while inner.history.len() > HISTORY_CAPACITY || inner.history_bytes > self.history_budget {
+            let Some(old) = inner.history.pop_front() else {
+                break;
+            };
+            inner.history_bytes -= old.object.size();
+            inner.floor = old.revision;
         }
         // No receivers is fine: nobody is watching.
         let _ = self.changes.send(record);
-        Ok((*object).clone())
+        Ok(object)
     }
+}
+
+/// What a commit does to an object.
+enum Commit {
+    /// Stores this version (created or modified).
+    Put(ChangeType, Value),
+    /// Removes the object, whose final state this is.
+    Remove(Value),
 }
 
 fn finalizer_names(obj: &Value) -> Vec<String> {
@@ -1346,10 +1396,56 @@ mod tests {
             ok(store.create(&pl, "default", link("d", 80), FieldValidation::Strict)).object;
         assert_eq!(created["metadata"]["resourceVersion"], "5");
         assert_eq!(
-            ok(store.get(&pl, "default", "a"))["metadata"]["resourceVersion"],
+            ok(ok(store.get(&pl, "default", "a")).value())["metadata"]["resourceVersion"],
             "1",
             "versions survive restarts"
         );
+    }
+
+    #[test]
+    fn the_history_holds_a_bounded_number_of_bytes() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let pl = kind("previewlinks");
+        let mut store = open(dir.path());
+        ok(store.create(&pl, "default", link("a", 80), FieldValidation::Strict));
+        let patch = |port: i64| Patch::Merge(json!({"spec": {"port": port}}));
+        let patched = ok(store.patch(
+            &pl,
+            "default",
+            "a",
+            Target::Main,
+            &patch(81),
+            &Writer::default(),
+        ));
+        // Room for about four versions of the link as patched.
+        let size = ok(Stored::encode(&patched.object)).size();
+        store.history_budget = size * 4 + size / 2;
+        for port in 82..90 {
+            ok(store.patch(
+                &pl,
+                "default",
+                "a",
+                Target::Main,
+                &patch(port),
+                &Writer::default(),
+            ));
+        }
+        let latest = store.revision();
+        assert_eq!(latest, 10);
+        let oldest_kept = latest - 3;
+        assert!(
+            matches!(
+                store.watch(&pl, None, Some(oldest_kept - 2)),
+                Err(StoreError::Gone { .. })
+            ),
+            "a version whose successors left the history is gone"
+        );
+        let resumed = ok(store.watch(&pl, None, Some(oldest_kept - 1)));
+        let revs: Vec<u64> = resumed.backlog.iter().map(|c| c.revision).collect();
+        assert_eq!(revs, (oldest_kept..=latest).collect::<Vec<_>>());
+        // Deleting releases the history too: it keeps the removal and what fits before it.
+        ok(store.delete(&pl, "default", "a", &Preconditions::default()));
+        assert!(store.lock().history_bytes <= store.history_budget);
     }
 
     #[test]
@@ -1379,12 +1475,12 @@ mod tests {
             Some(2),
             p2.continue_token.as_deref(),
         ));
-        let names: Vec<&str> = p1
+        let names: Vec<String> = p1
             .items
             .iter()
             .chain(&p2.items)
             .chain(&p3.items)
-            .map(|o| meta::name(o))
+            .map(|o| meta::name(&ok(o.value())).to_owned())
             .collect();
         assert_eq!(names, ["a", "b", "c", "d", "e"]);
         assert!(p3.continue_token.is_none());
