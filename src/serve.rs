@@ -326,6 +326,7 @@ pub async fn run(
             links: links.clone(),
         },
     );
+    let link_cache = routes.link_cache();
     let proxy = tokio::spawn(crate::proxy::run(
         metrics.clone(),
         docker,
@@ -356,7 +357,7 @@ pub async fn run(
         if store.is_some() {
             // The store's lock already makes this the only server of its objects.
             tokio::spawn(async move {
-                controller::run(client, c, links, metrics, stop).await;
+                controller::run(client, c, (links, link_cache), metrics, stop).await;
             })
         } else {
             let lease = config.lease.clone();
@@ -365,11 +366,12 @@ pub async fn run(
                 let work = move |mut stop: tokio::sync::watch::Receiver<bool>| {
                     let (client, c, links, metrics) =
                         (client.clone(), c.clone(), links.clone(), metrics.clone());
+                    let link_cache = link_cache.clone();
                     async move {
                         let stop = async move {
                             let _ = stop.wait_for(|s| *s).await;
                         };
-                        controller::run(client, c, links, metrics, stop).await;
+                        controller::run(client, c, (links, link_cache), metrics, stop).await;
                     }
                 };
                 if let Err(e) = leader::run_while_leader(elector, lease, stop, work).await {

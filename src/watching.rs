@@ -7,7 +7,7 @@
 //! routing. Watches here read objects as [`DeserializeGuard<K>`]; a bad one is logged once
 //! per version, counted in `previewd_undecodable_objects_total`, and treated as absent.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use futures::{Stream, StreamExt};
@@ -15,7 +15,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use kube::core::DeserializeGuard;
 use kube::core::error_boundary::InvalidObject;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
+use tokio::sync::broadcast;
 
 use crate::metrics::Metrics;
 
@@ -125,11 +127,180 @@ pub fn prune<K: Resource>(obj: &mut K) {
     }
 }
 
-/// [`prune`] for an object read guarded (one that did not decode holds nothing to drop).
-pub fn prune_guarded<K: Resource>(obj: &mut DeserializeGuard<K>) {
-    if let Ok(k) = &mut obj.0 {
-        prune(k);
+/// How many changes a reader of a [`SharedCache`] may fall behind before it starts over
+/// from the whole cache.
+const SHARED_CHANGES: usize = 4_096;
+
+/// One cache of a kind, filled by one watch and read by everyone who needs that kind: the
+/// proxy routes from it, the REST shim waits on it, and the link controller reconciles from
+/// it. A cache per reader held every link once per reader (10,000 links cost tens of MiB
+/// each time).
+pub struct SharedCache<K: Resource<DynamicType = ()> + 'static> {
+    store: Store<K>,
+    changes: broadcast::Sender<Changed<K>>,
+    /// The objects the API holds that do not decode (left out of `store`), by namespace and
+    /// name: readers that must not act as if they were gone ask [`SharedCache::undecodable_in`].
+    undecodable: Arc<Mutex<Undecoded>>,
+}
+
+/// The undecodable objects of a [`SharedCache`]: those known now, and those seen by a list
+/// under way (which replaces them when it is done).
+#[derive(Default)]
+struct Undecoded {
+    now: HashSet<(String, String)>,
+    listing: HashSet<(String, String)>,
+}
+
+/// What a watch event changed in a [`SharedCache`].
+enum Changed<K: Resource<DynamicType = ()>> {
+    /// One object.
+    One(ObjectRef<K>),
+    /// Possibly every object: a (re-)list replaced the store's contents at once.
+    All,
+}
+
+impl<K: Resource<DynamicType = ()>> Clone for Changed<K> {
+    fn clone(&self) -> Self {
+        match self {
+            Changed::One(key) => Changed::One(key.clone()),
+            Changed::All => Changed::All,
+        }
     }
+}
+
+impl<K: Resource<DynamicType = ()> + 'static> Clone for SharedCache<K> {
+    fn clone(&self) -> Self {
+        SharedCache {
+            store: self.store.clone(),
+            changes: self.changes.clone(),
+            undecodable: self.undecodable.clone(),
+        }
+    }
+}
+
+impl<K> SharedCache<K>
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    /// A cache over `store`, whose watch calls [`SharedCache::observe`] with each event.
+    pub fn new(store: Store<K>) -> Self {
+        let (changes, _) = broadcast::channel(SHARED_CHANGES);
+        SharedCache {
+            store,
+            changes,
+            undecodable: Arc::default(),
+        }
+    }
+
+    /// Notes which objects do not decode, from the watch's events as read (before
+    /// [`decoded`] leaves those objects out).
+    pub fn note(&self, event: &Result<Event<DeserializeGuard<K>>, watcher::Error>) {
+        let Ok(event) = event else { return };
+        let key = |meta: &ObjectMeta| {
+            (
+                meta.namespace.clone().unwrap_or_default(),
+                meta.name.clone().unwrap_or_default(),
+            )
+        };
+        let mut u = lock(&self.undecodable);
+        match event {
+            Event::Init => u.listing.clear(),
+            Event::InitApply(DeserializeGuard(Err(invalid))) => {
+                u.listing.insert(key(&invalid.metadata));
+            }
+            Event::InitApply(_) => {}
+            Event::InitDone => u.now = std::mem::take(&mut u.listing),
+            Event::Apply(DeserializeGuard(Err(invalid))) => {
+                u.now.insert(key(&invalid.metadata));
+            }
+            Event::Apply(DeserializeGuard(Ok(obj))) | Event::Delete(DeserializeGuard(Ok(obj))) => {
+                u.now.remove(&key(obj.meta()));
+            }
+            Event::Delete(DeserializeGuard(Err(invalid))) => {
+                u.now.remove(&key(&invalid.metadata));
+            }
+        }
+    }
+
+    /// Whether an object in `namespace` is in the API but does not decode.
+    pub fn undecodable_in(&self, namespace: &str) -> bool {
+        lock(&self.undecodable)
+            .now
+            .iter()
+            .any(|(ns, _)| ns == namespace)
+    }
+
+    /// The cached objects.
+    pub fn store(&self) -> &Store<K> {
+        &self.store
+    }
+
+    /// Tells the readers of [`SharedCache::triggers`] which object an event of the watch
+    /// (already applied to the store) changed. Deletions trigger nothing: what a reconcile
+    /// owes a deleted object it does while the object's finalizer holds it.
+    pub fn observe(&self, event: &Event<K>) {
+        let changed = match event {
+            Event::Apply(obj) => Changed::One(ObjectRef::from_obj(obj)),
+            // A list's objects reach the store together, when it is done.
+            Event::InitDone => Changed::All,
+            Event::Init | Event::InitApply(_) | Event::Delete(_) => return,
+        };
+        // No readers is fine: the controller is not running (not the leader).
+        let _ = self.changes.send(changed);
+    }
+
+    /// The objects to reconcile, for `Controller::for_stream`: every cached object once the
+    /// cache has listed, then each one that changes. A reader that falls behind starts
+    /// over from the whole cache, so it misses nothing; one that starts late (a new leader)
+    /// begins with everything.
+    pub fn triggers(&self) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static {
+        struct State<K: Resource<DynamicType = ()> + 'static> {
+            store: Store<K>,
+            changes: broadcast::Sender<Changed<K>>,
+            live: Option<broadcast::Receiver<Changed<K>>>,
+            pending: VecDeque<ObjectRef<K>>,
+        }
+        let state = State {
+            store: self.store.clone(),
+            changes: self.changes.clone(),
+            live: None,
+            pending: VecDeque::new(),
+        };
+        futures::stream::unfold(state, |mut st| async move {
+            loop {
+                if st.live.is_none() {
+                    // A writer gone before its first list means the watch ended: so do we.
+                    st.store.wait_until_ready().await.ok()?;
+                    st.live = Some(st.changes.subscribe());
+                    st.pending = everything(&st.store);
+                }
+                while let Some(key) = st.pending.pop_front() {
+                    if let Some(obj) = st.store.get(&key) {
+                        return Some((Ok(K::clone(&obj)), st));
+                    }
+                }
+                let live = st.live.as_mut()?;
+                match live.recv().await {
+                    Ok(Changed::One(key)) => st.pending.push_back(key),
+                    Ok(Changed::All) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        st.pending = everything(&st.store);
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+    }
+}
+
+/// The keys of every object in `store`.
+fn everything<K: Resource<DynamicType = ()> + Clone + 'static>(
+    store: &Store<K>,
+) -> VecDeque<ObjectRef<K>> {
+    store
+        .state()
+        .iter()
+        .map(|o| ObjectRef::from_obj(o.as_ref()))
+        .collect()
 }
 
 /// Where one watch is.
@@ -247,6 +418,101 @@ mod tests {
             spec: crate::resources::PreviewLinkSpec::new(crate::resources::Target::docker("x"), 1),
             status: None,
         }
+    }
+
+    fn ok_link(name: &str) -> PreviewLink {
+        match link(name, "1h").0 {
+            Ok(l) => l,
+            Err(e) => panic!("{}", e.error),
+        }
+    }
+
+    /// Applies `event` to the cache's store, as its watch would, and tells the cache.
+    fn feed(
+        writer: &mut kube::runtime::reflector::store::Writer<PreviewLink>,
+        cache: &SharedCache<PreviewLink>,
+        event: Event<PreviewLink>,
+    ) {
+        writer.apply_watcher_event(&event);
+        cache.observe(&event);
+    }
+
+    async fn next_names(
+        triggers: &mut (impl Stream<Item = Result<PreviewLink, watcher::Error>> + Unpin),
+        n: usize,
+    ) -> Vec<String> {
+        let mut names = Vec::new();
+        for _ in 0..n {
+            let next = tokio::time::timeout(std::time::Duration::from_secs(5), triggers.next())
+                .await
+                .unwrap_or_else(|_| panic!("no trigger within 5 s after {names:?}"));
+            match next {
+                Some(Ok(l)) => names.push(l.metadata.name.unwrap_or_default()),
+                other => panic!("not a link: {other:?}"),
+            }
+        }
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn a_shared_cache_triggers_everything_then_each_change_and_resyncs_a_laggard() {
+        let (store, mut writer) = kube::runtime::reflector::store::<PreviewLink>();
+        let cache = SharedCache::new(store);
+        let mut triggers = Box::pin(cache.triggers());
+        // Nothing before the first list is done; then every listed object.
+        feed(&mut writer, &cache, Event::Init);
+        feed(&mut writer, &cache, Event::InitApply(ok_link("a")));
+        feed(&mut writer, &cache, Event::InitApply(ok_link("b")));
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), triggers.next())
+                .await
+                .is_err(),
+            "a trigger before the list was done"
+        );
+        feed(&mut writer, &cache, Event::InitDone);
+        assert_eq!(next_names(&mut triggers, 2).await, ["a", "b"]);
+        // Then each change; a deletion triggers nothing.
+        feed(&mut writer, &cache, Event::Apply(ok_link("c")));
+        feed(&mut writer, &cache, Event::Delete(ok_link("a")));
+        feed(&mut writer, &cache, Event::Apply(ok_link("b")));
+        assert_eq!(next_names(&mut triggers, 2).await, ["b", "c"]);
+        // A reader that fell behind starts over from everything cached.
+        for _ in 0..=SHARED_CHANGES {
+            cache.observe(&Event::Apply(ok_link("c")));
+        }
+        assert_eq!(next_names(&mut triggers, 2).await, ["b", "c"]);
+        // A reader that starts late (a new leader) begins with everything.
+        let mut late = Box::pin(cache.triggers());
+        assert_eq!(next_names(&mut late, 2).await, ["b", "c"]);
+    }
+
+    #[test]
+    fn a_shared_cache_knows_which_objects_do_not_decode() {
+        let (store, _writer) = kube::runtime::reflector::store::<PreviewLink>();
+        let cache = SharedCache::new(store);
+        let note = |e: Event<DeserializeGuard<PreviewLink>>| cache.note(&Ok(e));
+        note(Event::Init);
+        note(Event::InitApply(link("bad", "banana")));
+        assert!(
+            !cache.undecodable_in("default"),
+            "known before its list was done"
+        );
+        note(Event::InitDone);
+        assert!(cache.undecodable_in("default"));
+        assert!(!cache.undecodable_in("other"));
+        // Fixed, it is no longer undecodable; broken again, it is; deleted, it is gone.
+        note(Event::Apply(link("bad", "1h")));
+        assert!(!cache.undecodable_in("default"));
+        note(Event::Apply(link("bad", "banana")));
+        assert!(cache.undecodable_in("default"));
+        note(Event::Delete(link("bad", "banana")));
+        assert!(!cache.undecodable_in("default"));
+        // A re-list replaces what was known.
+        note(Event::Apply(link("bad", "banana")));
+        note(Event::Init);
+        note(Event::InitDone);
+        assert!(!cache.undecodable_in("default"));
     }
 
     #[tokio::test]

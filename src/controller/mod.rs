@@ -17,7 +17,7 @@ use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use kube::runtime::Controller;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client};
 
 use crate::metrics::Metrics;
@@ -26,7 +26,7 @@ use crate::resources::{DaemonInjection, PreviewLink, scoped_api};
 use crate::runtime::ContainerRuntime;
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::pod::PodRuntime;
-use crate::watching::{self, Undecodable};
+use crate::watching::{SharedCache, Undecodable};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 
@@ -157,11 +157,12 @@ pub struct ControllerConfig {
 }
 
 /// Connects to Docker (when reachable) and runs the controllers until
-/// `shutdown` resolves.
+/// `shutdown` resolves. Links are reconciled from `link_cache`, the process's one cache of
+/// them (the proxy's).
 pub async fn run(
     client: Client,
     config: ControllerConfig,
-    links: link::LinkConfig,
+    (links, link_cache): (link::LinkConfig, SharedCache<PreviewLink>),
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
@@ -200,7 +201,7 @@ pub async fn run(
         links,
         daemon_sources: config.daemon_sources,
     });
-    run_with(ctx, config.namespace.as_deref(), shutdown).await
+    run_with(ctx, config.namespace.as_deref(), link_cache, shutdown).await
 }
 
 /// Runs the DaemonInjection and PreviewLink controllers with a given context until
@@ -208,13 +209,13 @@ pub async fn run(
 pub async fn run_with<R: ContainerRuntime + Clone>(
     ctx: Arc<Context<R>>,
     namespace: Option<&str>,
+    link_cache: SharedCache<PreviewLink>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let shutdown = shutdown.shared();
     // Objects are read guarded: one that does not decode is skipped, not the whole watch.
     let injections: Api<DeserializeGuard<DaemonInjection>> =
         scoped_api(ctx.client.clone(), namespace);
-    let links: Api<DeserializeGuard<PreviewLink>> = scoped_api(ctx.client.clone(), namespace);
     // Container lifecycle events re-check every injection (there are few per machine).
     let docker_events = match &ctx.docker {
         Ok(d) => d.events().boxed(),
@@ -240,15 +241,10 @@ pub async fn run_with<R: ContainerRuntime + Clone>(
     // and their token Secret: one deleted (a rotation) gets a new token at once.
     let secrets: Api<DeserializeGuard<k8s_openapi::api::core::v1::Secret>> =
         scoped_api(ctx.client.clone(), namespace);
-    // The links' cache is pruned (it is as large as the links are many); the controller's
-    // triggers come from the same pruned watch.
-    let (link_store, link_writer) = reflector::store();
-    let link_feed = watcher(links, watcher::Config::default())
-        .modify(watching::prune_guarded)
-        .reflect(link_writer)
-        .applied_objects();
-    let link_controller = Controller::for_stream(link_feed, link_store);
-    ctx.users.attach(link_controller.store());
+    // Links are many: the controller reads the proxy's cache of them (objects that do not
+    // decode were reported and left out there) instead of keeping one of its own.
+    let link_controller = Controller::for_stream(link_cache.triggers(), link_cache.store().clone());
+    ctx.users.attach(link_cache.clone());
     let users = ctx.clone();
     let link_controller = link_controller
         .watches(injections, watcher::Config::default(), move |di| {
@@ -263,11 +259,7 @@ pub async fn run_with<R: ContainerRuntime + Clone>(
             watcher::Config::default().labels(&format!("{}=previewd", shared::MANAGED_BY)),
         )
         .graceful_shutdown_on(shutdown)
-        .run(
-            |o, c| decoded(o, c, "PreviewLink", link::reconcile),
-            |o, e, c| policy_decoded(o, e, c, link::error_policy),
-            ctx,
-        )
+        .run(link::reconcile, link::error_policy, ctx)
         .for_each(report);
     futures::join!(injection_controller, link_controller);
 }

@@ -12,8 +12,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, OnceLock};
 
 use kube::ResourceExt;
-use kube::core::DeserializeGuard;
 use kube::runtime::reflector::{ObjectRef, Store};
+
+use crate::watching::SharedCache;
 
 use super::link::injection_name_for;
 use crate::resources::PreviewLink;
@@ -22,7 +23,7 @@ use crate::resources::PreviewLink;
 type InjectionKey = (String, String);
 
 /// Whether `store` has been filled by its first list (it only ever is once).
-fn synced(store: &Store<DeserializeGuard<PreviewLink>>) -> bool {
+fn synced(store: &Store<PreviewLink>) -> bool {
     use futures::FutureExt;
     matches!(store.wait_until_ready().now_or_never(), Some(Ok(())))
 }
@@ -31,8 +32,8 @@ fn synced(store: &Store<DeserializeGuard<PreviewLink>>) -> bool {
 #[derive(Default)]
 pub struct Users {
     index: Mutex<HashMap<InjectionKey, HashSet<String>>>,
-    /// The link controller's store, once it runs.
-    store: OnceLock<Store<DeserializeGuard<PreviewLink>>>,
+    /// The links' cache, once the link controller runs.
+    cache: OnceLock<SharedCache<PreviewLink>>,
 }
 
 fn injection_of(link: &PreviewLink) -> InjectionKey {
@@ -44,8 +45,8 @@ fn injection_of(link: &PreviewLink) -> InjectionKey {
 
 impl Users {
     /// Lets the index ask the link controller's `store` (every link the API holds).
-    pub fn attach(&self, store: Store<DeserializeGuard<PreviewLink>>) {
-        let _ = self.store.set(store);
+    pub fn attach(&self, cache: SharedCache<PreviewLink>) {
+        let _ = self.cache.set(cache);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<InjectionKey, HashSet<String>>> {
@@ -76,24 +77,23 @@ impl Users {
                 index.remove(&key);
             }
         }
-        let Some(store) = self.store.get().filter(|s| synced(s)) else {
+        let Some(cache) = self.cache.get().filter(|c| synced(c.store())) else {
             return false;
         };
-        store
-            .find(|other| match &other.0 {
-                Ok(l) => {
+        // A link that does not decode may still mean this injection: keep it.
+        !cache.undecodable_in(&key.0)
+            && cache
+                .store()
+                .find(|l| {
                     l.name_any() != name
                         && l.metadata.deletion_timestamp.is_none()
                         && injection_of(l) == key
-                }
-                // A link that does not decode may still mean this injection: keep it.
-                Err(invalid) => invalid.metadata.namespace.as_deref() == Some(key.0.as_str()),
-            })
-            .is_none()
+                })
+                .is_none()
     }
 
     /// The links to reconcile when the shared injection `namespace/name` changes.
-    pub fn of(&self, namespace: &str, name: &str) -> Vec<ObjectRef<DeserializeGuard<PreviewLink>>> {
+    pub fn of(&self, namespace: &str, name: &str) -> Vec<ObjectRef<PreviewLink>> {
         self.lock()
             .get(&(namespace.to_owned(), name.to_owned()))
             .map(|users| {

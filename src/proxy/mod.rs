@@ -40,7 +40,7 @@ use crate::controller::shared::secret_str;
 use crate::metrics::Metrics;
 use crate::resources::preview_link::PathPrefix;
 use crate::resources::{PreviewLink, scoped_api};
-use crate::watching::{self, Readiness, Undecodable};
+use crate::watching::{self, Readiness, SharedCache, Undecodable};
 use body::ProxyBody;
 use errors::ProxyError;
 use forward::Outgoing;
@@ -55,6 +55,8 @@ use routes::Upstream;
 #[derive(Clone)]
 pub struct Routes {
     links: Store<PreviewLink>,
+    /// The same links, for the link controller (one cache of them per process).
+    link_cache: SharedCache<PreviewLink>,
     secrets: Store<Secret>,
     /// What admitted requests hold, revoked as the links change.
     revocations: revoke::Revocations,
@@ -72,12 +74,15 @@ impl Routes {
         readiness: &Readiness,
     ) -> Self {
         let (links, writer) = reflector::store();
+        let link_cache = SharedCache::new(links.clone());
+        let noted = link_cache.clone();
         let link_feed = watching::decoded(
             watcher(
                 scoped_api::<DeserializeGuard<PreviewLink>>(client.clone(), namespace),
                 watcher::Config::default(),
             )
-            .default_backoff(),
+            .default_backoff()
+            .inspect(move |event| noted.note(event)),
             "PreviewLink",
             undecodable.clone(),
             |metadata| PreviewLink {
@@ -93,11 +98,13 @@ impl Routes {
         let revocations = revoke::Revocations::default();
         let observer = revocations.clone();
         let health = readiness.watch("previewlinks");
+        let cache = link_cache.clone();
         tokio::spawn(
             reflector::reflector(writer, link_feed).for_each(move |event| {
                 health.observe(&event);
                 if let Ok(event) = &event {
                     observer.observe(event);
+                    cache.observe(event);
                 }
                 async {}
             }),
@@ -126,9 +133,15 @@ impl Routes {
         );
         Routes {
             links,
+            link_cache,
             secrets,
             revocations,
         }
+    }
+
+    /// The links this replica watches, for the link controller to reconcile from.
+    pub fn link_cache(&self) -> SharedCache<PreviewLink> {
+        self.link_cache.clone()
     }
 
     /// Whether the proxy forwards requests for the link `key` now, or the error it answers
