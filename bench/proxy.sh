@@ -4,8 +4,9 @@
 # An upstream (examples/testapp, in a container built with `docker import`) is reached:
 #   direct  — wrk to the container's port, published on 127.0.0.1
 #   proxy   — wrk to previewd's proxy, a `via: direct` link to the container
-#   agent   — wrk to previewd's proxy, a `via: agent` link (through the injected agent; the
-#             agent's own CPU per request is reported too, its host pid from `docker top`)
+#   agent   — wrk to previewd's proxy, a `via: agent` link (through the injected agent, built
+#             with the `agent` size profile as shipped; its own CPU per request is reported
+#             too, its host pid from `docker top`)
 #   default — wrk to previewd's proxy, a link with no `via` (auto: the app listens on
 #             0.0.0.0, so it should go direct)
 #   ref     — wrk to nginx (keepalive upstream, as a tuned reverse proxy) proxying the container
@@ -35,7 +36,11 @@ fi
 command -v nginx >/dev/null && command -v wrk >/dev/null || apt-get install -y nginx wrk >/dev/null
 
 cargo build --release --bins --examples -q
+# The agent injected is the one that ships: the size profile (Cargo.toml's `agent`).
+cargo build --profile agent --bin previewd-agent -q
 BIN=target/x86_64-unknown-linux-gnu/release
+AGENT_BINARY=target/x86_64-unknown-linux-gnu/agent/previewd-agent
+echo "agent binary: $(stat -c %s "$AGENT_BINARY") bytes (profile agent)"
 WORK=$(mktemp -d)
 NAME=previewd-bench-$$
 cleanup() {
@@ -61,7 +66,7 @@ DIRECT_PORT=$(docker port "$NAME" 8080/tcp | head -n1 | sed 's/.*://')
 
 # previewd, with both links.
 API=127.0.0.1:18101 PROXY=127.0.0.1:18102
-PREVIEWD_AGENT_BINARY=$BIN/previewd-agent PREVIEWD_PATH_URLS=true RUST_LOG=warn \
+PREVIEWD_AGENT_BINARY=$AGENT_BINARY PREVIEWD_PATH_URLS=true RUST_LOG=warn \
   "${VALGRIND[@]}" "$BIN/previewd" serve --api-listen $API --proxy-listen $PROXY --state-dir "$WORK/state" &
 PREVIEWD_PID=$!
 for _ in $(seq 300); do curl -sf "http://$API/readyz" >/dev/null && break; sleep 0.1; done
