@@ -123,7 +123,7 @@ impl Routes {
                 ..Secret::default()
             },
         )
-        .modify(watching::prune);
+        .modify(cached_secret);
         let health = readiness.watch("secrets");
         tokio::spawn(
             reflector::reflector(writer, secret_feed).for_each(move |event| {
@@ -505,6 +505,18 @@ async fn handle(conn: &Conn, parts: http::request::Parts, body: Outgoing) -> Res
     resp.map(|body| body.in_flight(in_flight))
 }
 
+/// Keeps of a Secret only what the proxy reads: the agent's secret or a link's capability.
+/// The proxy caches one Secret per token link, and labels, owners and managed fields would
+/// cost more than those values.
+fn cached_secret(secret: &mut Secret) {
+    watching::prune(secret);
+    let meta = &mut secret.metadata;
+    (meta.labels, meta.annotations, meta.owner_references) = (None, None, None);
+    if let Some(data) = secret.data.as_mut() {
+        data.retain(|key, _| key == AGENT_SECRET_KEY || key == crate::resources::capability::KEY);
+    }
+}
+
 fn secret_value(secret: &Secret) -> Option<&str> {
     secret_str(secret, AGENT_SECRET_KEY)
 }
@@ -789,6 +801,39 @@ mod tests {
             ..Default::default()
         });
         link
+    }
+
+    #[test]
+    fn cached_secrets_keep_only_what_the_proxy_reads() {
+        use k8s_openapi::ByteString;
+        let mut secret: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "s", "namespace": "default", "labels": {"app.kubernetes.io/managed-by": "previewd"},
+                "ownerReferences": [{"apiVersion": "v1", "kind": "X", "name": "o", "uid": "u"}],
+                "managedFields": [{"manager": "m", "operation": "Update"}]
+            }
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        secret.data = Some(
+            [AGENT_SECRET_KEY, crate::resources::capability::KEY, "token"]
+                .into_iter()
+                .map(|k| (k.to_owned(), ByteString(format!("{k}-value").into_bytes())))
+                .collect(),
+        );
+        cached_secret(&mut secret);
+        assert_eq!(
+            secret_value(&secret),
+            Some(format!("{AGENT_SECRET_KEY}-value").as_str())
+        );
+        let key = crate::resources::capability::KEY;
+        assert_eq!(
+            secret_str(&secret, key),
+            Some(format!("{key}-value").as_str())
+        );
+        assert_eq!(secret_str(&secret, "token"), None);
+        let m = &secret.metadata;
+        assert!(m.labels.is_none() && m.owner_references.is_none() && m.managed_fields.is_none());
+        assert_eq!(m.name.as_deref(), Some("s"));
     }
 
     #[test]
