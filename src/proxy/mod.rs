@@ -15,6 +15,7 @@ pub mod limits;
 pub mod revoke;
 pub mod rewrite;
 pub mod routes;
+pub mod secrets;
 pub mod server;
 
 use std::borrow::Cow;
@@ -33,10 +34,9 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::oneshot;
 
-use crate::controller::injection::{SECRET_KEY as AGENT_SECRET_KEY, agent_secret_name};
+use crate::controller::injection::agent_secret_name;
 use crate::controller::link::injection_name_for;
 use crate::controller::shared::MANAGED_BY;
-use crate::controller::shared::secret_str;
 use crate::metrics::Metrics;
 use crate::resources::preview_link::PathPrefix;
 use crate::resources::{PreviewLink, scoped_api};
@@ -57,7 +57,7 @@ pub struct Routes {
     links: Store<PreviewLink>,
     /// The same links, for the link controller (one cache of them per process).
     link_cache: SharedCache<PreviewLink>,
-    secrets: Store<Secret>,
+    secrets: secrets::SecretValues,
     /// What admitted requests hold, revoked as the links change.
     revocations: revoke::Revocations,
 }
@@ -109,7 +109,8 @@ impl Routes {
                 async {}
             }),
         );
-        let (secrets, writer) = reflector::store();
+        let secrets = secrets::SecretValues::default();
+        let values = secrets.clone();
         let secret_feed = watching::decoded(
             watcher(
                 scoped_api::<DeserializeGuard<Secret>>(client, namespace),
@@ -122,15 +123,15 @@ impl Routes {
                 metadata,
                 ..Secret::default()
             },
-        )
-        .modify(cached_secret);
-        let health = readiness.watch("secrets");
-        tokio::spawn(
-            reflector::reflector(writer, secret_feed).for_each(move |event| {
-                health.observe(&event);
-                async {}
-            }),
         );
+        let health = readiness.watch("secrets");
+        tokio::spawn(secret_feed.for_each(move |event| {
+            health.observe(&event);
+            if let Ok(event) = &event {
+                values.observe(event);
+            }
+            async {}
+        }));
         Routes {
             links,
             link_cache,
@@ -153,26 +154,23 @@ impl Routes {
             Upstream::Direct(_) => Ok(()),
             Upstream::Agent { .. } | Upstream::Exec { .. } => self
                 .agent_secret(&link)
-                .filter(|s| secret_value(s).is_some())
                 .map(|_| ())
                 .ok_or_else(|| ProxyError::TargetNotReady(AGENT_SECRET_UNKNOWN.into())),
         }
     }
 
     /// The capability of `link` (from its token Secret), once the proxy knows it.
-    fn capability(&self, link: &PreviewLink) -> Option<String> {
+    fn capability(&self, link: &PreviewLink) -> Option<Arc<str>> {
         let ns = link.metadata.namespace.as_deref().unwrap_or("default");
         let name = &link.status.as_ref()?.token_secret_ref.as_ref()?.name;
-        let secret = self.secrets.get(&ObjectRef::new(name).within(ns))?;
-        secret_str(&secret, crate::resources::capability::KEY).map(str::to_owned)
+        self.secrets.capability(ns, name)
     }
 
-    /// The agent secret of the shared injection a link's traffic goes through (the Secret
-    /// object; the value is borrowed from it).
-    fn agent_secret(&self, link: &PreviewLink) -> Option<Arc<Secret>> {
+    /// The agent secret of the shared injection a link's traffic goes through.
+    fn agent_secret(&self, link: &PreviewLink) -> Option<Arc<str>> {
         let ns = link.metadata.namespace.as_deref().unwrap_or("default");
         let name = agent_secret_name(&injection_name_for(&link.spec.target));
-        self.secrets.get(&ObjectRef::new(&name).within(ns))
+        self.secrets.agent(ns, &name)
     }
 }
 
@@ -505,22 +503,6 @@ async fn handle(conn: &Conn, parts: http::request::Parts, body: Outgoing) -> Res
     resp.map(|body| body.in_flight(in_flight))
 }
 
-/// Keeps of a Secret only what the proxy reads: the agent's secret or a link's capability.
-/// The proxy caches one Secret per token link, and labels, owners and managed fields would
-/// cost more than those values.
-fn cached_secret(secret: &mut Secret) {
-    watching::prune(secret);
-    let meta = &mut secret.metadata;
-    (meta.labels, meta.annotations, meta.owner_references) = (None, None, None);
-    if let Some(data) = secret.data.as_mut() {
-        data.retain(|key, _| key == AGENT_SECRET_KEY || key == crate::resources::capability::KEY);
-    }
-}
-
-fn secret_value(secret: &Secret) -> Option<&str> {
-    secret_str(secret, AGENT_SECRET_KEY)
-}
-
 async fn serve(
     proxy: &Proxy,
     conn: &Conn,
@@ -680,11 +662,10 @@ async fn serve(
         Upstream::Agent { .. } | Upstream::Exec { .. } => proxy.routes.agent_secret(&link),
         Upstream::Direct(_) => None,
     };
-    let to = conn.worker.upstreams.destination(
-        &conn.affinity,
-        &upstream,
-        secret.as_deref().and_then(secret_value),
-    );
+    let to = conn
+        .worker
+        .upstreams
+        .destination(&conn.affinity, &upstream, secret.as_deref());
     let rewritten = match (&link.spec.host_rewrite, &upstream) {
         (Some(h), _) => HeaderValue::from_str(h).ok(),
         // Dev servers check Host; through the agent the app is at localhost:{port}.
@@ -801,39 +782,6 @@ mod tests {
             ..Default::default()
         });
         link
-    }
-
-    #[test]
-    fn cached_secrets_keep_only_what_the_proxy_reads() {
-        use k8s_openapi::ByteString;
-        let mut secret: Secret = serde_json::from_value(serde_json::json!({
-            "metadata": {
-                "name": "s", "namespace": "default", "labels": {"app.kubernetes.io/managed-by": "previewd"},
-                "ownerReferences": [{"apiVersion": "v1", "kind": "X", "name": "o", "uid": "u"}],
-                "managedFields": [{"manager": "m", "operation": "Update"}]
-            }
-        }))
-        .unwrap_or_else(|e| panic!("{e}"));
-        secret.data = Some(
-            [AGENT_SECRET_KEY, crate::resources::capability::KEY, "token"]
-                .into_iter()
-                .map(|k| (k.to_owned(), ByteString(format!("{k}-value").into_bytes())))
-                .collect(),
-        );
-        cached_secret(&mut secret);
-        assert_eq!(
-            secret_value(&secret),
-            Some(format!("{AGENT_SECRET_KEY}-value").as_str())
-        );
-        let key = crate::resources::capability::KEY;
-        assert_eq!(
-            secret_str(&secret, key),
-            Some(format!("{key}-value").as_str())
-        );
-        assert_eq!(secret_str(&secret, "token"), None);
-        let m = &secret.metadata;
-        assert!(m.labels.is_none() && m.owner_references.is_none() && m.managed_fields.is_none());
-        assert_eq!(m.name.as_deref(), Some("s"));
     }
 
     #[test]
