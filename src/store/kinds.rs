@@ -4,6 +4,8 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceColumnDefinition, CustomResourceDefinition,
 };
+use std::sync::Arc;
+
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -38,8 +40,9 @@ pub struct Kind {
     pub has_status: bool,
     /// Printer columns for Table output; NAME comes first implicitly.
     pub columns: Vec<CustomResourceColumnDefinition>,
-    /// The CRD this kind was generated from (custom resources only).
-    pub crd: Option<CustomResourceDefinition>,
+    /// The CRD this kind was generated from (custom resources only). Shared: every API
+    /// request clones its kind, and a CRD's schema is large.
+    pub crd: Option<Arc<CustomResourceDefinition>>,
     /// Validation beyond the object's metadata.
     pub validate: Option<Validator>,
 }
@@ -120,7 +123,7 @@ fn custom_resource(
         columns: version
             .and_then(|v| v.additional_printer_columns.clone())
             .unwrap_or_else(|| vec![age_column()]),
-        crd: Some(crd),
+        crd: Some(Arc::new(crd)),
         validate: Some(validate),
     }
 }
