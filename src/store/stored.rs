@@ -1,10 +1,10 @@
 //! How the store keeps an object in memory: its JSON encoding, once.
 //!
 //! A `serde_json::Value` tree costs many times its encoding (every map is a B-tree of boxed
-//! keys and 32-byte values; a PreviewLink with its managed fields held about 25 KB as a
-//! tree and 2 KB encoded), and lists and watches serialize every object they send anyway.
-//! So the store keeps the bytes: reads send them as they are, and writes decode the one
-//! object they change.
+//! keys and 32-byte values; 10,000 token links grew previewd's RSS by 312 MiB with objects
+//! kept as trees, 110 MiB with them kept as bytes: `bench/scale.sh`), and lists and watches
+//! serialize every object they send anyway. So the store keeps the bytes: reads send them
+//! as they are, and writes decode the one object they change.
 
 use std::collections::BTreeMap;
 
