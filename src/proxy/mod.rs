@@ -54,9 +54,8 @@ use routes::Upstream;
 /// refuses it.
 #[derive(Clone)]
 pub struct Routes {
-    links: Store<PreviewLink>,
-    /// The same links, for the link controller (one cache of them per process).
-    link_cache: SharedCache<PreviewLink>,
+    /// The links, shared with the link controller (one cache of them per process).
+    links: SharedCache<PreviewLink>,
     secrets: secrets::SecretValues,
     /// What admitted requests hold, revoked as the links change.
     revocations: revoke::Revocations,
@@ -74,8 +73,8 @@ impl Routes {
         readiness: &Readiness,
     ) -> Self {
         let (links, writer) = reflector::store();
-        let link_cache = SharedCache::new(links.clone());
-        let noted = link_cache.clone();
+        let links = SharedCache::new(links);
+        let noted = links.clone();
         let link_feed = watching::decoded(
             watcher(
                 scoped_api::<DeserializeGuard<PreviewLink>>(client.clone(), namespace),
@@ -98,7 +97,7 @@ impl Routes {
         let revocations = revoke::Revocations::default();
         let observer = revocations.clone();
         let health = readiness.watch("previewlinks");
-        let cache = link_cache.clone();
+        let cache = links.clone();
         tokio::spawn(
             reflector::reflector(writer, link_feed).for_each(move |event| {
                 health.observe(&event);
@@ -134,7 +133,6 @@ impl Routes {
         }));
         Routes {
             links,
-            link_cache,
             secrets,
             revocations,
         }
@@ -142,13 +140,17 @@ impl Routes {
 
     /// The links this replica watches, for the link controller to reconcile from.
     pub fn link_cache(&self) -> SharedCache<PreviewLink> {
-        self.link_cache.clone()
+        self.links.clone()
     }
 
     /// Whether the proxy forwards requests for the link `key` now, or the error it answers
     /// with: the link must be admitted and, through the agent, its secret known.
     pub fn check(&self, key: &ObjectRef<PreviewLink>) -> Result<(), ProxyError> {
-        let link = self.links.get(key).ok_or(ProxyError::LinkNotFound)?;
+        let link = self
+            .links
+            .store()
+            .get(key)
+            .ok_or(ProxyError::LinkNotFound)?;
         let (upstream, _) = routes::admit(&link, k8s_openapi::jiff::Timestamp::now())?;
         match routes::parse_upstream(upstream)? {
             Upstream::Direct(_) => Ok(()),
@@ -526,12 +528,12 @@ async fn serve(
     let routed = routes::route(host, path, &proxy.domain, proxy.path_urls)
         .ok_or(ProxyError::LinkNotFound)?;
     // A link's own id, or its capability host (`{name}--{capability}.{namespace}`).
-    let found = lock(&conn.memo).link(&proxy.routes.links, &routed.id);
+    let found = lock(&conn.memo).link(proxy.routes.links.store(), &routed.id);
     let (link, capability) = match found {
         Ok(link) => (link, None),
         Err(not_found) => match crate::resources::capability::split(&routed.id) {
             Some((id, cap)) if !routed.prefix.starts_with("/p/") => (
-                lock(&conn.memo).link(&proxy.routes.links, &id)?,
+                lock(&conn.memo).link(proxy.routes.links.store(), &id)?,
                 Some(cap.to_owned()),
             ),
             _ => return Err(not_found),
