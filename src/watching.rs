@@ -140,15 +140,41 @@ pub struct SharedCache<K: Resource<DynamicType = ()> + 'static> {
     changes: broadcast::Sender<Changed<K>>,
     /// The objects the API holds that do not decode (left out of `store`), by namespace and
     /// name: readers that must not act as if they were gone ask [`SharedCache::undecodable_in`].
-    undecodable: Arc<Mutex<Undecoded>>,
+    undecodable: Arc<Mutex<Listed<Names>>>,
 }
 
-/// The undecodable objects of a [`SharedCache`]: those known now, and those seen by a list
-/// under way (which replaces them when it is done).
+/// Objects by namespace and name.
+type Names = HashSet<(String, String)>;
+
+/// What is kept from a watch the way a reflector keeps its store: a (re-)list fills a new
+/// one, which replaces the old only once the list is done; later changes apply in place.
 #[derive(Default)]
-struct Undecoded {
-    now: HashSet<(String, String)>,
-    listing: HashSet<(String, String)>,
+pub struct Listed<M> {
+    now: M,
+    listing: M,
+}
+
+impl<M: Default> Listed<M> {
+    /// Applies `event`: `upsert` for an object listed or changed, `remove` for one deleted.
+    pub fn apply<T>(
+        &mut self,
+        event: &Event<T>,
+        upsert: impl FnOnce(&mut M, &T),
+        remove: impl FnOnce(&mut M, &T),
+    ) {
+        match event {
+            Event::Init => self.listing = M::default(),
+            Event::InitApply(obj) => upsert(&mut self.listing, obj),
+            Event::InitDone => self.now = std::mem::take(&mut self.listing),
+            Event::Apply(obj) => upsert(&mut self.now, obj),
+            Event::Delete(obj) => remove(&mut self.now, obj),
+        }
+    }
+
+    /// What is known now (a list under way is not, until it is done).
+    pub fn now(&self) -> &M {
+        &self.now
+    }
 }
 
 /// What a watch event changed in a [`SharedCache`].
@@ -196,36 +222,35 @@ where
     /// [`decoded`] leaves those objects out).
     pub fn note(&self, event: &Result<Event<DeserializeGuard<K>>, watcher::Error>) {
         let Ok(event) = event else { return };
-        let key = |meta: &ObjectMeta| {
+        let key = |guard: &DeserializeGuard<K>| {
+            let meta = match &guard.0 {
+                Ok(obj) => obj.meta(),
+                Err(invalid) => &invalid.metadata,
+            };
             (
                 meta.namespace.clone().unwrap_or_default(),
                 meta.name.clone().unwrap_or_default(),
             )
         };
-        let mut u = lock(&self.undecodable);
-        match event {
-            Event::Init => u.listing.clear(),
-            Event::InitApply(DeserializeGuard(Err(invalid))) => {
-                u.listing.insert(key(&invalid.metadata));
-            }
-            Event::InitApply(_) => {}
-            Event::InitDone => u.now = std::mem::take(&mut u.listing),
-            Event::Apply(DeserializeGuard(Err(invalid))) => {
-                u.now.insert(key(&invalid.metadata));
-            }
-            Event::Apply(DeserializeGuard(Ok(obj))) | Event::Delete(DeserializeGuard(Ok(obj))) => {
-                u.now.remove(&key(obj.meta()));
-            }
-            Event::Delete(DeserializeGuard(Err(invalid))) => {
-                u.now.remove(&key(&invalid.metadata));
-            }
-        }
+        lock(&self.undecodable).apply(
+            event,
+            |set, guard| {
+                if guard.0.is_err() {
+                    set.insert(key(guard));
+                } else {
+                    set.remove(&key(guard));
+                }
+            },
+            |set, guard| {
+                set.remove(&key(guard));
+            },
+        );
     }
 
     /// Whether an object in `namespace` is in the API but does not decode.
     pub fn undecodable_in(&self, namespace: &str) -> bool {
         lock(&self.undecodable)
-            .now
+            .now()
             .iter()
             .any(|(ns, _)| ns == namespace)
     }

@@ -15,6 +15,7 @@ use kube::runtime::watcher::Event;
 use crate::controller::injection::SECRET_KEY as AGENT_SECRET_KEY;
 use crate::controller::shared::secret_str;
 use crate::resources::capability;
+use crate::watching::Listed;
 
 /// What the proxy reads of one Secret.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -36,18 +37,10 @@ impl Values {
 /// Secrets by namespace, then name (looked up by `&str`, with no key to build).
 type ByName = HashMap<String, HashMap<String, Values>>;
 
-#[derive(Default)]
-struct Index {
-    now: ByName,
-    /// What a list under way has delivered; it replaces `now` when the list is done, as a
-    /// reflector's store does.
-    listing: ByName,
-}
-
 /// The agent secrets and capabilities of previewd's Secrets, shared by the proxy's workers.
 #[derive(Clone, Default)]
 pub struct SecretValues {
-    index: Arc<RwLock<Index>>,
+    index: Arc<RwLock<Listed<ByName>>>,
 }
 
 fn insert(map: &mut ByName, secret: &Secret) {
@@ -59,34 +52,27 @@ fn insert(map: &mut ByName, secret: &Secret) {
         .insert(name.clone(), Values::of(secret));
 }
 
+fn remove(map: &mut ByName, secret: &Secret) {
+    let meta = &secret.metadata;
+    let ns = meta.namespace.as_deref().unwrap_or_default();
+    if let Some(names) = map.get_mut(ns) {
+        names.remove(meta.name.as_deref().unwrap_or_default());
+        if names.is_empty() {
+            map.remove(ns);
+        }
+    }
+}
+
 impl SecretValues {
     /// Applies one event of the Secrets' watch.
     pub fn observe(&self, event: &Event<Secret>) {
         let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
-        match event {
-            Event::Init => index.listing.clear(),
-            Event::InitApply(secret) => insert(&mut index.listing, secret),
-            Event::InitDone => {
-                let listed = std::mem::take(&mut index.listing);
-                index.now = listed;
-            }
-            Event::Apply(secret) => insert(&mut index.now, secret),
-            Event::Delete(secret) => {
-                let meta = &secret.metadata;
-                let ns = meta.namespace.as_deref().unwrap_or_default();
-                if let Some(names) = index.now.get_mut(ns) {
-                    names.remove(meta.name.as_deref().unwrap_or_default());
-                    if names.is_empty() {
-                        index.now.remove(ns);
-                    }
-                }
-            }
-        }
+        index.apply(event, insert, remove);
     }
 
     fn read<T>(&self, ns: &str, name: &str, f: impl FnOnce(&Values) -> Option<T>) -> Option<T> {
         let index = self.index.read().unwrap_or_else(|p| p.into_inner());
-        index.now.get(ns)?.get(name).and_then(f)
+        index.now().get(ns)?.get(name).and_then(f)
     }
 
     /// The agent secret held by the Secret `ns/name`.
