@@ -4,7 +4,7 @@
 //! every link added to or removed from a container rewrote a list that grows with the
 //! container's links (and the object, and every watch event of it). Now the injection has no
 //! owners: the link controller keeps this index of the links that use each injection, from
-//! what it reconciles, and asks its reflector store (every link the API has) before it lets
+//! what it reconciles, and asks the links' cache (every link the API has) before it lets
 //! the last one's injection go. Adding a link costs the same whether its container has one
 //! link or a thousand.
 
@@ -14,10 +14,9 @@ use std::sync::{Mutex, OnceLock};
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
 
-use crate::watching::SharedCache;
-
 use super::link::injection_name_for;
 use crate::resources::PreviewLink;
+use crate::watching::SharedCache;
 
 /// A shared injection: its namespace and name.
 type InjectionKey = (String, String);
@@ -44,7 +43,7 @@ fn injection_of(link: &PreviewLink) -> InjectionKey {
 }
 
 impl Users {
-    /// Lets the index ask the link controller's `store` (every link the API holds).
+    /// Lets the index ask the links' `cache` (every link the API holds).
     pub fn attach(&self, cache: SharedCache<PreviewLink>) {
         let _ = self.cache.set(cache);
     }

@@ -232,13 +232,16 @@ async fn resource(
         },
         (&Method::GET, Some(name)) => {
             let ns = namespace.clone().unwrap_or_default();
-            store.get(&kind, &ns, name).and_then(|o| o.value()).map_err(ApiError::from).map(|o| {
-                let object = if wants_table(&headers) {
-                    let include = IncludeObject::parse(q.get("includeObject").map(String::as_str));
-                    table::table(&kind, [&o], include, true, json!({"resourceVersion": super::meta::str_at(&o, "/metadata/resourceVersion")}))
-                } else {
-                    o
-                };
+            let stored = match store.get(&kind, &ns, name) {
+                Ok(o) => o,
+                Err(e) => return ApiError::from(e).into_response(),
+            };
+            if !wants_table(&headers) {
+                return raw_json(stored.json().to_vec());
+            }
+            stored.value().map_err(ApiError::from).map(|o| {
+                let include = IncludeObject::parse(q.get("includeObject").map(String::as_str));
+                let object = table::table(&kind, [&o], include, true, json!({"resourceVersion": super::meta::str_at(&o, "/metadata/resourceVersion")}));
                 (StatusCode::OK, Written { object, warnings: Vec::new() })
             })
         }
@@ -539,12 +542,17 @@ fn list(
         body.extend_from_slice(item.json());
     }
     body.extend_from_slice(b"]}");
-    Ok((
+    Ok(raw_json(body))
+}
+
+/// A 200 whose JSON body is already encoded (objects as the store keeps them).
+fn raw_json(body: Vec<u8>) -> Response {
+    (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
         body,
     )
-        .into_response())
+        .into_response()
 }
 
 /// How one watch stream encodes and filters events.
@@ -615,9 +623,7 @@ impl WatchFilter {
 }
 
 fn line(type_: &str, object: Value) -> Bytes {
-    let mut v = serde_json::to_vec(&json!({"type": type_, "object": object})).unwrap_or_default();
-    v.push(b'\n');
-    Bytes::from(v)
+    raw_line(type_, &serde_json::to_vec(&object).unwrap_or_default())
 }
 
 /// A watch event line around an object's stored JSON, which is sent as it is.

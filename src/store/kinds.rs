@@ -1,11 +1,11 @@
 //! The resource types the embedded API serves, and what it needs to know about each:
 //! names for discovery and the CLI, scope, subresources, printer columns and validation.
 
+use std::sync::Arc;
+
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceColumnDefinition, CustomResourceDefinition,
 };
-use std::sync::Arc;
-
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;

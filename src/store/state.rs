@@ -608,8 +608,8 @@ impl Store {
             };
             return self.create_owned(kind, namespace, doc, fields, owner);
         };
-        let mut current_value = current.value()?;
-        let mut doc = current_value.clone();
+        let mut latest_value = current.value()?;
+        let mut doc = latest_value.clone();
         patch.apply_to(&mut doc)?;
         let mut inner = self.lock();
         // Another writer may have won between the read above and this lock: patch again.
@@ -619,11 +619,10 @@ impl Store {
             .cloned()
             .ok_or_else(|| Self::not_found(kind, name))?;
         if !Arc::ptr_eq(&latest, &current) {
-            current_value = latest.value()?;
-            doc = current_value.clone();
+            latest_value = latest.value()?;
+            doc = latest_value.clone();
             patch.apply_to(&mut doc)?;
         }
-        let latest_value = current_value;
         if meta::str_at(&doc, "/metadata/resourceVersion")
             != meta::str_at(&latest_value, "/metadata/resourceVersion")
         {
