@@ -841,14 +841,7 @@ async fn default_links_go_direct_to_wildcard_ports_and_follow_the_binding() {
         "{narrow:?}"
     );
     for id in ["wide", "narrow"] {
-        let (code, _, _) = get(
-            server.proxy,
-            &format!("{id}.default.preview.localhost"),
-            "/",
-            "",
-        )
-        .await;
-        assert_eq!(code, 200, "{id}");
+        serves(server.proxy, &format!("{id}.default.preview.localhost")).await;
     }
     // The app moves to the wildcard address: the link follows, and still serves.
     crate::docker::sh(
@@ -865,7 +858,24 @@ async fn default_links_go_direct_to_wildcard_ports_and_follow_the_binding() {
             .is_some_and(|u| u.starts_with("http://")),
         "{moved:?}"
     );
-    let (code, _, body) = get(server.proxy, "narrow.default.preview.localhost", "/", "").await;
-    assert_eq!(code, 200);
+    let body = serves(server.proxy, "narrow.default.preview.localhost").await;
     assert!(body.contains("hello from busybox httpd"), "{body}");
+}
+
+/// The body of `/` on `host` once the proxy answers 200. The proxy routes from its watch of
+/// the links, which follows a status write by moments (as an ingress controller follows the
+/// API server): a test that has just read a status waits here for the proxy to hold it.
+async fn serves(proxy: SocketAddr, host: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (code, _, body) = get(proxy, host, "/", "").await;
+        if code == 200 {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{host} still answers {code} {body} after 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
