@@ -4,9 +4,12 @@
 # An upstream (examples/testapp, in a container built with `docker import`) is reached:
 #   direct  — wrk to the container's port, published on 127.0.0.1
 #   proxy   — wrk to previewd's proxy, a `via: direct` link to the container
-#   agent   — wrk to previewd's proxy, a `via: agent` link (through the injected agent, built
-#             with the `agent` size profile as shipped; its own CPU per request is reported
-#             too, its host pid from `docker top`)
+#   agent   — wrk to previewd's proxy, a `via: agent` link: as root beside the engine,
+#             previewd connects inside the container's network namespace (status.route says
+#             `netns:`), else through the agent as `relay` does
+#   relay   — wrk to a second previewd run with --enter-netns false, a `via: agent` link
+#             through the injected agent's relay (built with the `agent` size profile as
+#             shipped; its own CPU per request is reported too, its host pid from `docker top`)
 #   default — wrk to previewd's proxy, a link with no `via` (auto: the app listens on
 #             0.0.0.0, so it should go direct)
 #   ref     — wrk to nginx (keepalive upstream, as a tuned reverse proxy) proxying the container
@@ -46,6 +49,7 @@ NAME=previewd-bench-$$
 cleanup() {
   [ -n "${NGINX_PID:-}" ] && kill "$NGINX_PID" 2>/dev/null || true
   [ -n "${PREVIEWD_PID:-}" ] && kill "$PREVIEWD_PID" 2>/dev/null || true
+  [ -n "${RELAY_PID:-}" ] && kill "$RELAY_PID" 2>/dev/null || true
   docker rm -f "$NAME" >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
@@ -92,7 +96,25 @@ for _ in $(seq 100); do
   sleep 0.2
 done
 echo "default link: $(kubectl --server "http://$API" get pl default -o jsonpath='{.status.route}' 2>/dev/null || true)"
-AGENT_PID=$(docker top "$NAME" -eo pid,args | awk '/previewd-agent serve/ {print $1; exit}')
+echo "agent link: $(kubectl --server "http://$API" get pl agent -o jsonpath='{.status.route}' 2>/dev/null || true)"
+
+# A second previewd that never enters namespaces: its `via: agent` link goes through the
+# agent's relay. Its link is in namespace `relay`, so its agent is installed apart from the
+# first previewd's (/.previewd/relay.*).
+RELAY_API=127.0.0.1:18111 RELAY_PROXY=127.0.0.1:18112
+PREVIEWD_AGENT_BINARY=$AGENT_BINARY PREVIEWD_PATH_URLS=true PREVIEWD_ENTER_NETNS=false RUST_LOG=warn \
+  "$BIN/previewd" serve --api-listen $RELAY_API --proxy-listen $RELAY_PROXY --state-dir "$WORK/relay-state" &
+RELAY_PID=$!
+for _ in $(seq 300); do curl -sf "http://$RELAY_API/readyz" >/dev/null && break; sleep 0.1; done
+"$BIN/previewd" apply --server "http://$RELAY_API" -f - >/dev/null <<YAML
+apiVersion: previewd.dev/v1alpha1
+kind: PreviewLink
+metadata: {name: agent, namespace: relay}
+spec: {target: {docker: {container: $NAME}}, port: 8080, via: agent, access: public}
+YAML
+for _ in $(seq 100); do curl -sf "http://$RELAY_PROXY/p/agent.relay/" >/dev/null && break; sleep 0.2; done
+echo "relay link: $(kubectl --server "http://$RELAY_API" -n relay get pl agent -o jsonpath='{.status.route}' 2>/dev/null || true)"
+AGENT_PID=$(docker top "$NAME" -eo pid,args | awk '/previewd-agent serve/ && /\/\.previewd\/relay\./ {print $1; exit}')
 
 # nginx as a tuned reverse proxy to the same container.
 cat > "$WORK/nginx.conf" <<CONF
@@ -134,13 +156,15 @@ if [ $MODE = instructions ]; then
   exit 0
 fi
 
-echo "== 32 connections: previewd (direct link) vs direct vs nginx; agent and default links as extras =="
+echo "== 32 connections: previewd (direct link) vs direct vs nginx; agent, relay and default links as extras =="
 "$BENCH_TOOL" -c 32 -d 8 -n 3 -P "$PREVIEWD_PID" -R "$NGINX_PID" -r http://127.0.0.1:18103/ \
-  -x "agent=http://$PROXY/p/agent.default/" ${AGENT_PID:+-p "agent=$AGENT_PID"} \
+  -x "agent=http://$PROXY/p/agent.default/" \
+  -x "relay=http://$RELAY_PROXY/p/agent.relay/" ${AGENT_PID:+-p "relay=$AGENT_PID"} \
   -x "default=http://$PROXY/p/default.default/" \
   "http://$PROXY/p/direct.default/" "http://127.0.0.1:$DIRECT_PORT/"
 echo
 echo "== 1 connection: added latency =="
 "$BENCH_TOOL" -t 1 -c 1 -d 5 -n 3 -r http://127.0.0.1:18103/ \
-  -x "agent=http://$PROXY/p/agent.default/" -x "default=http://$PROXY/p/default.default/" \
+  -x "agent=http://$PROXY/p/agent.default/" -x "relay=http://$RELAY_PROXY/p/agent.relay/" \
+  -x "default=http://$PROXY/p/default.default/" \
   "http://$PROXY/p/direct.default/" "http://127.0.0.1:$DIRECT_PORT/"

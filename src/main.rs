@@ -92,6 +92,11 @@ struct ServeArgs {
     /// reconciles, or to exercise the API alone).
     #[arg(long, env = "PREVIEWD_CONTROLLERS", default_value_t = true, action = clap::ArgAction::Set)]
     controllers: bool,
+    /// Connect links to loopback ports from inside their container's network namespace
+    /// when previewd may (root on the Docker engine's host): the app's own loopback, without
+    /// the agent's relay in the way. False, or without the privilege: through the agent.
+    #[arg(long, env = "PREVIEWD_ENTER_NETNS", default_value_t = true, action = clap::ArgAction::Set)]
+    enter_netns: bool,
     /// Address of the preview proxy (link URLs point here).
     #[arg(long, env = "PREVIEWD_PROXY_LISTEN", default_value = "127.0.0.1:8002")]
     proxy_listen: SocketAddr,
@@ -356,6 +361,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 agent_binary,
                 agent_port,
                 controllers,
+                enter_netns,
                 proxy_listen,
                 proxy_header_timeout_ms,
                 proxy_idle_timeout_seconds,
@@ -431,6 +437,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 namespace: watch_namespace,
                 pod_targets,
                 daemon_sources: daemon_sources.clone(),
+                enter_netns,
             };
             let links = LinkConfig {
                 preview_domain,

@@ -11,8 +11,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::agent::http::{self, HeadError, ResponseHead};
 use crate::agent::protocol::{
-    ErrorResponse, HEAD_TIMEOUT, HEALTH_PATH, Health, ListeningPort, MAX_BODY_BYTES,
-    MAX_HEAD_BYTES, PORTS_PATH, PortsResponse, SECRET_HEADER, SHUTDOWN_PATH,
+    ErrorResponse, HEAD_TIMEOUT, HEALTH_PATH, Health, MAX_BODY_BYTES, MAX_HEAD_BYTES, PORTS_PATH,
+    PortsResponse, SECRET_HEADER, SHUTDOWN_PATH,
 };
 use crate::agent::secret::is_header_safe;
 
@@ -50,16 +50,16 @@ where
     read_json(stream, &head).await
 }
 
-/// `GET /v1/ports`: the sockets listening inside the container.
-pub async fn ports<S>(stream: &mut S, secret: &str) -> Result<Vec<ListeningPort>, AgentError>
+/// `GET /v1/ports`: the sockets listening inside the container, and the container's network
+/// namespace as the agent sees it.
+pub async fn ports<S>(stream: &mut S, secret: &str) -> Result<PortsResponse, AgentError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     send(stream, "GET", PORTS_PATH, secret).await?;
     let head = read_response_head(stream).await?;
     expect_ok(stream, &head, None).await?;
-    let body: PortsResponse = read_json(stream, &head).await?;
-    Ok(body.ports)
+    read_json(stream, &head).await
 }
 
 /// `CONNECT localhost:port`: on success the stream is a raw tunnel to that port inside the

@@ -64,6 +64,11 @@ pub struct ListeningPort {
 pub struct PortsResponse {
     /// Listeners, deduplicated and sorted by (port, address).
     pub ports: Vec<ListeningPort>,
+    /// The inode of the agent's network namespace (`/proc/self/ns/net`): previewd, on the
+    /// engine's host, enters the container's namespace only once it names the same one.
+    /// Absent from older agents and where `/proc` is not mounted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_namespace: Option<u64>,
 }
 
 /// The body of every non-2xx answer.

@@ -148,7 +148,16 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             respond_json(io, 200, &health).await?;
         }
         Route::Ports => match proc_net::listening_ports().await {
-            Ok(ports) => respond_json(io, 200, &PortsResponse { ports }).await?,
+            Ok(ports) => {
+                let network_namespace = std::fs::metadata("/proc/self/ns/net")
+                    .ok()
+                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+                let answer = PortsResponse {
+                    ports,
+                    network_namespace,
+                };
+                respond_json(io, 200, &answer).await?;
+            }
             Err(e) => respond_error(io, 500, format!("reading /proc/net failed: {e}")).await?,
         },
         Route::Shutdown => {

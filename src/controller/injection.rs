@@ -24,9 +24,12 @@ use crate::agent::client as agent;
 use crate::agent::protocol::{DAEMON_STATE_DIR, DaemonStatus, INSTALL_DIR, SECRET_ENV};
 use crate::agent::supervise::STARTED_PREFIX;
 use crate::resources::conditions::{self, READY};
-use crate::resources::daemon_injection::{DaemonPhase, DaemonSource, DaemonSpec, Probe};
+use crate::resources::daemon_injection::{
+    DaemonPhase, DaemonSource, DaemonSpec, ListeningSocket, NetworkNamespace, Probe,
+};
 use crate::resources::daemon_source::DaemonSourcePolicy;
 use crate::resources::{DaemonInjection, DaemonInjectionStatus, Target};
+use crate::runtime::netns;
 use crate::runtime::pod::PodTarget;
 use crate::runtime::{ContainerInfo, ContainerRuntime, ExecSpec, FileUpload, RuntimeError};
 
@@ -85,6 +88,8 @@ pub enum Outcome {
         version: String,
         /// Whether it was (re-)injected now rather than found running.
         injected: bool,
+        /// The container's main process on the engine's host, if the engine said.
+        pid: Option<u32>,
     },
     /// The agent serves, but the user daemon beside it exited (its supervisor restarts it):
     /// phase Failed, with the agent's fields kept so the next check adopts it.
@@ -178,6 +183,7 @@ pub fn status_for(obj: &DaemonInjection, outcome: &Outcome, now: Time) -> Daemon
             endpoint,
             version,
             injected,
+            ..
         } => {
             agent_serves(container_id, endpoint, version, *injected);
             (
@@ -198,10 +204,12 @@ pub fn status_for(obj: &DaemonInjection, outcome: &Outcome, now: Time) -> Daemon
         }
         Outcome::Waiting { message, .. } => {
             st.endpoint = None;
+            st.network_namespace = None;
             (DaemonPhase::Pending, false, message.clone())
         }
         Outcome::Failed { message, .. } => {
             st.endpoint = None;
+            st.network_namespace = None;
             (DaemonPhase::Failed, false, message.clone())
         }
     };
@@ -266,12 +274,17 @@ async fn apply<R: ContainerRuntime>(
     if let Outcome::Running {
         endpoint,
         container_id,
+        pid,
         ..
     } = &outcome
         && obj.spec.daemon.is_none()
-        && let Some(ports) = listening(ctx, &obj, endpoint, container_id).await
+        && let Some(answer) = listening(ctx, &obj, endpoint, container_id).await
     {
-        status.ports = ports;
+        status.ports = answer.ports;
+        status.network_namespace = ctx
+            .enter_netns
+            .then(|| enterable(*pid, answer.agent_namespace))
+            .flatten();
     }
     write_status(ctx, &obj, status).await?;
     announce(ctx, &obj, &outcome).await;
@@ -364,12 +377,29 @@ const PORTS_RECHECK: Duration = Duration::from_secs(10);
 
 /// The sockets listening in the container, as the agent at `endpoint` (`ip:port`, or `exec`)
 /// reads them, sorted; `None` when it cannot say now (the previous reading then stays).
+/// What the agent says of its container's network: the sockets listening there, and the
+/// inode of the namespace (if it could read it).
+struct Listening {
+    ports: Vec<ListeningSocket>,
+    agent_namespace: Option<u64>,
+}
+
+/// The container's network namespace, for links to enter: when host pid `pid` is in the
+/// namespace the agent reported as its own (so previewd shares the engine's host and pid
+/// namespace), and that is not previewd's own (a host-network container's agent is on
+/// loopback already).
+fn enterable(pid: Option<u32>, agent_namespace: Option<u64>) -> Option<NetworkNamespace> {
+    let (pid, inode) = (pid?, agent_namespace?);
+    (netns::inode_of(pid).ok() == Some(inode) && netns::own_inode() != Some(inode))
+        .then_some(NetworkNamespace { pid, inode })
+}
+
 async fn listening<R: ContainerRuntime>(
     ctx: &Context<R>,
     obj: &DaemonInjection,
     endpoint: &str,
     container_id: &str,
-) -> Option<Vec<crate::resources::daemon_injection::ListeningSocket>> {
+) -> Option<Listening> {
     let secret = agent_secret(ctx, obj).await.ok()?;
     let ask = async {
         if endpoint == "exec" {
@@ -387,17 +417,21 @@ async fn listening<R: ContainerRuntime>(
             agent::ports(&mut stream, &secret).await.ok()
         }
     };
-    let ports = tokio::time::timeout(HEALTH_TIMEOUT, ask).await.ok()??;
-    let mut sockets: Vec<_> = ports
+    let answer = tokio::time::timeout(HEALTH_TIMEOUT, ask).await.ok()??;
+    let mut ports: Vec<_> = answer
+        .ports
         .into_iter()
-        .map(|p| crate::resources::daemon_injection::ListeningSocket {
+        .map(|p| ListeningSocket {
             address: p.address.to_string(),
             port: i32::from(p.port),
         })
         .collect();
-    sockets.sort_by(|a, b| (a.port, &a.address).cmp(&(b.port, &b.address)));
-    sockets.dedup();
-    Some(sockets)
+    ports.sort_by(|a, b| (a.port, &a.address).cmp(&(b.port, &b.address)));
+    ports.dedup();
+    Some(Listening {
+        ports,
+        agent_namespace: answer.network_namespace,
+    })
 }
 
 /// Name of the Secret holding an injection's agent secret (the proxy and the REST shim read
@@ -535,6 +569,7 @@ async fn inject<R: ContainerRuntime, T: ContainerRuntime>(
         endpoint,
         version,
         injected,
+        pid: info.pid,
     };
     let exited =
         |endpoint: String, version: String, injected: bool, message| Outcome::DaemonExited {
@@ -1128,6 +1163,7 @@ mod tests {
             endpoint: "172.17.0.2:19876".into(),
             version: "0.1.0".into(),
             injected,
+            pid: Some(4242),
         }
     }
 
@@ -1163,8 +1199,12 @@ mod tests {
     #[test]
     fn reinjection_counts_a_restart_and_failure_clears_the_endpoint() {
         let first = status_for(&obj(None), &running(true), at(100));
-        let again = status_for(&obj(Some(first.clone())), &running(true), at(200));
+        let mut again = status_for(&obj(Some(first.clone())), &running(true), at(200));
         assert_eq!(again.restarts, Some(1));
+        again.network_namespace = Some(NetworkNamespace {
+            pid: 4242,
+            inode: 4026532289,
+        });
         let gone = status_for(
             &obj(Some(again)),
             &Outcome::failed("ContainerNotFound", "container \"web\" not found"),
@@ -1172,6 +1212,7 @@ mod tests {
         );
         assert_eq!(gone.phase, Some(DaemonPhase::Failed));
         assert_eq!(gone.endpoint, None);
+        assert_eq!(gone.network_namespace, None, "its pid may be reused");
         let ready = conditions::find(&gone.conditions, READY);
         assert_eq!(
             ready.map(|c| (
@@ -1181,6 +1222,16 @@ mod tests {
             )),
             Some(("False", "ContainerNotFound", 300))
         );
+    }
+
+    #[test]
+    fn only_a_namespace_the_agent_confirmed_and_not_previewds_own_is_entered() {
+        let me = std::process::id();
+        let own = netns::own_inode();
+        assert_eq!(enterable(Some(me), own), None, "previewd's own namespace");
+        assert_eq!(enterable(Some(me), own.map(|i| i + 1)), None, "another one");
+        assert_eq!(enterable(None, own.map(|i| i + 1)), None, "no pid");
+        assert_eq!(enterable(Some(me), None), None, "an agent that did not say");
     }
 
     #[test]

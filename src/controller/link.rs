@@ -24,7 +24,7 @@ use super::shared::{self, MANAGED_BY};
 use super::{Context, Error};
 use crate::resources::capability;
 use crate::resources::conditions::{self, READY};
-use crate::resources::daemon_injection::DaemonPhase;
+use crate::resources::daemon_injection::{DaemonPhase, NetworkNamespace};
 use crate::resources::preview_link::{LinkPhase, SecretRef, Via};
 use crate::resources::target::DockerTarget;
 use crate::resources::{
@@ -444,6 +444,11 @@ async fn resolve_upstream<R: ContainerRuntime>(
             {
                 return Ok(route);
             }
+            if let (Some(DaemonPhase::Running), Some(endpoint), Some(ns)) =
+                (st.phase, &st.endpoint, st.network_namespace)
+            {
+                return Ok(netns_route(link.spec.via, port, endpoint, ns, &st.ports));
+            }
             match (st.phase, st.endpoint) {
                 (Some(DaemonPhase::Running), Some(endpoint))
                     if endpoint == "exec" && matches!(link.spec.target, Target::Pod(_)) =>
@@ -568,6 +573,26 @@ fn loopback_reason(
         format!("nothing listens on port {port} yet")
     } else {
         format!("port {port} listens on {} only", bound.join(" and "))
+    }
+}
+
+/// A link that connects inside the container's network namespace (recorded by its
+/// injection when previewd may enter it): the app's own loopback, without the agent's relay.
+fn netns_route(
+    via: Via,
+    port: i32,
+    endpoint: &str,
+    ns: NetworkNamespace,
+    ports: &[crate::resources::daemon_injection::ListeningSocket],
+) -> LinkOutcome {
+    let why = match via {
+        Via::Auto if endpoint == "exec" => "the container has no routable address".to_owned(),
+        Via::Auto => loopback_reason(port, ports),
+        _ => "spec.via is agent".to_owned(),
+    };
+    LinkOutcome::Ready {
+        upstream: format!("netns://{}/{port}?ns={}", ns.pid, ns.inode),
+        route: format!("netns: {why}; previewd connects inside the container's network namespace"),
     }
 }
 
@@ -887,6 +912,44 @@ mod tests {
                 .parse()
                 .unwrap_or(std::net::Ipv6Addr::LOCALHOST.into())
         ));
+    }
+
+    #[test]
+    fn links_enter_the_namespace_their_injection_recorded() {
+        use crate::resources::daemon_injection::ListeningSocket;
+        let ports = [ListeningSocket {
+            address: "127.0.0.1".into(),
+            port: 3000,
+        }];
+        let ns = NetworkNamespace {
+            pid: 4242,
+            inode: 4026532289,
+        };
+        let routed = |via, endpoint| match netns_route(via, 3000, endpoint, ns, &ports) {
+            LinkOutcome::Ready { upstream, route } => (upstream, route),
+            _ => panic!("not ready"),
+        };
+        let (upstream, route) = routed(Via::Auto, "172.17.0.2:4567");
+        assert_eq!(upstream, "netns://4242/3000?ns=4026532289");
+        assert_eq!(
+            route,
+            "netns: port 3000 listens on 127.0.0.1 only; previewd connects inside the container's network namespace"
+        );
+        assert!(routed(Via::Auto, "exec").1.contains("no routable address"));
+        assert!(
+            routed(Via::Agent, "exec")
+                .1
+                .starts_with("netns: spec.via is agent;")
+        );
+        // The proxy reads what the controller writes.
+        assert_eq!(
+            crate::proxy::routes::parse_upstream(&upstream),
+            Ok(crate::proxy::routes::Upstream::Netns {
+                pid: 4242,
+                inode: 4026532289,
+                port: 3000
+            })
+        );
     }
 
     #[test]

@@ -138,6 +138,10 @@ pub struct Context<R: ContainerRuntime> {
     pub undecodable: Undecodable,
     /// Which links use each shared injection.
     pub users: users::Users,
+    /// Whether links to loopback ports may connect from inside a container's network
+    /// namespace (asked for, and previewd has the privilege): injections then record the
+    /// namespace for them.
+    pub enter_netns: bool,
 }
 
 /// How the controllers are run.
@@ -154,6 +158,9 @@ pub struct ControllerConfig {
     pub pod_targets: bool,
     /// Where user-named daemons may be read from.
     pub daemon_sources: DaemonSourcePolicy,
+    /// Let links to loopback ports connect from inside containers' network namespaces when
+    /// previewd may enter them, instead of through the agent's relay.
+    pub enter_netns: bool,
 }
 
 /// Connects to Docker (when reachable) and runs the controllers until
@@ -200,8 +207,25 @@ pub async fn run(
         agent_port: config.agent_port,
         links,
         daemon_sources: config.daemon_sources,
+        enter_netns: config.enter_netns && may_enter_netns(),
     });
     run_with(ctx, config.namespace.as_deref(), link_cache, shutdown).await
+}
+
+/// Whether this process may enter network namespaces, said once in the log either way: it
+/// decides whether links to loopback ports pass through the agent.
+fn may_enter_netns() -> bool {
+    let may = crate::runtime::netns::may_enter();
+    if may {
+        tracing::info!(
+            "links to loopback ports connect inside their container's network namespace"
+        );
+    } else {
+        tracing::info!(
+            "links to loopback ports go through the agent: previewd cannot enter network namespaces (that needs root on the Docker engine's host)"
+        );
+    }
+    may
 }
 
 /// Runs the DaemonInjection and PreviewLink controllers with a given context until

@@ -135,6 +135,7 @@ fn check_upstream(text: &str) {
             agent_path,
             port,
         } => format!("agent+exec://{container}/{port}?agent={agent_path}"),
+        Upstream::Netns { pid, inode, port } => format!("netns://{pid}/{port}?ns={inode}"),
     };
     assert_eq!(
         parse_upstream(&rendered).ok().as_ref(),

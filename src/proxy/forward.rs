@@ -4,7 +4,7 @@
 //! [`super::h1`] on the client connection's task; the rest go through hyper's client.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use crate::proxy::h1::{self, H1Body, H1Conn, H1Error};
 use crate::proxy::revoke::{Active, Activity, StreamGuard};
 use crate::proxy::routes::Upstream;
 use crate::runtime::docker::DockerRuntime;
+use crate::runtime::netns;
 use crate::runtime::{ContainerRuntime, ExecSpec, ExecStdio};
 
 /// Buffer size for spliced upgraded connections (WebSocket frames up to this size move in one
@@ -260,8 +261,39 @@ impl UpstreamConnector {
                     .map(UpstreamStream::Exec)
                     .map_err(agent_failure)
             }
+            Upstream::Netns { pid, inode, port } => connect_in(*pid, *inode, *port)
+                .await
+                .map(UpstreamStream::Tcp),
         }
     }
+}
+
+/// A connection to `port` on the container's loopback, from a socket made in its network
+/// namespace: 127.0.0.1, else [::1] (as the agent dials `localhost`).
+async fn connect_in(pid: u32, inode: u64, port: u16) -> Result<TcpStream, ProxyError> {
+    let mut refused = false;
+    for ip in [
+        IpAddr::from(Ipv4Addr::LOCALHOST),
+        Ipv6Addr::LOCALHOST.into(),
+    ] {
+        let addr = SocketAddr::new(ip, port);
+        let socket = match netns::socket_in(pid, inode, addr).await {
+            Ok(socket) => socket,
+            Err(_) if refused => break,
+            Err(e) => return Err(ProxyError::UpstreamUnreachable(e.to_string())),
+        };
+        match socket.connect(addr).await {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refused = true,
+            // No IPv6 in the container: what IPv4 said stands.
+            Err(_) if refused => break,
+            Err(e) => return Err(ProxyError::UpstreamUnreachable(format!("{addr}: {e}"))),
+        }
+    }
+    Err(ProxyError::PortClosed(port))
 }
 
 async fn connect(addr: SocketAddr) -> Result<TcpStream, ProxyError> {
@@ -570,7 +602,9 @@ impl Pool {
 
     fn new(connector: UpstreamConnector) -> Arc<Pool> {
         let default_host = match &connector.upstream {
-            Upstream::Agent { port, .. } | Upstream::Exec { port, .. } => {
+            Upstream::Agent { port, .. }
+            | Upstream::Exec { port, .. }
+            | Upstream::Netns { port, .. } => {
                 HeaderValue::from_str(&format!("localhost:{port}")).ok()
             }
             Upstream::Direct(addr) => HeaderValue::from_str(&addr.to_string()).ok(),

@@ -153,7 +153,7 @@ impl Routes {
             .ok_or(ProxyError::LinkNotFound)?;
         let (upstream, _) = routes::admit(&link, k8s_openapi::jiff::Timestamp::now())?;
         match routes::parse_upstream(upstream)? {
-            Upstream::Direct(_) => Ok(()),
+            Upstream::Direct(_) | Upstream::Netns { .. } => Ok(()),
             Upstream::Agent { .. } | Upstream::Exec { .. } => self
                 .agent_secret(&link)
                 .map(|_| ())
@@ -617,7 +617,8 @@ async fn serve(
         (path_routed && !keep_prefix).then(|| routed.prefix.trim_end_matches('/').to_owned());
     // The link's own origin as the client addressed it, where anything is mapped to and from
     // it: the Host is rewritten (through the agent, or spec.hostRewrite), or a prefix is
-    // stripped. A direct host-routed link (most requests) builds none.
+    // stripped. A direct host-routed link (most requests) builds none. Through the agent or
+    // the container's namespace, the app is at localhost:{port}.
     let host_rewritten =
         link.spec.host_rewrite.is_some() || !matches!(upstream, Upstream::Direct(_));
     let public_origin = (host_rewritten || stripped.is_some()).then(|| {
@@ -662,7 +663,7 @@ async fn serve(
     }
     let secret = match upstream {
         Upstream::Agent { .. } | Upstream::Exec { .. } => proxy.routes.agent_secret(&link),
-        Upstream::Direct(_) => None,
+        Upstream::Direct(_) | Upstream::Netns { .. } => None,
     };
     let to = conn
         .worker
@@ -670,8 +671,10 @@ async fn serve(
         .destination(&conn.affinity, &upstream, secret.as_deref());
     let rewritten = match (&link.spec.host_rewrite, &upstream) {
         (Some(h), _) => HeaderValue::from_str(h).ok(),
-        // Dev servers check Host; through the agent the app is at localhost:{port}.
-        (None, Upstream::Agent { .. } | Upstream::Exec { .. }) => to.pool.default_host.clone(),
+        // Dev servers check Host; the app is at localhost:{port}.
+        (None, Upstream::Agent { .. } | Upstream::Exec { .. } | Upstream::Netns { .. }) => {
+            to.pool.default_host.clone()
+        }
         (None, Upstream::Direct(_)) => None,
     };
     let host = rewritten

@@ -121,11 +121,31 @@ pub enum Upstream {
         /// The port inside the container.
         port: u16,
     },
+    /// To `127.0.0.1:{port}` (else `[::1]:{port}`) from a socket made inside the container's
+    /// network namespace, which host pid `pid` is in if it still has inode `inode`.
+    Netns {
+        /// A host pid in the namespace.
+        pid: u32,
+        /// The namespace's inode.
+        inode: u64,
+        /// The port inside the container.
+        port: u16,
+    },
 }
 
-/// Parses `status.upstream` (`agent://ip:port/{port}`, `http://ip:port` or
-/// `agent+exec://{container}/{port}?agent={path}`).
+/// Parses `status.upstream` (`agent://ip:port/{port}`, `http://ip:port`,
+/// `agent+exec://{container}/{port}?agent={path}` or `netns://{pid}/{port}?ns={inode}`).
 pub fn parse_upstream(upstream: &str) -> Result<Upstream, ProxyError> {
+    if let Some(rest) = upstream.strip_prefix("netns://") {
+        let malformed =
+            || ProxyError::UpstreamUnreachable(format!("malformed upstream {upstream:?}"));
+        let (target, inode) = rest.split_once("?ns=").ok_or_else(malformed)?;
+        let (pid, port) = target.split_once('/').ok_or_else(malformed)?;
+        return match (pid.parse(), inode.parse(), port.parse()) {
+            (Ok(pid), Ok(inode), Ok(port)) => Ok(Upstream::Netns { pid, inode, port }),
+            _ => Err(malformed()),
+        };
+    }
     if let Some(rest) = upstream.strip_prefix("agent+exec://") {
         let malformed =
             || ProxyError::UpstreamUnreachable(format!("malformed upstream {upstream:?}"));
@@ -295,6 +315,23 @@ mod tests {
             })
         );
         assert!(parse_upstream("agent+exec://abc/3000").is_err());
+        assert_eq!(
+            parse_upstream("netns://4242/3000?ns=4026532289"),
+            Ok(Upstream::Netns {
+                pid: 4242,
+                inode: 4026532289,
+                port: 3000
+            })
+        );
+        for bad in [
+            "netns://4242/3000",
+            "netns://4242?ns=1",
+            "netns://x/3000?ns=1",
+            "netns://4242/70000?ns=1",
+            "netns://4242/3000?ns=-1",
+        ] {
+            assert!(parse_upstream(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

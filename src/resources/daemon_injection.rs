@@ -249,6 +249,21 @@ pub struct DaemonInjectionStatus {
     /// wildcard address, and through the agent to one bound to loopback.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<ListeningSocket>,
+    /// The container's network namespace as previewd's host numbers it. Set when previewd
+    /// may enter namespaces (it runs as root beside the engine) and the agent reported the
+    /// same one: links to loopback ports then connect from inside it, not through the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_namespace: Option<NetworkNamespace>,
+}
+
+/// A network namespace on previewd's host: a pid in it, and its identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NetworkNamespace {
+    /// A host pid in the namespace (the container's main process).
+    pub pid: u32,
+    /// The namespace's inode (of `/proc/{pid}/ns/net`), checked before every entry, so a
+    /// pid reused after the container stopped is never entered.
+    pub inode: u64,
 }
 
 /// One socket listening inside a container.

@@ -96,11 +96,10 @@ fn classify(container: &str, action: &'static str, e: DockerError) -> RuntimeErr
 /// network namespace. Unknowable when previewd runs in a container of its own (the pid is
 /// another namespace's): callers then treat it as not shared.
 fn shares_my_network(pid: i64) -> std::io::Result<bool> {
-    if pid <= 0 {
+    let Ok(pid @ 1..) = u32::try_from(pid) else {
         return Ok(false);
-    }
-    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net"))?;
-    Ok(std::fs::read_link("/proc/self/ns/net")? == theirs)
+    };
+    Ok(Some(super::netns::inode_of(pid)?) == super::netns::own_inode())
 }
 
 /// The largest piece of an upload handed to the engine's HTTP client at once. hyper copies
@@ -301,6 +300,10 @@ impl ContainerRuntime for DockerRuntime {
                 .and_then(|h| h.readonly_rootfs)
                 .unwrap_or(false),
             ips,
+            pid: state
+                .and_then(|s| s.pid)
+                .and_then(|pid| u32::try_from(pid).ok())
+                .filter(|pid| *pid > 0),
         })
     }
 

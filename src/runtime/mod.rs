@@ -5,6 +5,7 @@
 //! injection terms, so the injection sequence lives once, in the controller, for every runtime.
 
 pub mod docker;
+pub mod netns;
 pub mod pod;
 
 use std::net::IpAddr;
@@ -36,6 +37,10 @@ pub struct ContainerInfo {
     pub read_only_rootfs: bool,
     /// Addresses previewd can try to reach the container at, best first.
     pub ips: Vec<IpAddr>,
+    /// The container's main process as the engine's host numbers it (Docker's `State.Pid`):
+    /// when previewd runs on that host, its `/proc` entry names the container's network
+    /// namespace ([`netns`]). `None` when not running, and for pods.
+    pub pid: Option<u32>,
 }
 
 /// One file to place in a container.

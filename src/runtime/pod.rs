@@ -516,6 +516,8 @@ impl ContainerRuntime for PodRuntime {
                 .and_then(|s| s.read_only_root_filesystem)
                 .unwrap_or(false),
             ips,
+            // The pod's processes are on a node, not in previewd's /proc.
+            pid: None,
         })
     }
 

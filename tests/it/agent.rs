@@ -281,9 +281,15 @@ async fn ports_lists_ipv4_and_ipv6_listeners() {
             ),
         }
     }
-    let ports = client::ports(&mut agent.stream().await, SECRET)
+    let answer = client::ports(&mut agent.stream().await, SECRET)
         .await
         .unwrap();
+    // This agent runs beside the test, in its network namespace, and says which that is.
+    assert_eq!(
+        answer.network_namespace,
+        previewd::runtime::netns::own_inode()
+    );
+    let ports = answer.ports;
     for port in &expected {
         assert!(ports.contains(port), "{port:?} missing from {ports:?}");
     }

@@ -173,14 +173,21 @@ async fn injects_into_public_local_noshell_and_nonroot_containers() {
     let mut conn = TcpStream::connect(endpoint)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let ports = agent::ports(&mut conn, &secret)
+    let answer = agent::ports(&mut conn, &secret)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(
-        ports
+        answer
+            .ports
             .iter()
             .any(|p| p.port == 3000 && p.address.to_string() == "127.0.0.1"),
-        "{ports:?}"
+        "{answer:?}"
+    );
+    // The agent names the container's network namespace, not the host's.
+    let own = previewd::runtime::netns::own_inode();
+    assert!(
+        answer.network_namespace.is_some() && answer.network_namespace != own,
+        "{answer:?} (host: {own:?})"
     );
     let conn = TcpStream::connect(endpoint)
         .await
@@ -915,7 +922,7 @@ async fn preview_links_share_an_agent_hold_a_token_hash_and_clean_up() {
     let public =
         TestContainer::httpd(rt.client(), "0.0.0.0:8080", None, HostConfig::default()).await;
     let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let server = server(state.path());
+    let server = server_with(state.path(), crate::proxy::RELAY);
     let links: Api<PreviewLink> = Api::default_namespaced(server.client());
     let injections: Api<DaemonInjection> = Api::default_namespaced(server.client());
     for l in [

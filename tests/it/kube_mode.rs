@@ -75,16 +75,22 @@ async fn serves_previews_within(rbac: &Manifests) {
         "{status}"
     );
 
-    // The same status as in local mode: Ready through the agent, token only as a hash.
+    // The same status as in local mode: Ready inside the container's network namespace
+    // (previewd runs beside the engine here) or else through the agent, token only as a hash.
     let links: Api<PreviewLink> = Api::default_namespaced(apiserver.client());
     let name = preview["link"].as_str().unwrap_or("");
     let link = links.get(name).await.unwrap_or_else(|e| panic!("{e}"));
     let st = link.status.unwrap_or_default();
     assert_eq!(st.phase, Some(LinkPhase::Ready));
+    let scheme = if previewd::runtime::netns::may_enter() {
+        "netns://"
+    } else {
+        "agent://"
+    };
     assert!(
         st.upstream
             .as_deref()
-            .is_some_and(|u| u.starts_with("agent://")),
+            .is_some_and(|u| u.starts_with(scheme)),
         "{:?}",
         st.upstream
     );

@@ -22,6 +22,10 @@ async fn get(proxy: SocketAddr, host: &str, path: &str, extra: &str) -> (u16, St
     .await
 }
 
+/// previewd with links to loopback ports through the agent, as without the privilege to
+/// enter containers' network namespaces.
+pub const RELAY: &[(&str, &str)] = &[("PREVIEWD_ENTER_NETNS", "false")];
+
 async fn ready(api: &Api<PreviewLink>, name: &str) {
     wait_link(api, name, LinkPhase::Ready).await;
 }
@@ -271,7 +275,8 @@ async fn websockets_sse_and_large_bodies_stream_through_the_agent() {
     images(rt.client()).await;
     let app = TestContainer::testapp(rt.client(), "127.0.0.1:3000", HostConfig::default()).await;
     let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let server = crate::docker::server(state.path());
+    // The agent's relay, as previewd uses it without the privilege to enter namespaces.
+    let server = crate::docker::server_with(state.path(), RELAY);
     let links: Api<PreviewLink> = Api::default_namespaced(server.client());
     links
         .create(
@@ -428,7 +433,7 @@ async fn containers_without_a_network_are_served_through_exec() {
     };
     let isolated = TestContainer::testapp(rt.client(), "127.0.0.1:3000", host).await;
     let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let server = crate::docker::server(state.path());
+    let server = crate::docker::server_with(state.path(), RELAY);
     let links: Api<PreviewLink> = Api::default_namespaced(server.client());
     links
         .create(
@@ -832,16 +837,29 @@ async fn default_links_go_direct_to_wildcard_ports_and_follow_the_binding() {
             .is_some_and(|u| u.starts_with("http://")),
         "{wide:?}"
     );
-    let narrow = route_of("narrow", "agent: port 3000 listens on 127.0.0.1 only").await;
+    // Bound to loopback: from inside the container's network namespace when previewd may
+    // enter it, else through the agent.
+    let (route, scheme) = if previewd::runtime::netns::may_enter() {
+        ("netns: port 3000 listens on 127.0.0.1 only", "netns://")
+    } else {
+        ("agent: port 3000 listens on 127.0.0.1 only", "agent://")
+    };
+    let narrow = route_of("narrow", route).await;
     assert!(
         narrow
             .upstream
             .as_deref()
-            .is_some_and(|u| u.starts_with("agent://")),
+            .is_some_and(|u| u.starts_with(scheme)),
         "{narrow:?}"
     );
     for id in ["wide", "narrow"] {
-        serves(server.proxy, &format!("{id}.default.preview.localhost")).await;
+        serves(
+            server.proxy,
+            &format!("{id}.default.preview.localhost"),
+            "/",
+            "",
+        )
+        .await;
     }
     // The app moves to the wildcard address: the link follows, and still serves.
     crate::docker::sh(
@@ -858,17 +876,17 @@ async fn default_links_go_direct_to_wildcard_ports_and_follow_the_binding() {
             .is_some_and(|u| u.starts_with("http://")),
         "{moved:?}"
     );
-    let body = serves(server.proxy, "narrow.default.preview.localhost").await;
+    let body = serves(server.proxy, "narrow.default.preview.localhost", "/", "").await;
     assert!(body.contains("hello from busybox httpd"), "{body}");
 }
 
-/// The body of `/` on `host` once the proxy answers 200. The proxy routes from its watch of
-/// the links, which follows a status write by moments (as an ingress controller follows the
-/// API server): a test that has just read a status waits here for the proxy to hold it.
-async fn serves(proxy: SocketAddr, host: &str) -> String {
+/// The body of `path` on `host` once the proxy answers 200. The proxy routes from its watch
+/// of the links, which follows a status write by moments (as an ingress controller follows
+/// the API server): a test that has just read a status waits here for the proxy to hold it.
+async fn serves(proxy: SocketAddr, host: &str, path: &str, extra: &str) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let (code, _, body) = get(proxy, host, "/", "").await;
+        let (code, _, body) = get(proxy, host, path, extra).await;
         if code == 200 {
             return body;
         }
@@ -878,4 +896,179 @@ async fn serves(proxy: SocketAddr, host: &str) -> String {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Whether previewd may enter containers' network namespaces here; required with the Docker
+/// tests (CI runs them as root beside the engine).
+fn netns_or_skip() -> bool {
+    if previewd::runtime::netns::may_enter() {
+        return true;
+    }
+    assert!(
+        std::env::var("PREVIEWD_REQUIRE_DOCKER").as_deref() != Ok("1"),
+        "the Docker tests are required (PREVIEWD_REQUIRE_DOCKER=1) but this user cannot enter network namespaces (run them as root)"
+    );
+    eprintln!("\n!!!!! SKIPPED: cannot enter network namespaces (not root) !!!!!\n");
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_to_loopback_ports_connect_inside_the_containers_network_namespace() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let Some(rt) = docker().await else { return };
+    if !netns_or_skip() {
+        return;
+    }
+    images(rt.client()).await;
+    let app = TestContainer::testapp(rt.client(), "127.0.0.1:3000", HostConfig::default()).await;
+    let none = HostConfig {
+        network_mode: Some("none".into()),
+        ..Default::default()
+    };
+    let isolated = TestContainer::testapp(rt.client(), "127.0.0.1:3000", none).await;
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let server = crate::docker::server(state.path());
+    let links: Api<PreviewLink> = Api::default_namespaced(server.client());
+    for l in [
+        link("app", &app.name, 3000, serde_json::json!({})),
+        link(
+            "pinned",
+            &app.name,
+            3000,
+            serde_json::json!({"via": "agent"}),
+        ),
+        link("isolated", &isolated.name, 3000, serde_json::json!({})),
+    ] {
+        links
+            .create(&PostParams::default(), &l)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let pid_of = |name: String| {
+        let rt = rt.clone();
+        async move {
+            rt.client()
+                .inspect_container(&name, None)
+                .await
+                .ok()
+                .and_then(|c| c.state?.pid)
+                .unwrap_or_default()
+        }
+    };
+    let netns_upstream = |name: &'static str| {
+        let links = links.clone();
+        async move {
+            let upstream = |l: PreviewLink| l.status?.upstream;
+            eventually(
+                Duration::from_secs(60),
+                &format!("{name} to connect inside the namespace"),
+                || {
+                    let links = links.clone();
+                    async move {
+                        let u = links.get(name).await.ok().and_then(upstream)?;
+                        u.starts_with("netns://").then_some(u)
+                    }
+                },
+            )
+            .await
+        }
+    };
+    for (name, container, why) in [
+        ("app", &app.name, "port 3000 listens on 127.0.0.1 only"),
+        ("pinned", &app.name, "spec.via is agent"),
+        (
+            "isolated",
+            &isolated.name,
+            "the container has no routable address",
+        ),
+    ] {
+        let upstream = netns_upstream(name).await;
+        let pid = pid_of(container.clone()).await;
+        assert!(
+            upstream.starts_with(&format!("netns://{pid}/3000?ns=")),
+            "{name}: {upstream} (container pid {pid})"
+        );
+        let route = links
+            .get(name)
+            .await
+            .ok()
+            .and_then(|l| l.status?.route)
+            .unwrap_or_default();
+        assert!(
+            route.starts_with(&format!("netns: {why};")),
+            "{name}: {route}"
+        );
+        let token = token_of(&server, name);
+        let auth = format!("X-Previewd-Token: {token}\r\n");
+        let (code, _, seen) = get(
+            server.proxy,
+            "127.0.0.1",
+            &format!("/p/{name}.default/headers"),
+            &auth,
+        )
+        .await;
+        assert_eq!(code, 200, "{name}: {seen}");
+        // As through the agent, the app is addressed as localhost.
+        assert!(seen.contains("host: localhost:3000"), "{name}: {seen}");
+    }
+
+    // WebSockets and large bodies stream through the namespace's loopback.
+    let token = token_of(&server, "app");
+    let mut ws = token_websocket(server.proxy, "/p/app.default/ws", &token).await;
+    ws.send(Message::Text("through the namespace".into()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let echoed = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+    assert!(
+        matches!(&echoed, Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "through the namespace"),
+        "{echoed:?}"
+    );
+    let auth = format!("X-Previewd-Token: {token}\r\n");
+    let (code, _, body) = get(
+        server.proxy,
+        "127.0.0.1",
+        "/p/app.default/download?bytes=8388608",
+        &auth,
+    )
+    .await;
+    let streamed = body.bytes().filter(|b| *b == b'x').count();
+    assert_eq!((code, streamed), (200, 8 << 20));
+
+    // The agent is not on the way: with it gone, the link still serves.
+    let ps = crate::docker::sh(&rt, &app.name, &["/bin/ps", "-o", "pid,args"]).await;
+    let agents: Vec<&str> = ps
+        .lines()
+        .filter(|l| l.contains("previewd-agent serve"))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(agents.len(), 1, "{ps}");
+    let kill: Vec<&str> = ["/bin/kill", "-9"].into_iter().chain(agents).collect();
+    crate::docker::sh(&rt, &app.name, &kill).await;
+    eventually(Duration::from_secs(10), "the agent to be gone", || async {
+        (crate::docker::agent_processes(&rt, &app.name).await == 0).then_some(())
+    })
+    .await;
+    let (code, _, body) = get(server.proxy, "127.0.0.1", "/p/app.default/", &auth).await;
+    assert_eq!((code, body.as_str()), (200, "hello from testapp\n"));
+
+    // A restarted container has a new pid: the link follows it, and never enters the old one.
+    let before = netns_upstream("app").await;
+    rt.client()
+        .restart_container(&app.name, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pid = pid_of(app.name.clone()).await;
+    eventually(
+        Duration::from_secs(60),
+        "the link to follow the restarted container",
+        || async {
+            let u = links.get("app").await.ok()?.status?.upstream?;
+            (u != before && u.starts_with(&format!("netns://{pid}/"))).then_some(())
+        },
+    )
+    .await;
+    let body = serves(server.proxy, "127.0.0.1", "/p/app.default/", &auth).await;
+    assert_eq!(body, "hello from testapp\n");
 }
