@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
-    Container, Namespace, PodSecurityContext, SecurityContext, Service, ServiceAccount,
+    Container, Namespace, PodSecurityContext, Probe, SecurityContext, Service, ServiceAccount,
 };
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::api::rbac::v1::{
@@ -1338,13 +1338,27 @@ fn the_probes_answer_without_the_token_beyond_loopback() {
         .next()
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no port in {}", srv.url));
-    for probe in [&c.liveness_probe, &c.readiness_probe] {
-        let path = probe
+    let path_of = |probe: &Option<Probe>| {
+        probe
             .as_ref()
             .and_then(|p| p.http_get.as_ref())
             .and_then(|g| g.path.clone())
-            .unwrap_or_default();
-        assert_eq!(get_status(port, &path), 200, "{path}");
+            .unwrap_or_default()
+    };
+    let live = path_of(&c.liveness_probe);
+    assert_eq!(get_status(port, &live), 200, "{live}");
+    // Readiness waits for the first lists of the watches (as the kubelet keeps probing): the
+    // token must never be what stands in the way.
+    let ready = path_of(&c.readiness_probe);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match get_status(port, &ready) {
+            200 => break,
+            503 if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            code => panic!("{ready} answered {code}"),
+        }
     }
     assert_eq!(
         get_status(port, "/metrics"),
