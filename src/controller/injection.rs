@@ -183,9 +183,14 @@ pub fn status_for(obj: &DaemonInjection, outcome: &Outcome, now: Time) -> Daemon
             endpoint,
             version,
             injected,
-            ..
+            pid,
         } => {
             agent_serves(container_id, endpoint, version, *injected);
+            // A namespace recorded for another process (the container restarted) is not
+            // this one's, even before the agent is asked again.
+            if st.network_namespace.is_some_and(|ns| Some(ns.pid) != *pid) {
+                st.network_namespace = None;
+            }
             (
                 DaemonPhase::Running,
                 true,
@@ -375,8 +380,6 @@ async fn agent_secret<R: ContainerRuntime>(
 /// How often the listening sockets of an injection links use are read again.
 const PORTS_RECHECK: Duration = Duration::from_secs(10);
 
-/// The sockets listening in the container, as the agent at `endpoint` (`ip:port`, or `exec`)
-/// reads them, sorted; `None` when it cannot say now (the previous reading then stays).
 /// What the agent says of its container's network: the sockets listening there, and the
 /// inode of the namespace (if it could read it).
 struct Listening {
@@ -394,6 +397,8 @@ fn enterable(pid: Option<u32>, agent_namespace: Option<u64>) -> Option<NetworkNa
         .then_some(NetworkNamespace { pid, inode })
 }
 
+/// The sockets listening in the container, as the agent at `endpoint` (`ip:port`, or `exec`)
+/// reads them, sorted; `None` when it cannot say now (the previous reading then stays).
 async fn listening<R: ContainerRuntime>(
     ctx: &Context<R>,
     obj: &DaemonInjection,
@@ -1206,13 +1211,26 @@ mod tests {
             inode: 4026532289,
         });
         let gone = status_for(
-            &obj(Some(again)),
+            &obj(Some(again.clone())),
             &Outcome::failed("ContainerNotFound", "container \"web\" not found"),
             at(300),
         );
         assert_eq!(gone.phase, Some(DaemonPhase::Failed));
         assert_eq!(gone.endpoint, None);
         assert_eq!(gone.network_namespace, None, "its pid may be reused");
+        let restarted = Outcome::Running {
+            container_id: "abc".into(),
+            endpoint: "172.17.0.2:19876".into(),
+            version: "0.1.0".into(),
+            injected: true,
+            pid: Some(4343),
+        };
+        let mut recorded = first.clone();
+        recorded.network_namespace = again.network_namespace;
+        let same = status_for(&obj(Some(recorded.clone())), &running(false), at(300));
+        assert_eq!(same.network_namespace, again.network_namespace);
+        let moved = status_for(&obj(Some(recorded)), &restarted, at(300));
+        assert_eq!(moved.network_namespace, None, "another process now");
         let ready = conditions::find(&gone.conditions, READY);
         assert_eq!(
             ready.map(|c| (
