@@ -182,6 +182,8 @@ wait_until("every link to go", gone, 1800)
 deleted = time.monotonic() - t1
 time.sleep(2)  # the allocator returns freed pages after a short delay
 after = rss_mib()
+time.sleep(28)  # idle blocking threads end after 10 s, and their allocator heaps with them
+settled = rss_mib()
 
 print(f"links: {links} token links over {containers} containers, {writers} writers")
 print(f"created in {created:.1f} s ({links / created:.0f}/s), all Ready after {ready:.1f} s, "
@@ -190,9 +192,10 @@ print(f"create -> serving, 0 links present:    {ms(empty)}")
 print(f"create -> serving, {links} links present: {ms(loaded)}")
 print(f"  ratio (p50 loaded / empty): {statistics.median(loaded) / statistics.median(empty):.2f}")
 print(f"RSS: idle {idle:.1f} MiB, before links {before:.1f} MiB, with {links} links Ready "
-      f"{at_ready:.1f} MiB (peak {peak:.1f} MiB), after deleting them {after:.1f} MiB")
+      f"{at_ready:.1f} MiB (peak {peak:.1f} MiB), after deleting them {after:.1f} MiB "
+      f"(30 s later {settled:.1f} MiB)")
 growth = at_ready - before
 print(f"  growth for {links} links: {growth:.1f} MiB = {growth / 64 * 10000 / links:.2f} x the goal "
       f"(64 MiB per 10,000 links); {growth * 1024 / links:.1f} KiB per link")
-print(f"  left after delete: {after - before:+.1f} MiB")
+print(f"  left after delete: {after - before:+.1f} MiB, 30 s later {settled - before:+.1f} MiB")
 PY
