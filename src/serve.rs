@@ -343,12 +343,12 @@ pub async fn run(
         },
         stopped(stop_rx.clone()),
     ));
-    // A real API server expires Events itself; the embedded one needs this.
-    let expiry = store.is_some().then(|| {
-        tokio::spawn(crate::store::expiry::run(
-            client.clone(),
-            config.event_ttl,
-            stopped(stop_rx.clone()),
+    // A real API server expires Events itself; the embedded one needs this, and its watch
+    // history lets old changes go.
+    let expiry = store.clone().map(|store| {
+        tokio::spawn(futures::future::join(
+            crate::store::expiry::run(client.clone(), config.event_ttl, stopped(stop_rx.clone())),
+            crate::store::expiry::prune_history(store, stopped(stop_rx.clone())),
         ))
     });
     let controllers = config.controller.map(|c| {

@@ -1,13 +1,35 @@
-//! Event expiry for the embedded API. A real API server drops Events after an hour (its
+//! Upkeep of the embedded API over time. A real API server drops Events after an hour (its
 //! `--event-ttl`); without that the local store would keep one file per Event forever.
 //! Runs as a client of the API, like any controller: list, pick the old ones, delete them.
+//! And the store's watch history lets aged changes go while nothing is written.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, DeleteParams, ListParams};
 use kube::{Resource, ResourceExt};
+
+use super::state::Store;
+
+/// How often the store's watch history is checked for changes that aged out.
+const HISTORY_SWEEP: Duration = Duration::from_secs(15);
+
+/// Lets the watch history of `store` drop what aged out (writes do it as they come; this
+/// covers the quiet after a burst) every [`HISTORY_SWEEP`] until `shutdown`.
+pub async fn prune_history(store: Arc<Store>, shutdown: impl Future<Output = ()>) {
+    let sweep = async {
+        loop {
+            tokio::time::sleep(HISTORY_SWEEP).await;
+            store.prune_history();
+        }
+    };
+    tokio::select! {
+        _ = sweep => {},
+        _ = shutdown => {},
+    }
+}
 
 /// How long Events are kept, as kube-apiserver's default.
 pub const DEFAULT_EVENT_TTL: Duration = Duration::from_secs(3600);

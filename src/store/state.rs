@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
@@ -24,10 +25,19 @@ use crate::resources::validation::{self, FieldError};
 
 /// How many changes are kept for watches to resume from; older resourceVersions get 410.
 const HISTORY_CAPACITY: usize = 10_000;
-/// How many bytes of objects those changes may hold at most: a burst of writes (10,000 links
-/// created with their Secrets and status) must not keep megabytes of old versions alive. A
-/// watcher further behind re-lists, as on an API server whose watch cache moved on.
+/// How many bytes of objects those changes may hold at most (the versions they made and the
+/// ones they replaced): a burst of writes (10,000 links created with their Secrets and
+/// status) must not keep megabytes of old versions alive. A watcher further behind re-lists,
+/// as on an API server whose watch cache moved on.
 const HISTORY_BYTES: usize = 8 << 20;
+/// How long a change stays in the history beyond the latest [`HISTORY_FLOOR`]: as
+/// kube-apiserver's watch cache keeps 75 s of events, so once a burst is over its old
+/// versions are let go (the store's memory comes back down) while a watcher that
+/// reconnects at once still resumes.
+const HISTORY_AGE: Duration = Duration::from_secs(75);
+/// How many of the latest changes are kept whatever their age (kube-apiserver's smallest
+/// watch cache).
+const HISTORY_FLOOR: usize = 100;
 /// How many changes a slow watcher may fall behind before its stream is ended (it then
 /// resumes from its last resourceVersion, out of the history).
 const BROADCAST_CAPACITY: usize = 4_096;
@@ -56,6 +66,13 @@ pub struct Change {
     pub object: Arc<Stored>,
     /// The object before the change, so selector watches can see objects leave their set.
     pub previous: Option<Arc<Stored>>,
+}
+
+impl Change {
+    /// The bytes of the versions it holds: what keeping it in the history may cost.
+    fn size(&self) -> usize {
+        self.object.size() + self.previous.as_ref().map_or(0, |p| p.size())
+    }
 }
 
 /// Where a subresource write goes.
@@ -137,7 +154,8 @@ struct Inner {
     /// Keys whose state file is malformed: never overwritten, reported on access.
     unreadable: HashMap<ObjectKey, SkippedFile>,
     revision: u64,
-    history: VecDeque<Arc<Change>>,
+    /// Changes to resume watches from, with when they were made, oldest first.
+    history: VecDeque<(Instant, Arc<Change>)>,
     /// The bytes of the objects `history` holds (see [`HISTORY_BYTES`]).
     history_bytes: usize,
     /// Watches from any resourceVersion ≥ this can be resumed.
@@ -403,6 +421,7 @@ impl Store {
             Some(rv) => inner
                 .history
                 .iter()
+                .map(|(_, c)| c)
                 .filter(|c| c.revision > rv && c.key.resource == resource)
                 .cloned()
                 .collect(),
@@ -833,18 +852,42 @@ impl Store {
             object: stored,
             previous,
         });
-        inner.history_bytes += record.object.size();
-        inner.history.push_back(record.clone());
-        while inner.history.len() > HISTORY_CAPACITY || inner.history_bytes > self.history_budget {
-            let Some(old) = inner.history.pop_front() else {
-                break;
-            };
-            inner.history_bytes -= old.object.size();
-            inner.floor = old.revision;
-        }
+        inner.history_bytes += record.size();
+        let now = Instant::now();
+        inner.history.push_back((now, record.clone()));
+        self.let_history_go(inner, now);
         // No receivers is fine: nobody is watching.
         let _ = self.changes.send(record);
         Ok(object)
+    }
+
+    /// Lets go of the changes the history no longer keeps: beyond [`HISTORY_CAPACITY`] or
+    /// the byte budget, and those older than [`HISTORY_AGE`] beyond the latest
+    /// [`HISTORY_FLOOR`]. Watches from before what is left get 410 and re-list.
+    fn let_history_go(&self, inner: &mut Inner, now: Instant) {
+        while let Some((at, oldest)) = inner.history.front() {
+            let over = inner.history.len() > HISTORY_CAPACITY
+                || inner.history_bytes > self.history_budget
+                || (inner.history.len() > HISTORY_FLOOR
+                    && now.saturating_duration_since(*at) > HISTORY_AGE);
+            if !over {
+                break;
+            }
+            inner.history_bytes -= oldest.size();
+            inner.floor = oldest.revision;
+            inner.history.pop_front();
+        }
+        if inner.history.capacity() > 4 * inner.history.len().max(HISTORY_FLOOR) {
+            inner.history.shrink_to(inner.history.len());
+        }
+    }
+
+    /// Lets go of history that aged out while nothing was written (see
+    /// [`Store::let_history_go`]); called periodically, so memory comes back down after a
+    /// burst even when no write follows.
+    pub fn prune_history(&self) {
+        let mut inner = self.lock();
+        self.let_history_go(&mut inner, Instant::now());
     }
 }
 
@@ -1416,9 +1459,9 @@ mod tests {
             &patch(81),
             &Writer::default(),
         ));
-        // Room for about four versions of the link as patched.
+        // Room for about four patches: each keeps the version it made and the one before.
         let size = ok(Stored::encode(&patched.object)).size();
-        store.history_budget = size * 4 + size / 2;
+        store.history_budget = size * 8 + size / 2;
         for port in 82..90 {
             ok(store.patch(
                 &pl,
@@ -1445,6 +1488,43 @@ mod tests {
         // Deleting releases the history too: it keeps the removal and what fits before it.
         ok(store.delete(&pl, "default", "a", &Preconditions::default()));
         assert!(store.lock().history_bytes <= store.history_budget);
+    }
+
+    #[test]
+    fn the_history_lets_old_changes_go_but_keeps_the_latest() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let pl = kind("previewlinks");
+        let store = open(dir.path());
+        let burst = HISTORY_FLOOR as u64 + 50;
+        for n in 0..burst {
+            ok(store.create(
+                &pl,
+                "default",
+                link(&format!("l{n}"), 80),
+                FieldValidation::Strict,
+            ));
+        }
+        let aged = |after: Duration| {
+            let mut inner = store.lock();
+            store.let_history_go(&mut inner, Instant::now() + after);
+            (inner.history.len(), inner.floor)
+        };
+        assert_eq!(
+            aged(HISTORY_AGE / 2),
+            (burst as usize, 0),
+            "all still fresh"
+        );
+        assert_eq!(
+            aged(HISTORY_AGE + Duration::from_secs(1)),
+            (HISTORY_FLOOR, burst - HISTORY_FLOOR as u64),
+            "only the latest are kept once the burst is old"
+        );
+        assert!(matches!(
+            store.watch(&pl, None, Some(10)),
+            Err(StoreError::Gone { .. })
+        ));
+        let resumed = ok(store.watch(&pl, None, Some(burst - 10)));
+        assert_eq!(resumed.backlog.len(), 10);
     }
 
     #[test]
