@@ -149,12 +149,9 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Route::Ports => match proc_net::listening_ports().await {
             Ok(ports) => {
-                let network_namespace = std::fs::metadata("/proc/self/ns/net")
-                    .ok()
-                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
                 let answer = PortsResponse {
                     ports,
-                    network_namespace,
+                    network_namespace: crate::runtime::netns::own_inode(),
                 };
                 respond_json(io, 200, &answer).await?;
             }
