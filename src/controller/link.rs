@@ -460,7 +460,7 @@ async fn resolve_upstream<R: ContainerRuntime>(
                 }
                 (Some(DaemonPhase::Running), Some(endpoint)) if endpoint == "exec" => {
                     Ok(LinkOutcome::Ready {
-                        route: agent_route(link.spec.via, "the container has no routable address"),
+                        route: agent_route(link.spec.via, NO_ROUTABLE_ADDRESS),
                         // No routable address: the proxy runs the agent's stdio mode through
                         // exec, so the upstream names the container and the agent's path.
                         upstream: format!(
@@ -585,23 +585,35 @@ fn netns_route(
     ns: NetworkNamespace,
     ports: &[crate::resources::daemon_injection::ListeningSocket],
 ) -> LinkOutcome {
-    let why = match via {
-        Via::Auto if endpoint == "exec" => "the container has no routable address".to_owned(),
-        Via::Auto => loopback_reason(port, ports),
-        _ => "spec.via is agent".to_owned(),
+    let why = if endpoint == "exec" {
+        NO_ROUTABLE_ADDRESS.to_owned()
+    } else {
+        loopback_reason(port, ports)
     };
     LinkOutcome::Ready {
         upstream: format!("netns://{}/{port}?ns={}", ns.pid, ns.inode),
-        route: format!("netns: {why}; previewd connects inside the container's network namespace"),
+        route: format!(
+            "netns: {}; previewd connects inside the container's network namespace",
+            inside_reason(via, &why)
+        ),
+    }
+}
+
+/// Why a container without a routable address is reached from inside it.
+const NO_ROUTABLE_ADDRESS: &str = "the container has no routable address";
+
+/// Why a link reaches its port from inside the container (through the agent or its
+/// namespace): `why` when `via: auto` chose it, else that `spec.via` asked for it.
+fn inside_reason(via: Via, why: &str) -> &str {
+    match via {
+        Via::Auto => why,
+        _ => "spec.via is agent",
     }
 }
 
 /// `status.route` of a link through the agent.
 fn agent_route(via: Via, why: &str) -> String {
-    match via {
-        Via::Auto => format!("agent: {why}"),
-        _ => "agent: spec.via is agent".into(),
-    }
+    format!("agent: {}", inside_reason(via, why))
 }
 
 /// The upstream of a `via: direct` link: the container's own address.
