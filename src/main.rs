@@ -549,6 +549,17 @@ fn keep_pages_small() {
     let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
 }
 
+/// Hands freed memory back to the system every [`previewd::allocator::RETURN_INTERVAL`] for
+/// as long as the runtime runs: an idle previewd otherwise keeps what a burst of work freed.
+async fn return_freed_memory_while_running() {
+    let mut tick = tokio::time::interval(previewd::allocator::RETURN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        previewd::allocator::return_freed_memory();
+    }
+}
+
 fn main() -> ExitCode {
     keep_pages_small();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -561,6 +572,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    runtime.spawn(return_freed_memory_while_running());
     runtime.block_on(async {
         match run(Cli::parse()).await {
             Ok(()) => ExitCode::SUCCESS,
