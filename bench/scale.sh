@@ -8,8 +8,10 @@
 #     (the baseline) and again with $LINKS links present (the ratio between them);
 #   - RSS: previewd's resident memory idle (the baseline), once $LINKS token links (default:
 #     one Secret each, `via: auto`, spread over the containers, so one shared injection per
-#     container) are all Ready, its peak, and after they are all deleted; the growth against
-#     the issue's goal (64 MiB per 10,000 links);
+#     container) are all Ready and again 80 s later (the watch history has let the creates
+#     go), its peak, and after they are all deleted; the growth against the issue's goal
+#     (64 MiB per 10,000 links);
+#   - previewd's CPU over those 80 s, with the links Ready and nothing else happening;
 #   - how fast the links were created and became Ready.
 #
 # Usage: bench/scale.sh            (env: LINKS=10000 CONTAINERS=50 SAMPLES=30 WRITERS=8)
@@ -49,7 +51,7 @@ PREVIEWD_PID=$!
 for _ in $(seq 300); do curl -sf "http://$API/readyz" >/dev/null && break; sleep 0.1; done
 
 python3 - "$API" "$PROXY" "$PREVIEWD_PID" "$PREFIX" "$CONTAINERS" "$LINKS" "$SAMPLES" "$WRITERS" <<'PY'
-import json, statistics, sys, time, urllib.error, urllib.request
+import json, os, statistics, sys, time, urllib.error, urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 api, proxy, pid, prefix = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
@@ -63,6 +65,13 @@ def rss_mib(field="VmRSS"):
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError(f"{field} not in /proc/{pid}/status")
+
+
+def cpu_s():
+    """previewd's user + system CPU seconds so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def call(method, url, body=None):
@@ -173,6 +182,12 @@ wait_until(f"{links} links Ready", lambda: phases() == {"Ready": links} or phase
 ready = time.monotonic() - t0
 loaded = create_to_serving("loaded")
 at_ready = rss_mib()
+# Held with nothing happening: the watch history lets the creates go once they are older
+# than 75 s, and previewd's CPU over the wait is what the links cost idle.
+cpu0, t_idle = cpu_s(), time.monotonic()
+time.sleep(80)
+idle_cpu = (cpu_s() - cpu0) / (time.monotonic() - t_idle)
+held = rss_mib()
 peak = rss_mib("VmHWM")
 
 t1 = time.monotonic()
@@ -194,10 +209,13 @@ print(f"create -> serving, 0 links present:    {ms(empty)}")
 print(f"create -> serving, {links} links present: {ms(loaded)}")
 print(f"  ratio (p50 loaded / empty): {statistics.median(loaded) / statistics.median(empty):.2f}")
 print(f"RSS: idle {idle:.1f} MiB, before links {before:.1f} MiB, with {links} links Ready "
-      f"{at_ready:.1f} MiB (peak {peak:.1f} MiB), after deleting them {after:.1f} MiB "
+      f"{at_ready:.1f} MiB (80 s later {held:.1f} MiB, peak {peak:.1f} MiB), after deleting them {after:.1f} MiB "
       f"(90 s later {settled:.1f} MiB)")
-growth = at_ready - before
-print(f"  growth for {links} links: {growth:.1f} MiB = {growth / 64 * 10000 / links:.2f} x the goal "
-      f"(64 MiB per 10,000 links); {growth * 1024 / links:.1f} KiB per link")
+for what, rss in (("once Ready", at_ready), ("80 s later", held)):
+    growth = rss - before
+    print(f"  growth for {links} links {what}: {growth:.1f} MiB = "
+          f"{growth / 64 * 10000 / links:.2f} x the goal (64 MiB per 10,000 links); "
+          f"{growth * 1024 / links:.1f} KiB per link")
+print(f"  previewd's CPU while the {links} links sat idle: {idle_cpu * 100:.1f} % of a core")
 print(f"  left after delete: {after - before:+.1f} MiB, 90 s later {settled - before:+.1f} MiB")
 PY
