@@ -779,17 +779,23 @@ async fn default_links_go_direct_to_wildcard_ports_and_follow_the_binding() {
         true,
     )
     .await;
+    // A killed httpd holds its port until it has exited: the next one binds only after
+    // nothing listens on port 3000 (0BB8) any more, and says whether it started.
     let httpd = |addr: &str| {
         format!(
-            "ps -o pid,args | while read p a; do case \"$a\" in httpd*) kill $p;; esac; done; httpd -p {addr} -h /www"
+            "ps -o pid,args | while read p a; do case \"$a\" in httpd*) kill $p;; esac; done; \
+             i=0; while grep -q ':0BB8 00000000:0000 0A' /proc/net/tcp && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; \
+             httpd -p {addr} -h /www && echo started"
         )
     };
-    crate::docker::sh(
-        &rt,
-        &moving.name,
-        &["/bin/sh", "-c", &httpd("127.0.0.1:3000")],
-    )
-    .await;
+    let start_httpd = |addr: &'static str| {
+        let (rt, container) = (&rt, moving.name.clone());
+        async move {
+            let out = crate::docker::sh(rt, &container, &["/bin/sh", "-c", &httpd(addr)]).await;
+            assert!(out.contains("started"), "httpd on {addr}: {out:?}");
+        }
+    };
+    start_httpd("127.0.0.1:3000").await;
     let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let server = crate::docker::server(state.path());
     let links: Api<PreviewLink> = Api::default_namespaced(server.client());
@@ -862,12 +868,7 @@ async fn default_links_go_direct_to_wildcard_ports_and_follow_the_binding() {
         .await;
     }
     // The app moves to the wildcard address: the link follows, and still serves.
-    crate::docker::sh(
-        &rt,
-        &moving.name,
-        &["/bin/sh", "-c", &httpd("0.0.0.0:3000")],
-    )
-    .await;
+    start_httpd("0.0.0.0:3000").await;
     let moved = route_of("narrow", "direct: port 3000 listens on 0.0.0.0").await;
     assert!(
         moved
