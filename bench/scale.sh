@@ -196,7 +196,7 @@ with ThreadPoolExecutor(writers) as pool:
     list(pool.map(lambda i: call("DELETE", f"{base}/l{i}"), range(links)))
 wait_until("every link to go", gone, 1800)
 deleted = time.monotonic() - t1
-time.sleep(2)  # the allocator returns freed pages after a short delay
+time.sleep(2)  # before previewd first hands freed memory back (every 5 s)
 after = rss_mib()
 # Idle blocking threads end after 10 s, and the store's watch history lets changes older
 # than 75 s go (beyond its latest 100).

@@ -19,14 +19,23 @@ const HISTORY_SWEEP: Duration = Duration::from_secs(15);
 /// Lets the watch history of `store` drop what aged out (writes do it as they come; this
 /// covers the quiet after a burst) every [`HISTORY_SWEEP`] until `shutdown`.
 pub async fn prune_history(store: Arc<Store>, shutdown: impl Future<Output = ()>) {
-    let sweep = async {
+    every(HISTORY_SWEEP, shutdown, || async { store.prune_history() }).await;
+}
+
+/// Runs `sweep` every `period`, the first time one period from now, until `shutdown`.
+async fn every<F, Fut>(period: Duration, shutdown: impl Future<Output = ()>, mut sweep: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let sweeps = async {
         loop {
-            tokio::time::sleep(HISTORY_SWEEP).await;
-            store.prune_history();
+            tokio::time::sleep(period).await;
+            sweep().await;
         }
     };
     tokio::select! {
-        _ = sweep => {},
+        _ = sweeps => {},
         _ = shutdown => {},
     }
 }
@@ -61,30 +70,26 @@ pub fn expired(events: &[Event], now: Timestamp, ttl: Duration) -> Vec<(String, 
 
 /// Deletes expired Events every `ttl / 6` (at most every 10 minutes) until `shutdown`.
 pub async fn run(client: kube::Client, ttl: Duration, shutdown: impl Future<Output = ()>) {
-    let api: Api<Event> = Api::all(client.clone());
-    let every = (ttl / 6).clamp(Duration::from_millis(200), Duration::from_secs(600));
-    let sweep = async {
-        loop {
-            tokio::time::sleep(every).await;
-            let list = match api.list(&ListParams::default()).await {
-                Ok(l) => l.items,
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot list Events to expire them");
-                    continue;
-                }
-            };
-            for (ns, name) in expired(&list, Timestamp::now(), ttl) {
-                let events: Api<Event> = Api::namespaced(client.clone(), &ns);
-                if let Err(e) = events.delete(&name, &DeleteParams::default()).await {
-                    tracing::debug!(error = %e, event = %name, "cannot delete an expired Event");
-                }
+    let events: Api<Event> = Api::all(client.clone());
+    // The sweeps borrow these rather than each taking its own copy.
+    let (api, client) = (&events, &client);
+    let period = (ttl / 6).clamp(Duration::from_millis(200), Duration::from_secs(600));
+    every(period, shutdown, || async move {
+        let list = match api.list(&ListParams::default()).await {
+            Ok(l) => l.items,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot list Events to expire them");
+                return;
+            }
+        };
+        for (ns, name) in expired(&list, Timestamp::now(), ttl) {
+            let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+            if let Err(e) = events.delete(&name, &DeleteParams::default()).await {
+                tracing::debug!(error = %e, event = %name, "cannot delete an expired Event");
             }
         }
-    };
-    tokio::select! {
-        _ = sweep => {},
-        _ = shutdown => {},
-    }
+    })
+    .await;
 }
 
 #[cfg(test)]
