@@ -77,7 +77,26 @@ impl Server {
         api_listen: &str,
         env: &[(&str, &str)],
     ) -> Result<Server, String> {
-        let mut child = Command::new(previewd_bin())
+        Server::try_start_as(&[], state_dir, api_listen, env)
+    }
+
+    /// Starts a server through `wrapper` (a command that runs the rest, e.g. `setpriv` to
+    /// run it as another user; empty: none), or returns what it printed instead of listening.
+    pub fn try_start_as(
+        wrapper: &[String],
+        state_dir: &Path,
+        api_listen: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Server, String> {
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(previewd_bin());
+                c
+            }
+            None => Command::new(previewd_bin()),
+        };
+        let mut child = command
             .args([
                 "serve",
                 "--api-listen",
@@ -89,7 +108,10 @@ impl Server {
                 "--state-dir",
             ])
             .arg(state_dir)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("PREVIEWD_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             // Most tests address links by path; the default (off) is tested on its own.
             .env("PREVIEWD_PATH_URLS", "true")
             .envs(env.iter().copied())
