@@ -97,6 +97,12 @@ struct ServeArgs {
     /// the agent's relay in the way. False, or without the privilege: through the agent.
     #[arg(long, env = "PREVIEWD_ENTER_NETNS", default_value_t = true, action = clap::ArgAction::Set)]
     enter_netns: bool,
+    /// Where previewd may not enter namespaces but runs beside the Docker engine: have each
+    /// agent connect to loopback ports and hand previewd the connected socket (through a
+    /// helper running as previewd's own user), so no relay copies the bytes. False: the
+    /// agent relays them.
+    #[arg(long, env = "PREVIEWD_SOCKET_HANDOFF", default_value_t = true, action = clap::ArgAction::Set)]
+    socket_handoff: bool,
     /// Address of the preview proxy (link URLs point here).
     #[arg(long, env = "PREVIEWD_PROXY_LISTEN", default_value = "127.0.0.1:8002")]
     proxy_listen: SocketAddr,
@@ -362,6 +368,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 agent_port,
                 controllers,
                 enter_netns,
+                socket_handoff,
                 proxy_listen,
                 proxy_header_timeout_ms,
                 proxy_idle_timeout_seconds,
@@ -438,6 +445,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 pod_targets,
                 daemon_sources: daemon_sources.clone(),
                 enter_netns,
+                socket_handoff,
             };
             let links = LinkConfig {
                 preview_domain,

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use crate::agent::handoff::{self, HandoffHelper};
 use crate::agent::process::{Pidfile, Signals};
 use crate::agent::secret::Secret;
 use crate::agent::{daemon_state, server, stop, supervise};
@@ -18,7 +19,8 @@ use crate::agent::{daemon_state, server, stop, supervise};
 /// The usage text printed for `--help` and after a usage error.
 pub const USAGE: &str = "usage:
   previewd-agent --version
-  previewd-agent serve --listen <ip:port> [--pidfile <path>] [--replace]
+  previewd-agent serve --listen <ip:port> [--pidfile <path>] [--replace] [--handoff-dir <dir> --handoff-user <uid>:<gid>]
+  previewd-agent handoff --socket <path>
   previewd-agent stdio
   previewd-agent stop [--pidfile <path>] [--remove-dir <dir>] [--reset-dir <dir>] [--remove-file <path>]
   previewd-agent supervise [--pidfile <path>] --state-dir <dir> -- <cmd> [args...]
@@ -44,6 +46,13 @@ pub enum Command {
         /// Stop every other process of this executable first (as `stop` does): previewd
         /// then starts an agent in one exec instead of two.
         replace: bool,
+        /// Run a handoff helper as this user, with its socket in this directory.
+        handoff: Option<HandoffHelper>,
+    },
+    /// `handoff`: hand connected sockets over the unix socket at `socket`.
+    Handoff {
+        /// The socket's path.
+        socket: PathBuf,
     },
     /// `stdio`: one request over stdin/stdout.
     Stdio,
@@ -90,7 +99,10 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             if flags.len() > 1 {
                 return Err("--replace given twice".into());
             }
-            let mut opts = Options::parse(args, &["--listen", "--pidfile"])?;
+            let mut opts = Options::parse(
+                args,
+                &["--listen", "--pidfile", "--handoff-dir", "--handoff-user"],
+            )?;
             let listen = opts
                 .take("--listen")
                 .ok_or("serve needs --listen <ip:port>")?;
@@ -98,10 +110,28 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
                 .to_str()
                 .and_then(|l| l.parse().ok())
                 .ok_or_else(|| format!("--listen {listen:?} is not a numeric ip:port"))?;
+            let handoff = match (opts.take("--handoff-dir"), opts.take("--handoff-user")) {
+                (None, None) => None,
+                (Some(dir), Some(user)) => Some(HandoffHelper {
+                    dir: PathBuf::from(dir),
+                    user: parse_user(&user)?,
+                }),
+                _ => return Err("--handoff-dir and --handoff-user go together".into()),
+            };
             Ok(Command::Serve {
                 listen,
                 pidfile: opts.take("--pidfile").map(PathBuf::from),
                 replace: !flags.is_empty(),
+                handoff,
+            })
+        }
+        "handoff" => {
+            let mut opts = Options::parse(args, &["--socket"])?;
+            Ok(Command::Handoff {
+                socket: opts
+                    .take("--socket")
+                    .map(PathBuf::from)
+                    .ok_or("handoff needs --socket <path>")?,
             })
         }
         "stdio" => no_more(args, Command::Stdio),
@@ -147,6 +177,14 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         }
         other => Err(format!("unknown command {other:?}")),
     }
+}
+
+/// A numeric `uid:gid` (the container may have no user database).
+fn parse_user(user: &std::ffi::OsStr) -> Result<(u32, u32), String> {
+    user.to_str()
+        .and_then(|u| u.split_once(':'))
+        .and_then(|(uid, gid)| Some((uid.parse().ok()?, gid.parse().ok()?)))
+        .ok_or_else(|| format!("--handoff-user {user:?} is not a numeric uid:gid"))
 }
 
 fn no_more(mut args: impl Iterator<Item = OsString>, command: Command) -> Result<Command, String> {
@@ -208,6 +246,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             listen,
             pidfile,
             replace,
+            handoff,
         } => {
             let Some(secret) = secret() else {
                 return ExitCode::from(EXIT_USAGE);
@@ -215,7 +254,21 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             if replace && let Err(e) = stop::stop(None, None, None, None) {
                 return fail(format_args!("stopping the agent it replaces failed: {e}"));
             }
-            on_runtime(serve(listen, pidfile, secret))
+            on_runtime(serve(listen, pidfile, handoff, secret))
+        }
+        Command::Handoff { socket } => {
+            let Some(secret) = secret() else {
+                return ExitCode::from(EXIT_USAGE);
+            };
+            on_runtime(async move {
+                match handoff::serve(&socket, Arc::new(secret)).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => fail(format_args!(
+                        "handing off at {} failed: {e}",
+                        socket.display()
+                    )),
+                }
+            })
         }
         Command::Stdio => {
             let Some(secret) = secret() else {
@@ -288,7 +341,12 @@ fn secret() -> Option<Secret> {
 
 /// `serve`: bind, write the pidfile, announce the address, serve until a signal or a
 /// shutdown request, remove the pidfile.
-async fn serve(listen: SocketAddr, pidfile: Option<PathBuf>, secret: Secret) -> ExitCode {
+async fn serve(
+    listen: SocketAddr,
+    pidfile: Option<PathBuf>,
+    helper: Option<HandoffHelper>,
+    secret: Secret,
+) -> ExitCode {
     // Before announcing anything, so a SIGTERM right after start is a clean stop.
     let mut signals = match Signals::register() {
         Ok(signals) => signals,
@@ -313,6 +371,12 @@ async fn serve(listen: SocketAddr, pidfile: Option<PathBuf>, secret: Secret) -> 
             ));
         }
     };
+    if let Some(helper) = helper {
+        // Started before the agent announces itself, so previewd finds it on its first look.
+        let (first, started) = tokio::sync::oneshot::channel();
+        tokio::spawn(handoff::run_helper(helper, first));
+        let _ = started.await;
+    }
     eprintln!("listening on {local}");
     let stop = async move {
         signals.recv().await;
@@ -365,6 +429,7 @@ mod tests {
                 listen: "[::1]:0".parse().unwrap(),
                 pidfile: Some("/p".into()),
                 replace: false,
+                handoff: None,
             })
         );
         assert_eq!(
@@ -373,6 +438,7 @@ mod tests {
                 listen: "0.0.0.0:0".parse().unwrap(),
                 pidfile: None,
                 replace: true,
+                handoff: None,
             })
         );
         assert!(
@@ -384,6 +450,47 @@ mod tests {
                 "0.0.0.0:0"
             ]))
             .is_err()
+        );
+        assert_eq!(
+            parse(args(&[
+                "serve",
+                "--listen",
+                "0.0.0.0:0",
+                "--handoff-dir",
+                "/d/handoff",
+                "--handoff-user",
+                "1000:100"
+            ])),
+            Ok(Command::Serve {
+                listen: "0.0.0.0:0".parse().unwrap(),
+                pidfile: None,
+                replace: false,
+                handoff: Some(HandoffHelper {
+                    dir: "/d/handoff".into(),
+                    user: (1000, 100),
+                }),
+            })
+        );
+        for half in [
+            &["serve", "--listen", "0.0.0.0:0", "--handoff-dir", "/d"][..],
+            &["serve", "--listen", "0.0.0.0:0", "--handoff-user", "1:1"],
+            &[
+                "serve",
+                "--listen",
+                "0.0.0.0:0",
+                "--handoff-dir",
+                "/d",
+                "--handoff-user",
+                "nobody",
+            ],
+        ] {
+            assert!(parse(args(half)).is_err(), "{half:?}");
+        }
+        assert_eq!(
+            parse(args(&["handoff", "--socket", "/d/socket"])),
+            Ok(Command::Handoff {
+                socket: "/d/socket".into()
+            })
         );
         assert_eq!(parse(args(&["stdio"])), Ok(Command::Stdio));
         assert_eq!(

@@ -13,6 +13,7 @@ pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod daemon_state;
+pub mod handoff;
 pub mod http;
 pub mod output_log;
 pub mod proc_net;

@@ -69,6 +69,10 @@ pub struct PortsResponse {
     /// Absent from older agents and where `/proc` is not mounted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_namespace: Option<u64>,
+    /// The pid (in the container) of the agent's handoff helper while it runs: previewd
+    /// finds it on its host to reach the helper's socket (see `agent::handoff`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff_pid: Option<u32>,
 }
 
 /// The body of every non-2xx answer.

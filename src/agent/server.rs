@@ -103,9 +103,10 @@ pub enum Action {
     Done,
     /// The agent was asked to exit (the answer is already sent).
     Shutdown,
-    /// A tunnel was established: write `pending` (bytes the client sent right after its
-    /// head) to `upstream`, then splice both ways.
-    Splice {
+    /// The upstream is connected, and not yet answered: the caller says so (and splices the
+    /// two, or hands `upstream` over), after writing `pending` (bytes the client sent right
+    /// after its head) to it.
+    Connected {
         /// The loopback connection.
         upstream: TcpStream,
         /// Client bytes already read past the head.
@@ -152,6 +153,7 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                 let answer = PortsResponse {
                     ports,
                     network_namespace: crate::runtime::netns::own_inode(),
+                    handoff_pid: crate::agent::handoff::helper_pid(),
                 };
                 respond_json(io, 200, &answer).await?;
             }
@@ -162,11 +164,7 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(Action::Shutdown);
         }
         Route::Connect(addrs) => match connect_first(&addrs).await {
-            Ok(upstream) => {
-                io.write_all(http::CONNECT_ESTABLISHED).await?;
-                io.flush().await?;
-                return Ok(Action::Splice { upstream, pending });
-            }
+            Ok(upstream) => return Ok(Action::Connected { upstream, pending }),
             Err(message) => respond_error(io, 502, message).await?,
         },
     }
@@ -232,16 +230,23 @@ pub async fn serve(
     }
 }
 
+/// Tells the client its tunnel is up.
+async fn established<S: AsyncWrite + Unpin>(io: &mut S) -> io::Result<()> {
+    io.write_all(http::CONNECT_ESTABLISHED).await?;
+    io.flush().await
+}
+
 /// One TCP connection of `serve`.
 async fn connection(mut stream: TcpStream, secret: Arc<Secret>, shutdown: Arc<Notify>) {
     let _ = stream.set_nodelay(true);
     match handle(&mut stream, &secret).await {
-        Ok(Action::Splice {
+        Ok(Action::Connected {
             mut upstream,
             pending,
         }) => {
             let _ = upstream.set_nodelay(true);
-            if upstream.write_all(&pending).await.is_ok() {
+            if established(&mut stream).await.is_ok() && upstream.write_all(&pending).await.is_ok()
+            {
                 // Errors here are the peers hanging up; there is no one to report them to.
                 let _ = tokio::io::copy_bidirectional_with_sizes(
                     &mut stream,
@@ -263,9 +268,10 @@ async fn connection(mut stream: TcpStream, secret: Arc<Secret>, shutdown: Arc<No
 /// stdin too could leave the controller waiting forever).
 pub async fn stdio(secret: &Secret) -> io::Result<()> {
     let mut io = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
-    let Action::Splice { upstream, pending } = handle(&mut io, secret).await? else {
+    let Action::Connected { upstream, pending } = handle(&mut io, secret).await? else {
         return Ok(());
     };
+    established(&mut io).await?;
     let _ = upstream.set_nodelay(true);
     let (stdin, mut stdout) = io.into_inner();
     let (upstream_read, mut upstream_write) = upstream.into_split();

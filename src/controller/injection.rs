@@ -69,6 +69,11 @@ impl Layout {
         format!("{}/previewd-agent", self.dir)
     }
 
+    /// The agent's handoff helper's directory (its socket is in it).
+    pub fn handoff_dir(&self) -> String {
+        format!("{}/handoff", self.dir)
+    }
+
     /// Where a user daemon's supervisor keeps its state and output.
     pub fn daemon_state(&self) -> String {
         format!("{}/{DAEMON_STATE_DIR}", self.dir)
@@ -191,6 +196,10 @@ pub fn status_for(obj: &DaemonInjection, outcome: &Outcome, now: Time) -> Daemon
             if st.network_namespace.is_some_and(|ns| Some(ns.pid) != *pid) {
                 st.network_namespace = None;
             }
+            if *injected {
+                // A new agent has a new helper.
+                st.socket_handoff = None;
+            }
             (
                 DaemonPhase::Running,
                 true,
@@ -210,11 +219,13 @@ pub fn status_for(obj: &DaemonInjection, outcome: &Outcome, now: Time) -> Daemon
         Outcome::Waiting { message, .. } => {
             st.endpoint = None;
             st.network_namespace = None;
+            st.socket_handoff = None;
             (DaemonPhase::Pending, false, message.clone())
         }
         Outcome::Failed { message, .. } => {
             st.endpoint = None;
             st.network_namespace = None;
+            st.socket_handoff = None;
             (DaemonPhase::Failed, false, message.clone())
         }
     };
@@ -290,6 +301,13 @@ async fn apply<R: ContainerRuntime>(
             .enter_netns
             .then(|| enterable(*pid, answer.agent_namespace))
             .flatten();
+        status.socket_handoff = match (answer.handoff_pid, answer.agent_namespace) {
+            (Some(helper), Some(inode)) if status.network_namespace.is_none() => {
+                let hint = status.socket_handoff.map(|h| h.pid);
+                netns::host_pid_of(helper, inode, hint).map(|pid| NetworkNamespace { pid, inode })
+            }
+            _ => None,
+        };
     }
     write_status(ctx, &obj, status).await?;
     announce(ctx, &obj, &outcome).await;
@@ -385,6 +403,8 @@ const PORTS_RECHECK: Duration = Duration::from_secs(10);
 struct Listening {
     ports: Vec<ListeningSocket>,
     agent_namespace: Option<u64>,
+    /// The agent's handoff helper's pid in the container, while it runs.
+    handoff_pid: Option<u32>,
 }
 
 /// The container's network namespace, for links to enter: when host pid `pid` is in the
@@ -436,6 +456,7 @@ async fn listening<R: ContainerRuntime>(
     Some(Listening {
         ports,
         agent_namespace: answer.network_namespace,
+        handoff_pid: answer.handoff_pid,
     })
 }
 
@@ -732,6 +753,16 @@ async fn inject<R: ContainerRuntime, T: ContainerRuntime>(
             ];
             if replace_on_start {
                 argv.push("--replace".into());
+            }
+            if ctx.socket_handoff && matches!(obj.spec.target, Target::Docker(_)) {
+                // SAFETY: geteuid/getegid cannot fail.
+                let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+                argv.extend([
+                    "--handoff-dir".into(),
+                    layout.handoff_dir(),
+                    "--handoff-user".into(),
+                    format!("{uid}:{gid}"),
+                ]);
             }
             let line = match rt
                 .exec_until_ready(&info.handle, &as_agent(argv), READY_PREFIX)

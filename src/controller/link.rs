@@ -464,6 +464,14 @@ async fn resolve_upstream<R: ContainerRuntime>(
             {
                 return Ok(netns_route(link.spec.via, port, endpoint, ns, &st.ports));
             }
+            if let (Some(DaemonPhase::Running), Some(endpoint), Some(helper)) =
+                (st.phase, &st.endpoint, st.socket_handoff)
+                && endpoint != "exec"
+            {
+                let dir = Layout::for_object(&link.namespace().unwrap_or_default(), &di.name_any())
+                    .handoff_dir();
+                return Ok(handoff_route(link.spec.via, port, helper, &dir, &st.ports));
+            }
             match (st.phase, st.endpoint) {
                 (Some(DaemonPhase::Running), Some(endpoint))
                     if endpoint == "exec" && matches!(link.spec.target, Target::Pod(_)) =>
@@ -610,6 +618,27 @@ fn netns_route(
         route: format!(
             "netns: {}; previewd connects inside the container's network namespace",
             inside_reason(via, &why)
+        ),
+    }
+}
+
+/// The route of a link to a loopback port through the agent's handoff helper `helper`,
+/// whose directory in the container is `dir`.
+fn handoff_route(
+    via: Via,
+    port: i32,
+    helper: NetworkNamespace,
+    dir: &str,
+    ports: &[crate::resources::daemon_injection::ListeningSocket],
+) -> LinkOutcome {
+    LinkOutcome::Ready {
+        upstream: format!(
+            "handoff://{}/{port}?ns={}&dir={dir}",
+            helper.pid, helper.inode
+        ),
+        route: format!(
+            "handoff: {}; the agent connects inside the container and hands previewd the socket",
+            inside_reason(via, &loopback_reason(port, ports))
         ),
     }
 }

@@ -142,6 +142,9 @@ pub struct Context<R: ContainerRuntime> {
     /// namespace (asked for, and previewd has the privilege): injections then record the
     /// namespace for them.
     pub enter_netns: bool,
+    /// Whether agents of Docker containers run a handoff helper as previewd's user, and
+    /// injections record it for links (only where namespaces cannot be entered).
+    pub socket_handoff: bool,
 }
 
 /// How the controllers are run.
@@ -161,6 +164,9 @@ pub struct ControllerConfig {
     /// Let links to loopback ports connect from inside containers' network namespaces when
     /// previewd may enter them, instead of through the agent's relay.
     pub enter_netns: bool,
+    /// Otherwise, let them get sockets the agent connected and handed over (see
+    /// [`crate::agent::handoff`]), when previewd runs beside the engine.
+    pub socket_handoff: bool,
 }
 
 /// Connects to Docker (when reachable) and runs the controllers until
@@ -180,6 +186,7 @@ pub async fn run(
             Err(e.to_string())
         }
     };
+    let enter_netns = config.enter_netns && may_enter_netns();
     let ctx = Arc::new(Context {
         recorder: Recorder::new(
             client.clone(),
@@ -207,7 +214,8 @@ pub async fn run(
         agent_port: config.agent_port,
         links,
         daemon_sources: config.daemon_sources,
-        enter_netns: config.enter_netns && may_enter_netns(),
+        enter_netns,
+        socket_handoff: config.socket_handoff && !enter_netns,
     });
     run_with(ctx, config.namespace.as_deref(), link_cache, shutdown).await
 }
@@ -222,7 +230,7 @@ fn may_enter_netns() -> bool {
         );
     } else {
         tracing::info!(
-            "links to loopback ports go through the agent: previewd cannot enter network namespaces (that needs root on the Docker engine's host)"
+            "previewd cannot enter network namespaces (that needs root on the Docker engine's host): links to loopback ports get sockets the agent connects and hands over (--socket-handoff), else go through the agent's relay"
         );
     }
     may

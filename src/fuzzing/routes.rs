@@ -136,6 +136,12 @@ fn check_upstream(text: &str) {
             port,
         } => format!("agent+exec://{container}/{port}?agent={agent_path}"),
         Upstream::Netns { pid, inode, port } => format!("netns://{pid}/{port}?ns={inode}"),
+        Upstream::Handoff {
+            pid,
+            inode,
+            dir,
+            port,
+        } => format!("handoff://{pid}/{port}?ns={inode}&dir={dir}"),
     };
     assert_eq!(
         parse_upstream(&rendered).ok().as_ref(),
@@ -167,6 +173,10 @@ mod tests {
         b"http://",
         b"agent://",
         b"agent+exec://",
+        b"netns://",
+        b"handoff://",
+        b"?ns=",
+        b"&dir=",
         b"?agent=/",
         b"[::1]",
         b"127.0.0.1:",

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::agent::client::{self as agent, AgentError};
+use crate::agent::handoff::{self, HandoffError};
 use crate::agent::protocol::SECRET_ENV;
 use crate::proxy::errors::ProxyError;
 use crate::proxy::h1::{self, H1Body, H1Conn, H1Error};
@@ -264,6 +266,25 @@ impl UpstreamConnector {
             Upstream::Netns { pid, inode, port } => connect_in(*pid, *inode, *port)
                 .await
                 .map(UpstreamStream::Tcp),
+            Upstream::Handoff {
+                pid,
+                inode,
+                dir,
+                port,
+            } => {
+                // A pid reused after the container stopped is not the helper.
+                if netns::inode_of(*pid).ok() != Some(*inode) {
+                    return Err(ProxyError::UpstreamUnreachable(format!(
+                        "the agent's handoff helper (pid {pid}) is gone"
+                    )));
+                }
+                let dir = PathBuf::from(format!("/proc/{pid}/root{dir}"));
+                match handoff::connect(&dir, secret()?, *port).await {
+                    Ok(stream) => Ok(UpstreamStream::Tcp(stream)),
+                    Err(HandoffError::Agent(e)) => Err(agent_failure(e)),
+                    Err(e) => Err(ProxyError::UpstreamUnreachable(e.to_string())),
+                }
+            }
         }
     }
 }
@@ -604,7 +625,8 @@ impl Pool {
         let default_host = match &connector.upstream {
             Upstream::Agent { port, .. }
             | Upstream::Exec { port, .. }
-            | Upstream::Netns { port, .. } => {
+            | Upstream::Netns { port, .. }
+            | Upstream::Handoff { port, .. } => {
                 HeaderValue::from_str(&format!("localhost:{port}")).ok()
             }
             Upstream::Direct(addr) => HeaderValue::from_str(&addr.to_string()).ok(),

@@ -154,7 +154,7 @@ impl Routes {
         let (upstream, _) = routes::admit(&link, k8s_openapi::jiff::Timestamp::now())?;
         match routes::parse_upstream(upstream)? {
             Upstream::Direct(_) | Upstream::Netns { .. } => Ok(()),
-            Upstream::Agent { .. } | Upstream::Exec { .. } => self
+            Upstream::Agent { .. } | Upstream::Exec { .. } | Upstream::Handoff { .. } => self
                 .agent_secret(&link)
                 .map(|_| ())
                 .ok_or_else(|| ProxyError::TargetNotReady(AGENT_SECRET_UNKNOWN.into())),
@@ -662,7 +662,9 @@ async fn serve(
         parts.headers.insert(X_FORWARDED_PREFIX, prefix);
     }
     let secret = match upstream {
-        Upstream::Agent { .. } | Upstream::Exec { .. } => proxy.routes.agent_secret(&link),
+        Upstream::Agent { .. } | Upstream::Exec { .. } | Upstream::Handoff { .. } => {
+            proxy.routes.agent_secret(&link)
+        }
         Upstream::Direct(_) | Upstream::Netns { .. } => None,
     };
     let to = conn
@@ -672,9 +674,13 @@ async fn serve(
     let rewritten = match (&link.spec.host_rewrite, &upstream) {
         (Some(h), _) => HeaderValue::from_str(h).ok(),
         // Dev servers check Host; the app is at localhost:{port}.
-        (None, Upstream::Agent { .. } | Upstream::Exec { .. } | Upstream::Netns { .. }) => {
-            to.pool.default_host.clone()
-        }
+        (
+            None,
+            Upstream::Agent { .. }
+            | Upstream::Exec { .. }
+            | Upstream::Netns { .. }
+            | Upstream::Handoff { .. },
+        ) => to.pool.default_host.clone(),
         (None, Upstream::Direct(_)) => None,
     };
     let host = rewritten

@@ -131,11 +131,45 @@ pub enum Upstream {
         /// The port inside the container.
         port: u16,
     },
+    /// To `localhost:{port}` in the container, on a socket the agent's handoff helper
+    /// connected there and handed over. The helper is host pid `pid` while that is still in
+    /// network namespace `inode`; its directory is `dir` in the container.
+    Handoff {
+        /// The helper's host pid.
+        pid: u32,
+        /// Its network namespace's inode.
+        inode: u64,
+        /// Its directory inside the container.
+        dir: String,
+        /// The port inside the container.
+        port: u16,
+    },
 }
 
 /// Parses `status.upstream` (`agent://ip:port/{port}`, `http://ip:port`,
-/// `agent+exec://{container}/{port}?agent={path}` or `netns://{pid}/{port}?ns={inode}`).
+/// `agent+exec://{container}/{port}?agent={path}`, `netns://{pid}/{port}?ns={inode}` or
+/// `handoff://{pid}/{port}?ns={inode}&dir={path}`).
 pub fn parse_upstream(upstream: &str) -> Result<Upstream, ProxyError> {
+    if let Some(rest) = upstream.strip_prefix("handoff://") {
+        let malformed =
+            || ProxyError::UpstreamUnreachable(format!("malformed upstream {upstream:?}"));
+        let (target, query) = rest.split_once("?ns=").ok_or_else(malformed)?;
+        let (inode, dir) = query.split_once("&dir=").ok_or_else(malformed)?;
+        let (pid, port) = target.split_once('/').ok_or_else(malformed)?;
+        // The directory is inside the container: absolute, and never climbing out of it.
+        if !dir.starts_with('/') || dir.split('/').any(|part| part == "..") {
+            return Err(malformed());
+        }
+        return match (pid.parse(), inode.parse(), port.parse()) {
+            (Ok(pid), Ok(inode), Ok(port)) => Ok(Upstream::Handoff {
+                pid,
+                inode,
+                dir: dir.to_owned(),
+                port,
+            }),
+            _ => Err(malformed()),
+        };
+    }
     if let Some(rest) = upstream.strip_prefix("netns://") {
         let malformed =
             || ProxyError::UpstreamUnreachable(format!("malformed upstream {upstream:?}"));
@@ -329,6 +363,25 @@ mod tests {
             "netns://x/3000?ns=1",
             "netns://4242/70000?ns=1",
             "netns://4242/3000?ns=-1",
+        ] {
+            assert!(parse_upstream(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_upstream("handoff://4242/3000?ns=4026532289&dir=/.previewd/default.x/handoff"),
+            Ok(Upstream::Handoff {
+                pid: 4242,
+                inode: 4026532289,
+                dir: "/.previewd/default.x/handoff".into(),
+                port: 3000
+            })
+        );
+        for bad in [
+            "handoff://4242/3000?ns=1",
+            "handoff://4242/3000?ns=1&dir=relative",
+            // Never out of the container's root, through /proc/{pid}/root/..
+            "handoff://4242/3000?ns=1&dir=/../../etc",
+            "handoff://4242/3000?ns=x&dir=/d",
+            "handoff://4242/70000?ns=1&dir=/d",
         ] {
             assert!(parse_upstream(bad).is_err(), "{bad}");
         }

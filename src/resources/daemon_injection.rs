@@ -254,6 +254,12 @@ pub struct DaemonInjectionStatus {
     /// same one: links to loopback ports then connect from inside it, not through the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_namespace: Option<NetworkNamespace>,
+    /// The agent's handoff helper as previewd's host numbers it: its pid, and its network
+    /// namespace (the container's). Set when previewd may not enter the namespace but runs
+    /// beside the engine: links to loopback ports then get a socket the helper connected
+    /// inside the container, reached through `/proc/{pid}/root`, rather than a relay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_handoff: Option<NetworkNamespace>,
 }
 
 /// A network namespace on previewd's host: a pid in it, and its identity.

@@ -140,9 +140,58 @@ pub async fn socket_in(
     rx.await.map_err(|_| NetnsError::Thread(inode))?
 }
 
+/// The host pid of the process that is `inner_pid` in its own pid namespace and sits in
+/// network namespace `inode`, among this user's processes: how previewd finds the agent's
+/// handoff helper, which the agent knows only by its pid inside the container. `hint`, the
+/// pid found before, is checked first, so the scan of `/proc` runs only when it changed.
+pub fn host_pid_of(inner_pid: u32, inode: u64, hint: Option<u32>) -> Option<u32> {
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let is_it =
+        |pid: u32| inode_of(pid).ok() == Some(inode) && innermost_pid(pid) == Some(inner_pid);
+    if let Some(pid) = hint.filter(|p| is_it(*p)) {
+        return Some(pid);
+    }
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| e.metadata().is_ok_and(|m| m.uid() == euid))
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| is_it(*pid))
+}
+
+/// Process `pid`'s pid in the innermost pid namespace it is in (the last of `NSpid`).
+fn innermost_pid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A process outside any container is its own innermost pid, and is found by it.
+    #[test]
+    fn a_process_is_found_by_its_pid_in_its_namespace() {
+        let own = std::process::id();
+        let Some(inode) = own_inode() else {
+            panic!("no /proc/self/ns/net")
+        };
+        assert_eq!(innermost_pid(own), Some(own));
+        assert_eq!(host_pid_of(own, inode, None), Some(own));
+        assert_eq!(host_pid_of(own, inode, Some(1)), Some(own), "a wrong hint");
+        assert_eq!(
+            host_pid_of(own, inode + 1, Some(own)),
+            None,
+            "another namespace"
+        );
+    }
 
     #[test]
     fn a_namespace_is_named_by_its_inode() {

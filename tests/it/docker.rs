@@ -88,6 +88,11 @@ async fn agents_running(docker: &DockerRuntime, container: &str, command: &str) 
         .count()
 }
 
+/// How many agent handoff helpers run in a busybox container.
+pub async fn handoff_helpers(docker: &DockerRuntime, container: &str) -> usize {
+    agents_running(docker, container, "handoff").await
+}
+
 /// How many agent processes run in a busybox container.
 pub async fn agent_processes(docker: &DockerRuntime, container: &str) -> usize {
     agents_running(docker, container, "serve").await
@@ -894,23 +899,25 @@ pub fn link(name: &str, container: &str, port: i32, extra: serde_json::Value) ->
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Waits until a link reports `phase` (and returns it).
+/// Waits until a link reports `phase` (and returns it); on timeout, says the status it had.
 pub async fn wait_link(api: &Api<PreviewLink>, name: &str, phase: LinkPhase) -> PreviewLink {
-    eventually(
-        Duration::from_secs(60),
-        &format!("link {name} to be {phase:?}"),
-        || {
-            let api = api.clone();
-            let name = name.to_owned();
-            async move {
-                api.get(&name)
-                    .await
-                    .ok()
-                    .filter(|o| o.status.as_ref().and_then(|s| s.phase) == Some(phase))
-            }
-        },
-    )
-    .await
+    let limit = Duration::from_secs(60);
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let got = api.get(name).await;
+        if let Ok(link) = &got
+            && link.status.as_ref().and_then(|s| s.phase) == Some(phase)
+        {
+            return link.clone();
+        }
+        if std::time::Instant::now() > deadline {
+            let last = got.map(|l| l.status);
+            panic!(
+                "timed out after {limit:?} waiting for link {name} to be {phase:?}; it has {last:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

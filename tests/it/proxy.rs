@@ -24,7 +24,10 @@ async fn get(proxy: SocketAddr, host: &str, path: &str, extra: &str) -> (u16, St
 
 /// previewd with links to loopback ports through the agent, as without the privilege to
 /// enter containers' network namespaces.
-pub const RELAY: &[(&str, &str)] = &[("PREVIEWD_ENTER_NETNS", "false")];
+pub const RELAY: &[(&str, &str)] = &[
+    ("PREVIEWD_ENTER_NETNS", "false"),
+    ("PREVIEWD_SOCKET_HANDOFF", "false"),
+];
 
 async fn ready(api: &Api<PreviewLink>, name: &str) {
     wait_link(api, name, LinkPhase::Ready).await;
@@ -1072,4 +1075,136 @@ async fn links_to_loopback_ports_connect_inside_the_containers_network_namespace
     .await;
     let body = serves(server.proxy, "127.0.0.1", "/p/app.default/", &auth).await;
     assert_eq!(body, "hello from testapp\n");
+}
+
+/// previewd as a member of the engine's group, not root (it may not enter namespaces): a
+/// link to an app bound to 127.0.0.1 gets sockets the agent's helper connected in the
+/// container and handed over, not the relay; the helper runs as previewd's user and goes
+/// with the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_privilege_links_to_loopback_ports_get_sockets_handed_over() {
+    use std::os::unix::fs::MetadataExt;
+
+    let Some(rt) = docker().await else { return };
+    images(rt.client()).await;
+    let app = TestContainer::testapp(rt.client(), "127.0.0.1:3000", HostConfig::default()).await;
+    // Nobody, in the group that may use the engine's socket: a developer in `docker`.
+    const NOBODY: u32 = 65534;
+    let engine_group = std::fs::metadata("/var/run/docker.sock")
+        .map(|m| m.gid())
+        .unwrap_or_else(|e| panic!("the engine's socket: {e}"));
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    std::os::unix::fs::chown(state.path(), Some(NOBODY), Some(NOBODY))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let wrapper: Vec<String> = vec![
+        "setpriv".into(),
+        format!("--reuid={NOBODY}"),
+        format!("--regid={NOBODY}"),
+        format!("--groups={engine_group}"),
+        "--inh-caps=-all".into(),
+        "--bounding-set=-all".into(),
+    ];
+    let env = [(
+        "PREVIEWD_AGENT_BINARY",
+        env!("CARGO_BIN_EXE_previewd-agent"),
+    )];
+    let server = Server::try_start_as(&wrapper, state.path(), "127.0.0.1:0", &env)
+        .unwrap_or_else(|e| panic!("previewd serve did not start as nobody: {e}"));
+    let links: Api<PreviewLink> = Api::default_namespaced(server.client());
+    links
+        .create(
+            &PostParams::default(),
+            &link("app", &app.name, 3000, serde_json::json!({})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let status = eventually(
+        Duration::from_secs(60),
+        "app to get handed-over sockets",
+        || {
+            let links = links.clone();
+            async move {
+                let st = links.get("app").await.ok()?.status?;
+                (st.phase == Some(LinkPhase::Ready)
+                    && st.upstream.as_deref()?.starts_with("handoff://"))
+                .then_some(st)
+            }
+        },
+    )
+    .await;
+    assert!(
+        status
+            .route
+            .as_deref()
+            .is_some_and(|r| r.starts_with("handoff: port 3000 listens on 127.0.0.1 only")),
+        "{status:?}"
+    );
+    let token = token_of(&server, "app");
+    let auth = format!("X-Previewd-Token: {token}\r\n");
+    // The app answers, and sees a connection from its own loopback (no relay in between
+    // would look different: the relay's connections come from loopback too, so the route
+    // above is what says which path it was; this says the path works, repeatedly).
+    for _ in 0..3 {
+        let (code, _, seen) = get(server.proxy, "127.0.0.1", "/p/app.default/headers", &auth).await;
+        assert_eq!(code, 200, "{seen}");
+        assert!(
+            seen.to_ascii_lowercase().contains("localhost:3000"),
+            "{seen}"
+        );
+    }
+    // A closed port is said to be closed, as the relay says it.
+    links
+        .create(
+            &PostParams::default(),
+            &link(
+                "closed",
+                &app.name,
+                3999,
+                serde_json::json!({"via": "agent"}),
+            ),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    ready(&links, "closed").await;
+    let closed_token = token_of(&server, "closed");
+    let (code, _, body) = get(
+        server.proxy,
+        "127.0.0.1",
+        "/p/closed.default/",
+        &format!("X-Previewd-Token: {closed_token}\r\n"),
+    )
+    .await;
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("PORT_CLOSED"), "{body}");
+    // One helper, running as previewd's user (named `nobody` where the image has it).
+    assert_eq!(crate::docker::handoff_helpers(&rt, &app.name).await, 1);
+    let owners = crate::docker::sh(&rt, &app.name, &["/bin/ps", "-o", "user,args"]).await;
+    assert!(
+        owners.lines().any(|l| l.contains("previewd-agent handoff")
+            && ["nobody ", "65534 "]
+                .iter()
+                .any(|u| l.trim_start().starts_with(u))),
+        "{owners}"
+    );
+    // Deleting the links takes the agent, and its helper, away.
+    for name in ["app", "closed"] {
+        links
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    eventually(
+        Duration::from_secs(30),
+        "the agent and its helper to go",
+        || {
+            let rt = rt.clone();
+            let name = app.name.clone();
+            async move {
+                (crate::docker::agent_processes(&rt, &name).await == 0
+                    && crate::docker::handoff_helpers(&rt, &name).await == 0)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
 }
