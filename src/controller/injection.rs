@@ -280,7 +280,12 @@ async fn apply<R: ContainerRuntime>(
     };
     let outcome = observe_and_inject(&obj, ctx).await?;
     if matches!(outcome, Outcome::Running { injected: true, .. }) {
-        ctx.metrics.injected(started.elapsed());
+        let took = started.elapsed();
+        ctx.metrics.injected(took);
+        if took > SLOW_INJECTION {
+            // Links wait on it, and nothing failed: say where the time went.
+            tracing::info!(injection = %obj.name_any(), took = ?took, "injecting was slow: the container runtime answered slowly");
+        }
     }
     let mut status = status_for(&obj, &outcome, Time(k8s_openapi::jiff::Timestamp::now()));
     let used = !ctx
@@ -394,6 +399,9 @@ async fn agent_secret<R: ContainerRuntime>(
     )
     .await
 }
+
+/// An injection slower than this is logged: the runtime (uploads, execs) was slow.
+const SLOW_INJECTION: Duration = Duration::from_secs(10);
 
 /// How often the listening sockets of an injection links use are read again.
 const PORTS_RECHECK: Duration = Duration::from_secs(10);

@@ -900,8 +900,12 @@ pub fn link(name: &str, container: &str, port: i32, extra: serde_json::Value) ->
 }
 
 /// Waits until a link reports `phase` (and returns it); on timeout, says the status it had.
+/// The bound is generous: on a fresh CI machine the browser tests build and import their
+/// apps' image (debootstrap, pip, `docker import`) while these run, and the engine's uploads
+/// and execs then crawl (a link of 83e6097's CI run was still not Ready after 60 s, with
+/// nothing failed in previewd's log).
 pub async fn wait_link(api: &Api<PreviewLink>, name: &str, phase: LinkPhase) -> PreviewLink {
-    let limit = Duration::from_secs(60);
+    let limit = Duration::from_secs(120);
     let deadline = std::time::Instant::now() + limit;
     loop {
         let got = api.get(name).await;
