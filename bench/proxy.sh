@@ -7,9 +7,13 @@
 #   agent   — wrk to previewd's proxy, a `via: agent` link: as root beside the engine,
 #             previewd connects inside the container's network namespace (status.route says
 #             `netns:`), else through the agent as `relay` does
-#   relay   — wrk to a second previewd run with --enter-netns false, a `via: agent` link
-#             through the injected agent's relay (built with the `agent` size profile as
-#             shipped; its own CPU per request is reported too, its host pid from `docker top`)
+#   relay   — wrk to a second previewd run with --enter-netns false --socket-handoff false,
+#             a `via: agent` link through the injected agent's relay (built with the `agent`
+#             size profile as shipped; its own CPU per request is reported too, its host pid
+#             from `docker top`)
+#   handoff — wrk to a third previewd run as nobody in the group of the engine's socket (a
+#             developer in `docker`: it may not enter namespaces), a `via: agent` link on
+#             sockets the agent's helper connects in the container and hands over
 #   default — wrk to previewd's proxy, a link with no `via` (auto: the app listens on
 #             0.0.0.0, so it should go direct)
 #   ref     — wrk to nginx (keepalive upstream, as a tuned reverse proxy) proxying the container
@@ -52,6 +56,7 @@ cleanup() {
   [ -n "${NGINX_PID:-}" ] && kill "$NGINX_PID" 2>/dev/null || true
   [ -n "${PREVIEWD_PID:-}" ] && kill "$PREVIEWD_PID" 2>/dev/null || true
   [ -n "${RELAY_PID:-}" ] && kill "$RELAY_PID" 2>/dev/null || true
+  [ -n "${HANDOFF_PID:-}" ] && kill "$HANDOFF_PID" 2>/dev/null || true
   docker rm -f "$NAME" >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
@@ -104,7 +109,8 @@ echo "agent link: $(kubectl --server "http://$API" get pl agent -o jsonpath='{.s
 # agent's relay. Its link is in namespace `relay`, so its agent is installed apart from the
 # first previewd's (/.previewd/relay.*).
 RELAY_API=127.0.0.1:18111 RELAY_PROXY=127.0.0.1:18112
-PREVIEWD_AGENT_BINARY=$AGENT_BINARY PREVIEWD_PATH_URLS=true PREVIEWD_ENTER_NETNS=false RUST_LOG=warn \
+PREVIEWD_AGENT_BINARY=$AGENT_BINARY PREVIEWD_PATH_URLS=true PREVIEWD_ENTER_NETNS=false \
+  PREVIEWD_SOCKET_HANDOFF=false RUST_LOG=warn \
   "$BIN/previewd" serve --api-listen $RELAY_API --proxy-listen $RELAY_PROXY --state-dir "$WORK/relay-state" &
 RELAY_PID=$!
 for _ in $(seq 300); do curl -sf "http://$RELAY_API/readyz" >/dev/null && break; sleep 0.1; done
@@ -117,6 +123,24 @@ YAML
 for _ in $(seq 100); do curl -sf "http://$RELAY_PROXY/p/agent.relay/" >/dev/null && break; sleep 0.2; done
 echo "relay link: $(kubectl --server "http://$RELAY_API" -n relay get pl agent -o jsonpath='{.status.route}' 2>/dev/null || true)"
 AGENT_PID=$(docker top "$NAME" -eo pid,args | awk '/previewd-agent serve/ && /\/\.previewd\/relay\./ {print $1; exit}')
+
+# A third previewd as nobody, in the group that may use the engine's socket: its `via: agent`
+# link gets sockets handed over by the agent's helper (namespace `handoff`, an agent apart).
+HANDOFF_API=127.0.0.1:18121 HANDOFF_PROXY=127.0.0.1:18122
+mkdir -p "$WORK/handoff-state" && chown 65534:65534 "$WORK/handoff-state" && chmod 711 "$WORK"
+PREVIEWD_AGENT_BINARY=$AGENT_BINARY PREVIEWD_PATH_URLS=true RUST_LOG=warn \
+  setpriv --reuid=65534 --regid=65534 --groups="$(stat -c %g /var/run/docker.sock)" --inh-caps=-all \
+  "$BIN/previewd" serve --api-listen $HANDOFF_API --proxy-listen $HANDOFF_PROXY --state-dir "$WORK/handoff-state" &
+HANDOFF_PID=$!
+for _ in $(seq 300); do curl -sf "http://$HANDOFF_API/readyz" >/dev/null && break; sleep 0.1; done
+"$BIN/previewd" apply --server "http://$HANDOFF_API" -f - >/dev/null <<YAML
+apiVersion: previewd.dev/v1alpha1
+kind: PreviewLink
+metadata: {name: agent, namespace: handoff}
+spec: {target: {docker: {container: $NAME}}, port: 8080, via: agent, access: public}
+YAML
+for _ in $(seq 100); do curl -sf "http://$HANDOFF_PROXY/p/agent.handoff/" >/dev/null && break; sleep 0.2; done
+echo "handoff link: $(kubectl --server "http://$HANDOFF_API" -n handoff get pl agent -o jsonpath='{.status.route}' 2>/dev/null || true)"
 
 # nginx as a tuned reverse proxy to the same container.
 cat > "$WORK/nginx.conf" <<CONF
@@ -158,17 +182,18 @@ if [ $MODE = instructions ]; then
   exit 0
 fi
 
-echo "== 32 connections: previewd (direct link) vs direct vs nginx; agent, relay and default links as extras =="
+echo "== 32 connections: previewd (direct link) vs direct vs nginx; agent, relay, handoff and default links as extras =="
 # previewd's own CPU per request is reported for its agent and default links too: on a
 # shared machine it moves less than throughput does.
 "$BENCH_TOOL" -c 32 -d 8 -n "$ROUNDS" -P "$PREVIEWD_PID" -R "$NGINX_PID" -r http://127.0.0.1:18103/ \
   -x "agent=http://$PROXY/p/agent.default/" -p "agent=$PREVIEWD_PID" \
   -x "relay=http://$RELAY_PROXY/p/agent.relay/" ${AGENT_PID:+-p "relay=$AGENT_PID"} \
+  -x "handoff=http://$HANDOFF_PROXY/p/agent.handoff/" -p "handoff=$HANDOFF_PID" \
   -x "default=http://$PROXY/p/default.default/" -p "default=$PREVIEWD_PID" \
   "http://$PROXY/p/direct.default/" "http://127.0.0.1:$DIRECT_PORT/"
 echo
 echo "== 1 connection: added latency =="
 "$BENCH_TOOL" -t 1 -c 1 -d 5 -n "$ROUNDS" -r http://127.0.0.1:18103/ \
   -x "agent=http://$PROXY/p/agent.default/" -x "relay=http://$RELAY_PROXY/p/agent.relay/" \
-  -x "default=http://$PROXY/p/default.default/" \
+  -x "handoff=http://$HANDOFF_PROXY/p/agent.handoff/" -x "default=http://$PROXY/p/default.default/" \
   "http://$PROXY/p/direct.default/" "http://127.0.0.1:$DIRECT_PORT/"

@@ -71,8 +71,9 @@ fn send_with_fd(sock: RawFd, bytes: &[u8], fd: RawFd) -> io::Result<usize> {
     }
 }
 
-/// Receives into `buf` from the unix socket `sock`, keeping any descriptors that came with
-/// the bytes (closed on drop unless used). `Ok(0)` is the end of the stream.
+/// Receives into `buf` from the unix socket `sock`, keeping the first descriptor that came
+/// with the bytes into `fds` (closed on drop unless used) and closing any other.
+/// `Ok(0)` is the end of the stream.
 fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -103,7 +104,12 @@ fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Res
                 let header = libc::CMSG_LEN(0) as usize;
                 let count = ((*cmsg).cmsg_len as usize - header) / std::mem::size_of::<RawFd>();
                 for i in 0..count {
-                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                    let fd = OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i)));
+                    // One is all an answer carries: a peer sending more cannot make this
+                    // side hold them (each extra one is closed here).
+                    if fds.is_empty() {
+                        fds.push(fd);
+                    }
                 }
             }
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
@@ -310,9 +316,12 @@ pub enum HandoffError {
     /// The helper refused, or the exchange failed, as the relay's would.
     #[error(transparent)]
     Agent(#[from] AgentError),
-    /// A `200` came without exactly one socket attached.
-    #[error("the agent's handoff answer carried {0} sockets, not one")]
-    NoSocket(usize),
+    /// A `200` came without a socket attached.
+    #[error("the agent's handoff answer carried no socket")]
+    NoSocket,
+    /// What came attached is not a TCP connection.
+    #[error("the agent handed over something other than a TCP socket")]
+    NotTcp,
 }
 
 /// Asks the helper whose directory is `dir` (a path on previewd's host, e.g. under
@@ -335,16 +344,40 @@ pub async fn connect(dir: &Path, secret: &str, port: u16) -> Result<TcpStream, H
         fds: Vec::new(),
     };
     client::connect(&mut answer, secret, port).await?;
-    let mut fds = answer.fds;
-    if fds.len() != 1 {
-        return Err(HandoffError::NoSocket(fds.len()));
+    let fd = answer.fds.pop().ok_or(HandoffError::NoSocket)?;
+    if !is_tcp_stream(&fd) {
+        return Err(HandoffError::NotTcp);
     }
-    let upstream = std::net::TcpStream::from(fds.remove(0));
+    let upstream = std::net::TcpStream::from(fd);
     upstream.set_nonblocking(true).map_err(AgentError::Io)?;
     let upstream = TcpStream::from_std(upstream).map_err(AgentError::Io)?;
     // Small writes (WebSocket frames, SSE events) must not wait for Nagle.
     let _ = upstream.set_nodelay(true);
     Ok(upstream)
+}
+
+/// Whether `fd` is a TCP socket (stream, IPv4 or IPv6): what the helper must hand over.
+fn is_tcp_stream(fd: &OwnedFd) -> bool {
+    let option = |name| {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `value` and `len` are live and sized for an int option.
+        let ok = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                name,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        } == 0;
+        ok.then_some(value)
+    };
+    option(libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+        && matches!(
+            option(libc::SO_DOMAIN),
+            Some(libc::AF_INET | libc::AF_INET6)
+        )
 }
 
 /// The client's side of a handoff socket: reads keep the descriptors that come with the
@@ -420,6 +453,12 @@ mod tests {
         assert_eq!(&buf[..got], b"HTTP/1.1 200 OK\r\n\r\n");
         assert_eq!(fds.len(), 1);
         // The received descriptor is the other end of `x`.
+        assert!(!is_tcp_stream(&fds[0]), "a unix socket is not a TCP one");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let tcp =
+            std::net::TcpStream::connect(listener.local_addr().unwrap_or_else(|e| panic!("{e}")))
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert!(is_tcp_stream(&OwnedFd::from(tcp)));
         let mut received = std::os::unix::net::UnixStream::from(fds.remove(0));
         use std::io::{Read, Write};
         x.write_all(b"ping").unwrap_or_else(|e| panic!("{e}"));

@@ -272,8 +272,10 @@ impl UpstreamConnector {
                 dir,
                 port,
             } => {
-                // A pid reused after the container stopped is not the helper.
-                if netns::inode_of(*pid).ok() != Some(*inode) {
+                // A pid reused after the container stopped is not the helper, and previewd's
+                // own namespace is the host's, never a container's.
+                if netns::inode_of(*pid).ok() != Some(*inode) || netns::own_inode() == Some(*inode)
+                {
                     return Err(ProxyError::UpstreamUnreachable(format!(
                         "the agent's handoff helper (pid {pid}) is gone"
                     )));
