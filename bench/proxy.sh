@@ -105,42 +105,40 @@ done
 echo "default link: $(kubectl --server "http://$API" get pl default -o jsonpath='{.status.route}' 2>/dev/null || true)"
 echo "agent link: $(kubectl --server "http://$API" get pl agent -o jsonpath='{.status.route}' 2>/dev/null || true)"
 
-# A second previewd that never enters namespaces: its `via: agent` link goes through the
-# agent's relay. Its link is in namespace `relay`, so its agent is installed apart from the
-# first previewd's (/.previewd/relay.*).
-RELAY_API=127.0.0.1:18111 RELAY_PROXY=127.0.0.1:18112
-PREVIEWD_AGENT_BINARY=$AGENT_BINARY PREVIEWD_PATH_URLS=true PREVIEWD_ENTER_NETNS=false \
-  PREVIEWD_SOCKET_HANDOFF=false RUST_LOG=warn \
-  "$BIN/previewd" serve --api-listen $RELAY_API --proxy-listen $RELAY_PROXY --state-dir "$WORK/relay-state" &
-RELAY_PID=$!
-for _ in $(seq 300); do curl -sf "http://$RELAY_API/readyz" >/dev/null && break; sleep 0.1; done
-"$BIN/previewd" apply --server "http://$RELAY_API" -f - >/dev/null <<YAML
+# Starts another previewd (after `env` and any command in front of it, e.g. setpriv), with a
+# `via: agent` link `agent` in namespace NS, so its agent is installed apart from the first
+# previewd's (/.previewd/NS.*); leaves its pid in $! and prints the link's route.
+#   agent_link_on NS API PROXY [command...]
+agent_link_on() {
+  local ns=$1 api=$2 proxy=$3
+  shift 3
+  PREVIEWD_AGENT_BINARY=$AGENT_BINARY PREVIEWD_PATH_URLS=true RUST_LOG=warn \
+    "$@" "$BIN/previewd" serve --api-listen "$api" --proxy-listen "$proxy" --state-dir "$WORK/$ns-state" &
+  for _ in $(seq 300); do curl -sf "http://$api/readyz" >/dev/null && break; sleep 0.1; done
+  "$BIN/previewd" apply --server "http://$api" -f - >/dev/null <<YAML
 apiVersion: previewd.dev/v1alpha1
 kind: PreviewLink
-metadata: {name: agent, namespace: relay}
+metadata: {name: agent, namespace: $ns}
 spec: {target: {docker: {container: $NAME}}, port: 8080, via: agent, access: public}
 YAML
-for _ in $(seq 100); do curl -sf "http://$RELAY_PROXY/p/agent.relay/" >/dev/null && break; sleep 0.2; done
-echo "relay link: $(kubectl --server "http://$RELAY_API" -n relay get pl agent -o jsonpath='{.status.route}' 2>/dev/null || true)"
+  for _ in $(seq 100); do curl -sf "http://$proxy/p/agent.$ns/" >/dev/null && break; sleep 0.2; done
+  echo "$ns link: $(kubectl --server "http://$api" -n "$ns" get pl agent -o jsonpath='{.status.route}' 2>/dev/null || true)"
+}
+
+# A second previewd that never enters namespaces nor takes handed-over sockets: its link goes
+# through the agent's relay.
+RELAY_API=127.0.0.1:18111 RELAY_PROXY=127.0.0.1:18112
+agent_link_on relay $RELAY_API $RELAY_PROXY env PREVIEWD_ENTER_NETNS=false PREVIEWD_SOCKET_HANDOFF=false
+RELAY_PID=$!
 AGENT_PID=$(docker top "$NAME" -eo pid,args | awk '/previewd-agent serve/ && /\/\.previewd\/relay\./ {print $1; exit}')
 
-# A third previewd as nobody, in the group that may use the engine's socket: its `via: agent`
-# link gets sockets handed over by the agent's helper (namespace `handoff`, an agent apart).
+# A third previewd as nobody, in the group that may use the engine's socket: its link gets
+# sockets handed over by the agent's helper.
 HANDOFF_API=127.0.0.1:18121 HANDOFF_PROXY=127.0.0.1:18122
 mkdir -p "$WORK/handoff-state" && chown 65534:65534 "$WORK/handoff-state" && chmod 711 "$WORK"
-PREVIEWD_AGENT_BINARY=$AGENT_BINARY PREVIEWD_PATH_URLS=true RUST_LOG=warn \
-  setpriv --reuid=65534 --regid=65534 --groups="$(stat -c %g /var/run/docker.sock)" --inh-caps=-all \
-  "$BIN/previewd" serve --api-listen $HANDOFF_API --proxy-listen $HANDOFF_PROXY --state-dir "$WORK/handoff-state" &
+agent_link_on handoff $HANDOFF_API $HANDOFF_PROXY setpriv --reuid=65534 --regid=65534 \
+  --groups="$(stat -c %g /var/run/docker.sock)" --inh-caps=-all
 HANDOFF_PID=$!
-for _ in $(seq 300); do curl -sf "http://$HANDOFF_API/readyz" >/dev/null && break; sleep 0.1; done
-"$BIN/previewd" apply --server "http://$HANDOFF_API" -f - >/dev/null <<YAML
-apiVersion: previewd.dev/v1alpha1
-kind: PreviewLink
-metadata: {name: agent, namespace: handoff}
-spec: {target: {docker: {container: $NAME}}, port: 8080, via: agent, access: public}
-YAML
-for _ in $(seq 100); do curl -sf "http://$HANDOFF_PROXY/p/agent.handoff/" >/dev/null && break; sleep 0.2; done
-echo "handoff link: $(kubectl --server "http://$HANDOFF_API" -n handoff get pl agent -o jsonpath='{.status.route}' 2>/dev/null || true)"
 
 # nginx as a tuned reverse proxy to the same container.
 cat > "$WORK/nginx.conf" <<CONF

@@ -35,6 +35,18 @@ use crate::agent::server::{self, Action};
 /// The helper's socket, in its directory.
 pub const SOCKET_NAME: &str = "socket";
 
+/// A message header over one buffer (`iov`) and room for control messages (`control`); it
+/// points into both, so it must not outlive them.
+fn message(iov: &mut libc::iovec, control: &mut [u8]) -> libc::msghdr {
+    // SAFETY: all-zero is a valid msghdr (no buffers, no name).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len() as _;
+    msg
+}
+
 /// Sends `bytes` with `fd` attached (`SCM_RIGHTS`) on the unix socket `sock`, all in one
 /// message: the receiver gets the descriptor with the first of these bytes.
 fn send_with_fd(sock: RawFd, bytes: &[u8], fd: RawFd) -> io::Result<usize> {
@@ -45,12 +57,7 @@ fn send_with_fd(sock: RawFd, bytes: &[u8], fd: RawFd) -> io::Result<usize> {
     // SAFETY: CMSG_SPACE only computes a size.
     let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
     let mut control = vec![0u8; space];
-    // SAFETY: all-zero is a valid msghdr; the pointers set below outlive the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
+    let msg = message(&mut iov, &mut control);
     // SAFETY: `control` is CMSG_SPACE(one fd) bytes, so the first header and its data fit.
     unsafe {
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
@@ -83,12 +90,7 @@ fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Res
     // SAFETY: CMSG_SPACE only computes a size.
     let space = unsafe { libc::CMSG_SPACE((4 * std::mem::size_of::<RawFd>()) as u32) } as usize;
     let mut control = vec![0u8; space];
-    // SAFETY: all-zero is a valid msghdr; the pointers set below outlive the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
+    let mut msg = message(&mut iov, &mut control);
     // SAFETY: `msg` points at live buffers; MSG_CMSG_CLOEXEC keeps received descriptors
     // from leaking into children.
     let got = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
