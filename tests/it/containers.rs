@@ -12,6 +12,7 @@ use bollard::query_parameters::{
 };
 use futures::TryStreamExt;
 use previewd::runtime::docker::DockerRuntime;
+use previewd::runtime::{ContainerRuntime, ExecSpec};
 
 pub const BUSYBOX_IMAGE: &str = "previewd-test/busybox:it";
 pub const NOSHELL_IMAGE: &str = "previewd-test/noshell:it";
@@ -285,9 +286,9 @@ impl TestContainer {
         }
     }
 
-    /// A container running the project's test upstream on `addr`.
+    /// A container running the project's test upstream on `addr`, once it listens.
     pub async fn testapp(docker: &Docker, addr: &str, host: HostConfig) -> TestContainer {
-        TestContainer::run(
+        let c = TestContainer::run(
             docker,
             BUSYBOX_IMAGE,
             Some(vec!["/usr/local/bin/testapp", addr]),
@@ -295,7 +296,52 @@ impl TestContainer {
             None,
             true,
         )
-        .await
+        .await;
+        c.wait_listening(addr).await;
+        c
+    }
+
+    /// Waits (bounded) until something in the container listens on `addr`'s port, as a
+    /// person waits for their app to start before opening its link: the engine says a
+    /// container started when its process did, before the app binds (a `via: direct` link is
+    /// Ready at once, and answered 502 while nothing listens).
+    pub async fn wait_listening(&self, addr: &str) {
+        let port: u16 = addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {addr:?}"));
+        let rt = DockerRuntime::connect()
+            .await
+            .unwrap_or_else(|e| panic!("the engine: {e}"));
+        let spec = ExecSpec {
+            argv: vec![
+                "/bin/cat".into(),
+                "/proc/net/tcp".into(),
+                "/proc/net/tcp6".into(),
+            ],
+            env: Vec::new(),
+            user: Some("0:0".into()),
+        };
+        let local = format!(":{port:04X}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let listing = rt.exec(&self.name, &spec).await.map(|o| o.stdout);
+            let listens = listing.as_deref().unwrap_or_default().lines().any(|l| {
+                let fields: Vec<&str> = l.split_whitespace().collect();
+                // sl, local_address, rem_address, st: 0A is LISTEN.
+                fields.len() > 3 && fields[1].ends_with(&local) && fields[3] == "0A"
+            });
+            if listens {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nothing listens on port {port} in {} after 30 s: {listing:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// A container running the project's test upstream on `addr`, and its misbehaving raw
@@ -317,14 +363,14 @@ impl TestContainer {
         .await
     }
 
-    /// A busybox container running `httpd` on `addr` in the foreground.
+    /// A busybox container running `httpd` on `addr` in the foreground, once it listens.
     pub async fn httpd(
         docker: &Docker,
         addr: &str,
         user: Option<&str>,
         host: HostConfig,
     ) -> TestContainer {
-        TestContainer::run(
+        let c = TestContainer::run(
             docker,
             BUSYBOX_IMAGE,
             Some(vec!["/bin/httpd", "-f", "-p", addr, "-h", "/www"]),
@@ -332,7 +378,9 @@ impl TestContainer {
             user,
             true,
         )
-        .await
+        .await;
+        c.wait_listening(addr).await;
+        c
     }
 }
 

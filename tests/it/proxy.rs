@@ -181,7 +181,7 @@ async fn the_proxy_serves_links_with_tokens_and_refuses_everything_else() {
 
     // A public, direct link; a link to a closed port.
     let (code, _, body) = get(proxy, "127.0.0.1", "/p/direct.default/", "").await;
-    assert_eq!((code, body.contains(hello)), (200, true));
+    assert_eq!((code, body.contains(hello)), (200, true), "{body}");
     let (code, _, body) = get(proxy, "127.0.0.1", "/p/closed.default/", "").await;
     assert_eq!(code, 502);
     assert!(body.contains("PORT_CLOSED"), "{body}");
