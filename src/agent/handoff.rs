@@ -29,6 +29,7 @@ use tokio::net::{TcpStream, UnixListener, UnixStream};
 use crate::agent::backoff::RestartBackoff;
 use crate::agent::client::{self, AgentError};
 use crate::agent::http;
+use crate::agent::process;
 use crate::agent::secret::Secret;
 use crate::agent::server::{self, Action};
 
@@ -150,8 +151,7 @@ pub fn helper_pid() -> Option<u32> {
 pub async fn run_helper(helper: HandoffHelper, first: tokio::sync::oneshot::Sender<()>) {
     let mut first = Some(first);
     let (uid, gid) = helper.user;
-    // SAFETY: geteuid/getegid cannot fail.
-    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let (euid, egid) = crate::runtime::netns::own_user();
     let switch = (euid, egid) != (uid, gid);
     if switch && euid != 0 {
         eprintln!("no socket handoff: the agent runs as {euid}:{egid}, not as root or {uid}:{gid}");
@@ -179,17 +179,9 @@ pub async fn run_helper(helper: HandoffHelper, first: tokio::sync::oneshot::Send
         if switch {
             command.uid(uid).gid(gid);
         }
-        // SAFETY: prctl is async-signal-safe. Set after the user switch (which clears it).
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        process::die_with_parent(&mut command);
         let started = std::time::Instant::now();
-        match command.spawn() {
+        let child = match command.spawn() {
             Ok(mut child) => {
                 let pid = child.id().unwrap_or(0);
                 if let Some(stderr) = child.stderr.take() {
@@ -206,16 +198,19 @@ pub async fn run_helper(helper: HandoffHelper, first: tokio::sync::oneshot::Send
                         }
                     });
                 }
-                if let Some(first) = first.take() {
-                    let _ = first.send(());
-                }
-                let _ = child.wait().await;
-                HELPER_PID.store(0, Ordering::Relaxed);
+                Some(child)
             }
-            Err(e) => eprintln!("starting the handoff helper failed: {e}"),
-        }
+            Err(e) => {
+                eprintln!("starting the handoff helper failed: {e}");
+                None
+            }
+        };
         if let Some(first) = first.take() {
             let _ = first.send(());
+        }
+        if let Some(mut child) = child {
+            let _ = child.wait().await;
+            HELPER_PID.store(0, Ordering::Relaxed);
         }
         tokio::time::sleep(backoff.after_exit(started.elapsed())).await;
     }
@@ -262,7 +257,7 @@ async fn answer(mut stream: UnixStream, secret: Arc<Secret>) {
             // The client sends nothing before it has the socket; bytes it sent anyway go
             // first.
             if upstream.write_all(&pending).await.is_ok() {
-                send_established(&stream, &upstream).await;
+                send_established(&mut stream, &upstream).await;
             }
         }
         Ok(Action::Shutdown) => std::process::exit(0),
@@ -270,36 +265,17 @@ async fn answer(mut stream: UnixStream, secret: Arc<Secret>) {
     }
 }
 
-/// The `200` head, with `upstream` attached. The helper's copy closes when it returns.
-async fn send_established(stream: &UnixStream, upstream: &TcpStream) {
-    let _ = upstream.set_nodelay(true);
+/// The `200` head, with `upstream` attached to its first byte. The helper's copy closes
+/// when it returns.
+async fn send_established(stream: &mut UnixStream, upstream: &TcpStream) {
     let sock = stream.as_raw_fd();
     let fd = upstream.as_raw_fd();
-    let mut sent = 0;
-    while sent < http::CONNECT_ESTABLISHED.len() {
-        let rest = &http::CONNECT_ESTABLISHED[sent..];
-        // The descriptor goes with the first byte only.
-        let wrote = stream
-            .async_io(Interest::WRITABLE, || {
-                if sent == 0 {
-                    send_with_fd(sock, rest, fd)
-                } else {
-                    // SAFETY: `rest` is a live buffer for the call.
-                    let n = unsafe {
-                        libc::send(sock, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL)
-                    };
-                    if n < 0 {
-                        Err(io::Error::last_os_error())
-                    } else {
-                        Ok(n as usize)
-                    }
-                }
-            })
-            .await;
-        match wrote {
-            Ok(0) | Err(_) => return,
-            Ok(n) => sent += n,
-        }
+    let head = http::CONNECT_ESTABLISHED;
+    let sent = stream
+        .async_io(Interest::WRITABLE, || send_with_fd(sock, head, fd))
+        .await;
+    if let Ok(sent @ 1..) = sent {
+        let _ = stream.write_all(&head[sent..]).await;
     }
 }
 

@@ -1,4 +1,5 @@
-//! Process plumbing shared by `serve`, `stop` and `supervise`: pidfiles, signals, liveness.
+//! Process plumbing shared by `serve`, `stop` and `supervise`: pidfiles, signals, liveness,
+//! children that die with their parent.
 //!
 //! Docker has no exec-kill API, so a daemon started by exec is stopped by another exec that
 //! signals the pid in its pidfile. Everything here works without a shell or /bin/kill.
@@ -81,6 +82,28 @@ pub fn read_pid(path: &Path) -> Result<Option<i32>, PidfileError> {
             path: path.to_owned(),
             content: content.chars().take(32).collect(),
         }),
+    }
+}
+
+/// Makes `command`'s child die (SIGKILL) when this process does, and refuse to start if
+/// this process is already gone: a supervised daemon or handoff helper never outlives the
+/// agent that started it. The parent-death signal is set in the child after any user switch
+/// (which would clear it).
+pub fn die_with_parent(command: &mut tokio::process::Command) {
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2) and
+    // getppid(2), which are async-signal-safe and allocate nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent died before prctl took effect: don't start an orphan.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                return Err(io::Error::other("the parent exited"));
+            }
+            Ok(())
+        });
     }
 }
 

@@ -214,21 +214,7 @@ impl Supervisor {
             .stdin(std::process::Stdio::null())
             .stdout(self.writer.try_clone().map_err(spawn_err)?)
             .stderr(self.writer.try_clone().map_err(spawn_err)?);
-        let supervisor = std::process::id();
-        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2) and
-        // getppid(2), which are async-signal-safe and allocate nothing.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // The supervisor died before prctl took effect: don't start an orphan.
-                if u32::try_from(libc::getppid()).ok() != Some(supervisor) {
-                    return Err(io::Error::other("the supervisor exited"));
-                }
-                Ok(())
-            });
-        }
+        process::die_with_parent(&mut command);
         command.spawn().map_err(spawn_err)
     }
 

@@ -421,7 +421,8 @@ struct Listening {
 /// loopback already).
 fn enterable(pid: Option<u32>, agent_namespace: Option<u64>) -> Option<NetworkNamespace> {
     let (pid, inode) = (pid?, agent_namespace?);
-    (netns::inode_of(pid).ok() == Some(inode) && netns::own_inode() != Some(inode))
+    netns::in_container_namespace(pid, inode)
+        .is_ok()
         .then_some(NetworkNamespace { pid, inode })
 }
 
@@ -763,8 +764,7 @@ async fn inject<R: ContainerRuntime, T: ContainerRuntime>(
                 argv.push("--replace".into());
             }
             if ctx.socket_handoff && matches!(obj.spec.target, Target::Docker(_)) {
-                // SAFETY: geteuid/getegid cannot fail.
-                let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+                let (uid, gid) = netns::own_user();
                 argv.extend([
                     "--handoff-dir".into(),
                     layout.handoff_dir(),

@@ -272,14 +272,10 @@ impl UpstreamConnector {
                 dir,
                 port,
             } => {
-                // A pid reused after the container stopped is not the helper, and previewd's
-                // own namespace is the host's, never a container's.
-                if netns::inode_of(*pid).ok() != Some(*inode) || netns::own_inode() == Some(*inode)
-                {
-                    return Err(ProxyError::UpstreamUnreachable(format!(
-                        "the agent's handoff helper (pid {pid}) is gone"
-                    )));
-                }
+                // A pid reused after the container stopped is not the helper.
+                netns::in_container_namespace(*pid, *inode).map_err(|e| {
+                    ProxyError::UpstreamUnreachable(format!("the agent's handoff helper: {e}"))
+                })?;
                 let dir = PathBuf::from(format!("/proc/{pid}/root{dir}"));
                 match handoff::connect(&dir, secret()?, *port).await {
                     Ok(stream) => Ok(UpstreamStream::Tcp(stream)),

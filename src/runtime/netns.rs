@@ -83,6 +83,31 @@ pub fn may_enter() -> bool {
     })
 }
 
+/// Checks that host pid `pid` is in network namespace `inode` and that this is a container's,
+/// not previewd's own (whose loopback is the host's): what a pid recorded for a container
+/// must still hold before previewd relies on it (a pid is reused once its process is gone).
+pub fn in_container_namespace(pid: u32, inode: u64) -> Result<(), NetnsError> {
+    if own_inode() == Some(inode) {
+        return Err(NetnsError::Own(inode));
+    }
+    let found = inode_of(pid).map_err(|source| NetnsError::Open { pid, source })?;
+    if found != inode {
+        return Err(NetnsError::Moved {
+            pid,
+            expected: inode,
+            found,
+        });
+    }
+    Ok(())
+}
+
+/// This process's effective user and group: the user previewd's own processes (and the
+/// agent's handoff helper, which runs as previewd's user) have.
+pub fn own_user() -> (u32, u32) {
+    // SAFETY: geteuid and getegid cannot fail.
+    unsafe { (libc::geteuid(), libc::getegid()) }
+}
+
 /// Opens `/proc/{pid}/ns/net`, checks it is namespace `inode`, and moves the calling thread
 /// into it. Only for threads that end right after.
 fn enter(pid: u32, inode: u64) -> Result<(), NetnsError> {
@@ -145,8 +170,7 @@ pub async fn socket_in(
 /// handoff helper, which the agent knows only by its pid inside the container. `hint`, the
 /// pid found before, is checked first, so the scan of `/proc` runs only when it changed.
 pub fn host_pid_of(inner_pid: u32, inode: u64, hint: Option<u32>) -> Option<u32> {
-    // SAFETY: geteuid cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let (euid, _) = own_user();
     let is_it =
         |pid: u32| inode_of(pid).ok() == Some(inode) && innermost_pid(pid) == Some(inner_pid);
     if let Some(pid) = hint.filter(|p| is_it(*p)) {
@@ -191,6 +215,28 @@ mod tests {
             None,
             "another namespace"
         );
+    }
+
+    /// A recorded pid counts only while it is in the recorded namespace, and previewd's own
+    /// namespace never counts as a container's.
+    #[test]
+    fn a_recorded_pid_holds_only_in_a_namespace_not_previewds() {
+        let Some(own) = own_inode() else {
+            panic!("no /proc/self/ns/net")
+        };
+        let me = std::process::id();
+        assert!(matches!(
+            in_container_namespace(me, own),
+            Err(NetnsError::Own(_))
+        ));
+        assert!(matches!(
+            in_container_namespace(me, own + 1),
+            Err(NetnsError::Moved { found, .. }) if found == own
+        ));
+        assert!(matches!(
+            in_container_namespace(u32::MAX, own + 1),
+            Err(NetnsError::Open { .. })
+        ));
     }
 
     #[test]
